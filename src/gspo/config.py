@@ -1,0 +1,271 @@
+"""GSPOConfig: every knob of a run, one help string per field, validated once.
+
+The seed's fields keep the seed's names and defaults (`group_size=4`,
+`learning_rate=1e-5`, `clip_range`, `kl_coef=0.2`, ...). Departures, each on purpose:
+
+* `clip_range` defaults to None, meaning "the recommended value for the chosen
+  importance level": 3e-4 / 4e-4 for GSPO and GSPO-token (paper §5.1), 0.2 for
+  token level (GRPO). 0.2 on a length-normalised sequence ratio almost never clips
+  (TRL #3834). An explicit `clip_range` (or `clip_range_low` / `clip_range_high`)
+  always wins, and the trainer logs the values it used.
+* `advantage_type` and `use_group_normalization` combine as: advantages are divided
+  by the group std when `advantage_type == "normalized"` OR
+  `use_group_normalization` is True (this is what the seed's code does with its
+  defaults "relative" + True). `advantage_type="normalized"` with
+  `use_group_normalization=False` contradicts itself and is rejected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from gspo.core import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, recommended_clip_range
+
+BUILTIN_MODEL_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed. The message names the field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GSPOConfig:
+    # --- models ---------------------------------------------------------------------
+    policy_model_name: str = _f("builtin:tiny-arithmetic", "Policy model: a Hugging Face hub id, a local directory, or 'builtin:tiny-arithmetic' (the offline demo model, built locally on first use).")
+    reward_model_name: Optional[str] = _f(None, "Optional reward model (AutoModelForSequenceClassification with one output label) scoring prompt + completion; its score is added to the reward functions' weighted sum.")
+    reward_model_weight: float = _f(1.0, "Weight of the reward model's score in the total reward.")
+    reward_funcs: list = _f([], "Reward functions by reference: built-in names, 'module:function' or 'path/to/file.py:function'. Python callers may also pass callables to GSPOTrainer(reward_funcs=...).")
+    reward_weights: Optional[list] = _f(None, "One weight per reward function (default: all 1.0).")
+    reward_error_policy: str = _f("raise", "What a failing reward function does: 'raise' (stop with an error naming the function and sample) or 'penalty' (use reward_penalty_value for that sample and count it in the metric reward_penalized).", choices=("raise", "penalty"))
+    reward_penalty_value: float = _f(0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'.")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless you trust the source.")
+    torch_dtype: str = _f("float32", "Dtype the models are loaded in.", choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass.")
+    # --- data -----------------------------------------------------------------------
+    dataset_path: Optional[str] = _f(None, "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory ('builtin:arithmetic' for the demo task).")
+    prompt_column: str = _f("prompt", "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat template). Other columns reach the reward functions as keyword arguments.")
+    eval_dataset_path: Optional[str] = _f(None, "Evaluation prompts, same formats as dataset_path.")
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; see prompt_truncation.")
+    prompt_truncation: str = _f("error", "A prompt longer than max_prompt_length: 'error' stops with the offending row, 'left' keeps its last max_prompt_length tokens and warns once.", choices=("error", "left"))
+    # --- batch shape ----------------------------------------------------------------
+    batch_size: int = _f(8, "Prompts per rollout batch (one training step), across all processes.")
+    group_size: int = _f(4, "Completions sampled per prompt (G). Advantages compare completions within a group.")
+    num_mini_batches: int = _f(1, "Optimizer updates per pass over a rollout batch (the paper uses 4). More than 1 makes later updates off-policy.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches each mini-batch is split into for the forward/backward pass; changes memory, not the result.")
+    # --- schedule -------------------------------------------------------------------
+    num_epochs: int = _f(3, "Passes over the prompt dataset.")
+    max_steps: int = _f(-1, "Stop after this many training steps (rollout batches); -1 means num_epochs decides.")
+    gspo_epochs: int = _f(4, "Passes over each rollout batch (PPO-style epochs). 1 with num_mini_batches=1 is strictly on-policy.")
+    learning_rate: float = _f(1e-5, "AdamW peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    lr_scheduler_type: str = _f("constant", "Learning-rate schedule after warmup, over optimizer updates.", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "Optimizer updates of linear warmup.")
+    seed: int = _f(42, "Seed for Python, NumPy and torch (sampling included).")
+    # --- algorithm ------------------------------------------------------------------
+    importance_sampling_level: str = _f("sequence", "'sequence' = GSPO (paper Eq. 5-7), 'sequence_token' = GSPO-token (Eq. 13-14), 'token' = GRPO-style per-token ratios.", choices=IMPORTANCE_LEVELS)
+    clip_range: Optional[float] = _f(None, "Symmetric clip epsilon. None: the level's recommended value (3e-4/4e-4 for the sequence levels, 0.2 for token level).")
+    clip_range_low: Optional[float] = _f(None, "Lower clip epsilon (ratio floor 1 - eps); overrides clip_range.")
+    clip_range_high: Optional[float] = _f(None, "Upper clip epsilon (ratio ceiling 1 + eps); overrides clip_range.")
+    loss_aggregation: Optional[str] = _f(None, "Token level only: 'seq-mean-token-mean' (default), 'token-mean' or 'seq-mean-token-sum'. The sequence levels are mean over sequences by definition and accept only None or 'seq-mean-token-mean'.", choices=(None,) + AGGREGATIONS)
+    max_log_ratio: float = _f(20.0, "Clamp on |log ratio| before exp, so an outlier cannot overflow to inf/NaN.")
+    advantage_type: str = _f("relative", "'relative': A = r - mean(group); 'normalized': also divide by the group std. See use_group_normalization.", choices=("relative", "normalized"))
+    use_group_normalization: bool = _f(True, "Divide advantages by the group's sample std (+1e-8). Normalisation happens when this is True or advantage_type='normalized'.")
+    entropy_coef: float = _f(0.01, "Weight of the entropy bonus (mean per-token entropy over completion tokens).")
+    kl_coef: float = _f(0.2, "Initial weight of the KL penalty to the frozen reference model. 0 with adaptive_kl off loads no reference model.")
+    kl_estimator: str = _f("k3", "Per-token KL estimator: 'k1' (log ratio), 'k2' (half squared log ratio), 'k3' (exp(ref-logp)-(ref-logp)-1, unbiased and >= 0).", choices=KL_ESTIMATORS)
+    target_kl: float = _f(0.01, "KL the adaptive controller steers towards.")
+    adaptive_kl: bool = _f(True, "Adapt kl_coef (Ziegler et al. 2019): kl_coef *= 1 + clip(kl/target_kl - 1, -0.2, 0.2) * batch/horizon.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in samples.")
+    entropy_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs and entropy over the vocabulary, bounding peak memory.")
+    # --- generation -----------------------------------------------------------------
+    max_new_tokens: int = _f(128, "Longest completion in tokens; a completion cut here counts as truncated.")
+    temperature: float = _f(1.0, "Sampling temperature for rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
+    top_k: int = _f(0, "Top-k sampling (0 disables).")
+    # --- LoRA -----------------------------------------------------------------------
+    use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; the reference policy is the base model with adapters disabled.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: list = _f(["all-linear"], "Modules to adapt ('all-linear' or module names such as q_proj, v_proj).")
+    merge_lora_on_save: bool = _f(False, "Save the final model with adapters merged into the base weights instead of the adapter alone.")
+    # --- output, logging, evaluation, checkpoints -----------------------------------
+    output_dir: str = _f("outputs/gspo", "Where metrics, plots, checkpoints and the final model go.")
+    logging_steps: int = _f(1, "Print a progress line every N steps (metrics.jsonl always gets every step).")
+    log_completions_steps: int = _f(10, "Print a table of sampled completions and rewards every N steps (0 disables).")
+    report_to: list = _f(["jsonl"], "Metric sinks: any of 'jsonl' (always on), 'tensorboard', 'wandb'.")
+    progress_bar: bool = _f(True, "Show a live progress bar.")
+    eval_steps: int = _f(0, "Evaluate on eval_dataset_path every N steps with greedy decoding (0: only at the end, if an eval set is given).")
+    eval_max_samples: int = _f(256, "Evaluate on at most this many eval prompts.")
+    eval_batch_size: int = _f(64, "Prompts per greedy-decoding batch during evaluation.")
+    accuracy_threshold: float = _f(1.0, "A completion counts as correct in eval/accuracy when its total reward is >= this.")
+    save_steps: int = _f(0, "Save a checkpoint every N steps (0 disables; the final model is always saved).")
+    save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
+    resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint directory, or 'latest' for the newest complete one in output_dir.")
+    max_consecutive_skipped_updates: int = _f(3, "A non-finite loss or gradient skips that update; this many in a row stops the run with a checkpoint.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- derived values -------------------------------------------------------------
+    @property
+    def normalize_advantages(self) -> bool:
+        return self.advantage_type == "normalized" or self.use_group_normalization
+
+    @property
+    def clip_low(self) -> float:
+        """Lower epsilon in force: clip_range_low > clip_range > the level's recommendation."""
+        for v in (self.clip_range_low, self.clip_range):
+            if v is not None:
+                return float(v)
+        return recommended_clip_range(self.importance_sampling_level)[0]
+
+    @property
+    def clip_high(self) -> float:
+        for v in (self.clip_range_high, self.clip_range):
+            if v is not None:
+                return float(v)
+        return recommended_clip_range(self.importance_sampling_level)[1]
+
+    @property
+    def uses_reference_model(self) -> bool:
+        return self.kl_coef > 0 or self.adaptive_kl
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_help(cls) -> dict:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _err(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"GSPOConfig.{name}={value!r} is not allowed: {allowed}.")
+
+
+def _check_choices(cfg: GSPOConfig) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(cfg, f.name) not in choices:
+            raise _err(f.name, getattr(cfg, f.name), f"expected one of {list(choices)}")
+
+
+def _check_types(cfg: GSPOConfig) -> None:
+    for f in fields(cfg):
+        v, d = getattr(cfg, f.name), f.default
+        if d is dataclasses.MISSING or d is None:
+            continue
+        if isinstance(d, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(d, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(d, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, type(d))
+        if not ok:
+            raise _err(f.name, v, f"expected a {type(d).__name__}")
+
+
+def _check_ranges(cfg: GSPOConfig) -> None:
+    positive = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs",
+                "gspo_epochs", "max_new_tokens", "max_prompt_length", "kl_horizon",
+                "entropy_chunk_size", "eval_batch_size", "eval_max_samples",
+                "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise _err(name, getattr(cfg, name), "must be >= 1")
+    non_negative = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef",
+                    "eval_steps", "save_steps", "log_completions_steps", "top_k", "lora_dropout")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise _err(name, getattr(cfg, name), "must be >= 0")
+    if cfg.group_size < 2:
+        raise _err("group_size", cfg.group_size, "must be >= 2 (advantages compare completions within a group)")
+    if not cfg.learning_rate > 0:
+        raise _err("learning_rate", cfg.learning_rate, "must be > 0")
+    for name in ("clip_range", "clip_range_low", "clip_range_high"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v):
+            raise _err(name, v, "must be a number > 0, or None for the level's recommended value")
+    if cfg.clip_low >= 1:
+        raise _err("clip_range_low" if cfg.clip_range_low is not None else "clip_range", cfg.clip_low, "the lower epsilon must be < 1 (the ratio floor is 1 - eps)")
+    if not cfg.temperature > 0:
+        raise _err("temperature", cfg.temperature, "must be > 0")
+    if not 0 < cfg.top_p <= 1:
+        raise _err("top_p", cfg.top_p, "must be in (0, 1]")
+    if not cfg.target_kl > 0:
+        raise _err("target_kl", cfg.target_kl, "must be > 0")
+    if not cfg.max_log_ratio > 0:
+        raise _err("max_log_ratio", cfg.max_log_ratio, "must be > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise _err(name, getattr(cfg, name), "must be in [0, 1)")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise _err("max_steps", cfg.max_steps, "must be -1 (use num_epochs) or >= 1")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise _err("save_total_limit", cfg.save_total_limit, "must be None or >= 1")
+
+
+def _check_combinations(cfg: GSPOConfig) -> None:
+    if cfg.advantage_type == "normalized" and not cfg.use_group_normalization:
+        raise ConfigError("GSPOConfig.advantage_type='normalized' contradicts use_group_normalization=False: "
+                          "set use_group_normalization=True, or advantage_type='relative' for unnormalised advantages.")
+    if cfg.importance_sampling_level != "token" and cfg.loss_aggregation not in (None, "seq-mean-token-mean"):
+        raise _err("loss_aggregation", cfg.loss_aggregation,
+                   f"importance_sampling_level={cfg.importance_sampling_level!r} is defined per sequence "
+                   "(mean over sequences); only None or 'seq-mean-token-mean' apply")
+    rollout = cfg.batch_size * cfg.group_size
+    if rollout % cfg.num_mini_batches:
+        raise _err("num_mini_batches", cfg.num_mini_batches,
+                   f"must divide batch_size * group_size = {cfg.batch_size} * {cfg.group_size} = {rollout}")
+    mini = rollout // cfg.num_mini_batches
+    if mini % cfg.gradient_accumulation_steps:
+        raise _err("gradient_accumulation_steps", cfg.gradient_accumulation_steps,
+                   f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)")
+    unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
+    if unknown:
+        raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.reward_funcs):
+        raise _err("reward_weights", cfg.reward_weights,
+                   f"needs one weight per entry of reward_funcs ({len(cfg.reward_funcs)})")
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is 'owner/name' or 'name'; anything else (./x, /x, ~/x, a/b/c) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def _check_paths(cfg: GSPOConfig) -> None:
+    for name in ("policy_model_name", "reward_model_name"):
+        v = getattr(cfg, name)
+        if v is None or v.startswith(BUILTIN_MODEL_PREFIX):
+            continue
+        if _looks_local(v) and not os.path.isdir(os.path.expanduser(v)):
+            raise _err(name, v, "this local model directory does not exist")
+    if cfg.policy_model_name.startswith(BUILTIN_MODEL_PREFIX) and cfg.policy_model_name != "builtin:tiny-arithmetic":
+        raise _err("policy_model_name", cfg.policy_model_name, "the only built-in model is 'builtin:tiny-arithmetic'")
+    for name in ("dataset_path", "eval_dataset_path"):
+        v = getattr(cfg, name)
+        if v is not None and not v.startswith(BUILTIN_MODEL_PREFIX) and not os.path.exists(os.path.expanduser(v)):
+            raise _err(name, v, "no such file or directory")
+
+
+def validate(cfg: GSPOConfig) -> None:
+    """Check every field once; raise ConfigError naming the field, value and what is allowed."""
+    _check_types(cfg)
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
+    _check_paths(cfg)

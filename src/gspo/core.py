@@ -1,0 +1,323 @@
+"""The math of GSPO, GSPO-token and GRPO as pure tensor functions. No model, no I/O.
+
+Equation numbers refer to the GSPO paper (Zheng et al., 2025,
+arXiv 2507.18071). Notation: N sequences (prompts x group), T completion positions,
+`mask[i, t] = 1` on the completion tokens of sequence i (EOS included, padding excluded).
+
+Departures from the paper, on purpose:
+* log-ratios are clamped to [-max_log_ratio, max_log_ratio] before `exp`, so one
+  outlier token cannot overflow to inf and poison the gradient with NaN;
+* the normalised advantage divides by the group's *sample* std (unbiased, as the
+  seed's `rewards_grouped.std(dim=1)` does) plus eps, and a group whose rewards are
+  all equal gets exactly zero advantage;
+* the loss denominators (number of sequences / tokens) can be passed in, so that a
+  batch split into micro-batches or across ranks gives the same gradient as the whole.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IMPORTANCE_LEVELS = ("sequence", "sequence_token", "token")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# (eps_low, eps_high) recommended per level: GSPO paper §5.1 for the sequence levels,
+# the usual PPO/GRPO 0.2 for token level.
+_RECOMMENDED_CLIP = {"sequence": (3e-4, 4e-4), "sequence_token": (3e-4, 4e-4), "token": (0.2, 0.2)}
+
+
+def recommended_clip_range(level: str) -> tuple[float, float]:
+    _check_level(level)
+    return _RECOMMENDED_CLIP[level]
+
+
+def _check_level(level: str) -> None:
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance sampling level {level!r} is not one of {list(IMPORTANCE_LEVELS)}")
+
+
+# ----------------------------------------------------------------------------------
+# Advantages (seed §2.3, paper Eq. 6)
+# ----------------------------------------------------------------------------------
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] rewards -> [N / G] bool: groups whose rewards are all equal (no learning signal)."""
+    grouped = _grouped(rewards, group_size)  # [N/G, G]
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # [N], group-contiguous: rows i*G .. i*G+G-1 share a prompt
+    group_size: int,
+    normalize: bool,
+    eps: float = 1e-8,
+) -> torch.Tensor:  # [N]
+    """A_i = r_i - mean(group); divided by (sample std + eps) when `normalize` (Eq. 6)."""
+    grouped = _grouped(rewards.float(), group_size)  # [N/G, G]
+    adv = grouped - grouped.mean(dim=1, keepdim=True)  # seed §2.3: relative advantage
+    if normalize:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv[:, :1])
+        adv = adv / (std + eps)  # Eq. 6
+    # Equal rewards -> exactly 0 (the float mean of equal values is not always equal to them).
+    adv = torch.where(zero_std_groups(rewards, group_size)[:, None], torch.zeros_like(adv), adv)
+    return adv.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------
+# Reductions
+# ----------------------------------------------------------------------------------
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim=dim)
+
+
+def masked_mean(
+    x: torch.Tensor,  # [N, T]
+    mask: torch.Tensor,  # [N, T]
+    dim: Optional[int] = None,
+) -> torch.Tensor:
+    """Mean over masked entries (all of them, or along `dim`); an empty row gives 0."""
+    return masked_sum(x, mask, dim) / mask.sum(dim=dim).clamp(min=1)
+
+
+def aggregate(
+    token_losses: torch.Tensor,  # [N, T]
+    mask: torch.Tensor,  # [N, T]
+    mode: str,
+    num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+) -> torch.Tensor:
+    """Reduce per-token losses to a scalar (verl's mode names).
+
+    seq-mean-token-mean: (1/N) sum_i (1/|y_i|) sum_t l_it   (GRPO paper; GSPO Eq. 5/14)
+    token-mean:          (1/sum_i |y_i|) sum_i sum_t l_it    (DAPO)
+    seq-mean-token-sum:  (1/N) sum_i sum_t l_it              (the seed's token-level loss)
+    `num_sequences` / `num_tokens` replace N / sum|y_i| when this batch is a slice of a
+    larger one, so that slices' losses add up to the whole batch's loss.
+    """
+    mask = mask.to(token_losses.dtype)
+    n_seq = num_sequences if num_sequences is not None else token_losses.shape[0]
+    if mode == "seq-mean-token-mean":
+        return masked_mean(token_losses, mask, dim=1).sum() / n_seq
+    if mode == "seq-mean-token-sum":
+        return masked_sum(token_losses, mask, dim=1).sum() / n_seq
+    if mode == "token-mean":
+        n_tok = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+        return masked_sum(token_losses, mask) / n_tok
+    raise ValueError(f"loss aggregation {mode!r} is not one of {list(AGGREGATIONS)}")
+
+
+# ----------------------------------------------------------------------------------
+# Importance ratios and the clipped surrogate (paper Eq. 5, 7, 13, 14)
+# ----------------------------------------------------------------------------------
+def sequence_log_ratio(
+    logprobs: torch.Tensor,  # [N, T]
+    old_logprobs: torch.Tensor,  # [N, T]
+    mask: torch.Tensor,  # [N, T]
+) -> torch.Tensor:  # [N]
+    """log s_i = (1/|y_i|) sum_t (log pi_theta - log pi_old)   (Eq. 7, in log space)."""
+    return masked_mean(logprobs - old_logprobs, mask.to(logprobs.dtype), dim=1)  # Eq. 7
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,  # [N] or [N, T]
+    advantages: torch.Tensor,  # same shape as ratio
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element loss -min(r A, clip(r, 1-eps_low, 1+eps_high) A) and where the clip is active."""
+    surr = ratio * advantages
+    surr_clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    # The clip binds (and the gradient vanishes) only on the side the advantage pushes towards.
+    clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
+    return -torch.min(surr, surr_clipped), clipped
+
+
+def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level, aggregation) -> str:
+    _check_level(level)
+    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError("logprobs, old_logprobs and mask must share one [N, T] shape, got "
+                         f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [N]={tuple(logprobs.shape[:1])} or [N, T]={tuple(logprobs.shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    if level == "sequence" and advantages.dim() == 2:
+        raise ValueError("level 'sequence' (GSPO, Eq. 5) takes one advantage per sequence [N]; "
+                         "use level 'sequence_token' (Eq. 13) for per-token advantages")
+    if level == "token":
+        aggregation = aggregation or "seq-mean-token-mean"
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss aggregation {aggregation!r} is not one of {list(AGGREGATIONS)}")
+        return aggregation
+    if aggregation not in (None, "seq-mean-token-mean"):
+        raise ValueError(f"level {level!r} is defined per sequence (Eq. 5 / Eq. 14: mean over sequences); "
+                         f"aggregation must be None or 'seq-mean-token-mean', got {aggregation!r}")
+    return "seq-mean-token-mean"
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta(y_t | x, y_<t), requires grad
+    old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
+    advantages: torch.Tensor,  # [N] per sequence, or [N, T] per token
+    mask: torch.Tensor,  # [N, T] 1 on completion tokens
+    level: str = "sequence",
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    aggregation: Optional[str] = None,
+    max_log_ratio: float = 20.0,
+    num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped policy-gradient loss for GSPO ('sequence'), GSPO-token or GRPO ('token').
+
+    Returns (loss, metrics); metrics are detached: clip_fraction_seq (mean over sequences
+    of the fraction of a sequence's tokens clipped; for GSPO a 0/1 flag per sequence),
+    clip_fraction_token (clipped tokens / all tokens, the paper's Fig. 2 count), and
+    the importance ratio's mean / min / max over sequences.
+    """
+    mode = _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level, aggregation)
+    mask = mask.to(logprobs.dtype)
+    old_logprobs = old_logprobs.detach()
+    if level == "token":
+        log_ratio = (logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio)
+        ratio = torch.exp(log_ratio)  # [N, T] r_it = pi_theta / pi_old per token
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
+        token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+        loss = aggregate(token_loss, mask, mode, num_sequences, num_tokens)
+        seq_ratio = masked_mean(ratio.detach(), mask, dim=1)
+    else:
+        log_s = sequence_log_ratio(logprobs, old_logprobs, mask).clamp(-max_log_ratio, max_log_ratio)  # Eq. 7
+        if level == "sequence":
+            ratio = torch.exp(log_s)  # [N] s_i(theta)
+            seq_loss, seq_clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)  # Eq. 5
+            loss = seq_loss.sum() / (num_sequences if num_sequences is not None else seq_loss.shape[0])
+            clipped = seq_clipped[:, None].expand_as(mask)
+        else:
+            # Eq. 13: s_it = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)] -> value s_i, gradient per token
+            ratio = torch.exp(log_s.detach()[:, None] + logprobs - logprobs.detach())  # [N, T]
+            adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
+            token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+            loss = aggregate(token_loss, mask, "seq-mean-token-mean", num_sequences)  # Eq. 14
+        seq_ratio = torch.exp(log_s.detach())
+    clipped = clipped.to(mask.dtype)
+    metrics = {
+        "clip_fraction_seq": masked_mean(clipped, mask, dim=1).mean().detach(),
+        "clip_fraction_token": masked_mean(clipped, mask).detach(),
+        "ratio_mean": seq_ratio.mean(),
+        "ratio_min": seq_ratio.min(),
+        "ratio_max": seq_ratio.max(),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------
+# KL to the reference model, and its adaptive coefficient (seed §2.4, §5.4)
+# ----------------------------------------------------------------------------------
+def kl_per_token(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta
+    ref_logprobs: torch.Tensor,  # [N, T] log pi_ref
+    estimator: str = "k3",
+    max_log_ratio: float = 20.0,
+) -> torch.Tensor:  # [N, T]
+    """Schulman's estimators of KL(pi_theta || pi_ref) from samples of pi_theta."""
+    log_r = (ref_logprobs.detach() - logprobs).clamp(-max_log_ratio, max_log_ratio)  # log(pi_ref / pi_theta)
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        return torch.exp(log_r) - log_r - 1
+    raise ValueError(f"KL estimator {estimator!r} is not one of {list(KL_ESTIMATORS)}")
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,  # [N, T]
+    ref_logprobs: torch.Tensor,  # [N, T]
+    mask: torch.Tensor,  # [N, T]
+    estimator: str = "k3",
+    num_tokens: Optional[float] = None,
+) -> torch.Tensor:
+    """Masked mean over all completion tokens of the per-token KL estimate."""
+    kl = kl_per_token(logprobs, ref_logprobs, estimator)
+    return aggregate(kl, mask, "token-mean", num_tokens=num_tokens)
+
+
+class FixedKLController:
+    """Constant KL coefficient, with the same interface as AdaptiveKLController."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): err = clip(kl / target - 1, -0.2, 0.2); coef *= 1 + err * n / horizon."""
+
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: int):
+        super().__init__(init_kl_coef)
+        self.target = float(target_kl)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+# ----------------------------------------------------------------------------------
+# Token log-probs and entropy from logits, one chunk of the vocabulary at a time
+# ----------------------------------------------------------------------------------
+def _chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()  # [C, V] bf16 logits lose too much in log_softmax
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)  # [C]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [C] H = -sum p log p
+    return logp, entropy
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,  # [N, T, V] logits predicting labels
+    labels: torch.Tensor,  # [N, T] token ids
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log p(label) [N, T] and entropy [N, T], computed `chunk_size` rows at a time.
+
+    Under autograd each chunk is checkpointed: backward recomputes its softmax, so at most
+    one chunk of [chunk_size, V] probabilities is alive at once, forward or backward.
+    """
+    n, t, v = logits.shape
+    flat_logits, flat_labels = logits.reshape(n * t, v), labels.reshape(n * t)
+    lps, ents = [], []
+    for start in range(0, n * t, chunk_size):
+        chunk = flat_logits[start:start + chunk_size]
+        lab = flat_labels[start:start + chunk_size]
+        if with_entropy:
+            if torch.is_grad_enabled() and chunk.requires_grad:
+                lp, ent = checkpoint(_chunk_logprob_entropy, chunk, lab, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprob_entropy(chunk, lab)
+            ents.append(ent)
+        else:  # log p(label) = logit - logsumexp: no [C, V] probabilities at all
+            chunk = chunk.float()
+            lp = chunk.gather(-1, lab[:, None]).squeeze(-1) - torch.logsumexp(chunk, dim=-1)
+        lps.append(lp)
+    logp = torch.cat(lps).view(n, t)
+    return logp, (torch.cat(ents).view(n, t) if with_entropy else None)
