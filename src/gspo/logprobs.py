@@ -1,0 +1,73 @@
+"""Model forward -> per-token log-probs (and entropy) of the completion tokens.
+
+Memory and work are bounded three ways: padding columns that no row of the micro-batch
+uses are trimmed first; logits are computed only for the T completion positions
+(`logits_to_keep`, when the model supports it); log-softmax and entropy run a chunk
+of positions at a time (gspo.core.logprobs_and_entropy).
+Log-probs are of softmax(logits / temperature): the distribution rollouts were sampled
+from, so the importance ratio compares like with like.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gspo.core import logprobs_and_entropy
+
+_NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
+
+
+def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Drop leading prompt columns and trailing completion columns that are padding in every row."""
+    used_p = prompt_mask.any(dim=0).nonzero()
+    start = int(used_p[0]) if len(used_p) else prompt_mask.shape[1]
+    used_c = completion_mask.any(dim=0).nonzero()
+    end = int(used_c[-1]) + 1 if len(used_c) else 1
+    return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :end], completion_mask[:, :end]
+
+
+def _forward_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
+    # Position ids from the mask: left padding must not shift positions (generate does the same).
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    kind = type(model)
+    if kind not in _NO_LOGITS_TO_KEEP:
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        logits_to_keep=keep, use_cache=False)
+            if out.logits.shape[1] == keep:
+                return out.logits
+        except TypeError:
+            pass
+        _NO_LOGITS_TO_KEEP.add(kind)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits[:, -keep:]
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,  # [n, P] left-padded
+    prompt_mask: torch.Tensor,  # [n, P]
+    completion_ids: torch.Tensor,  # [n, T] right-padded
+    completion_mask: torch.Tensor,  # [n, T]
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
+
+    Positions beyond the trimmed width come back as 0 (they are masked out downstream).
+    """
+    device = next(model.parameters()).device
+    full_t = completion_ids.shape[1]
+    p_ids, p_mask, c_ids, c_mask = trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    input_ids = torch.cat([p_ids, c_ids], dim=1).to(device)
+    attention_mask = torch.cat([p_mask, c_mask], dim=1).to(device)
+    t = c_ids.shape[1]
+    logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp, entropy = logprobs_and_entropy(logits, c_ids.to(device), chunk_size, with_entropy)
+    pad = (0, full_t - t)
+    return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)

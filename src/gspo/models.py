@@ -1,0 +1,63 @@
+"""Loading the policy, reference and tokenizer; LoRA wrapping; dropout off.
+
+`policy_model_name` is a hub id or a local directory (loaded with `from_pretrained`), or
+'builtin:tiny-arithmetic', the offline demo model built locally on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gspo.config import BUILTIN_MODEL_PREFIX, GSPOConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    if name.startswith(BUILTIN_MODEL_PREFIX):
+        from gspo.tasks.tiny_model import ensure_tiny_model
+        return str(ensure_tiny_model())
+    return name
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # many causal LMs ship without a pad token
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded for generation
+    return tok
+
+
+def load_causal_lm(name: str, config: GSPOConfig):
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name), dtype=DTYPES[config.torch_dtype], trust_remote_code=config.trust_remote_code)
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout would make two forward passes of the same weights disagree, so the on-policy
+    ratio would not be exactly 1 (TRL also disables it by default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def apply_lora(model, config: GSPOConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def reference_context(policy, ref_model):
+    """Context in which `policy` computes reference log-probs: with LoRA, the base model with
+    adapters disabled (no second copy in memory); otherwise a no-op (ref_model is used)."""
+    if ref_model is None and hasattr(policy, "disable_adapter"):
+        return policy.disable_adapter()
+    return contextlib.nullcontext()

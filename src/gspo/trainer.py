@@ -1,0 +1,395 @@
+"""GSPOTrainer: the training loop, top to bottom. Orchestration only; the math is gspo.core.
+
+One step = one rollout batch:
+    prompts -> generate G completions each -> rewards -> group advantages
+    -> reference log-probs (no grad) [-> old log-probs, only when needed]
+    -> gspo_epochs x num_mini_batches optimizer updates -> metrics / eval / checkpoint
+
+How it departs from a naive loop (and from some peers):
+* no old-log-prob pass when it is not needed: with one mini-batch, the first epoch's
+  forward runs before any update, so its detached log-probs *are* pi_old and are kept
+  for later epochs; only num_mini_batches > 1 costs one extra no-grad pass;
+* loss denominators are the whole mini-batch's (and, under data parallelism, the
+  global batch's), so micro-batching and extra ranks change nothing but memory;
+* a non-finite gradient skips the update (counted, warned, capped), so no NaN reaches
+  the weights; SIGINT/SIGTERM finish the step and save a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from gspo import checkpoint as ckpt
+from gspo.config import ConfigError, GSPOConfig
+from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss, zero_std_groups
+from gspo.data import GSPODataset, load_rows
+from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
+from gspo.logprobs import completion_logprobs
+from gspo.models import apply_lora, load_causal_lm, load_tokenizer, reference_context
+from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
+from gspo.rollout import Rollout, generate_rollout
+from gspo.tracking import MetricsLogger, Progress, print_samples
+
+log = logging.getLogger("gspo")
+
+
+class GSPOTrainer:
+    def __init__(self, config: GSPOConfig, reward_funcs=None, model=None, tokenizer=None,
+                 ref_model=None, reward_model=None, eval_dataset=None):
+        self.config = cfg = config
+        self.accelerator = Accelerator()
+        set_seed(cfg.seed + self.accelerator.process_index)  # ranks sample different completions
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
+        policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
+        if cfg.use_lora:
+            policy = apply_lora(policy, cfg)
+        if cfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        self.ref_model = None
+        if cfg.uses_reference_model and not cfg.use_lora:  # LoRA: the base model with adapters off
+            self.ref_model = ref_model if ref_model is not None else load_causal_lm(cfg.policy_model_name, cfg)
+            self.ref_model.requires_grad_(False).eval().to(self.accelerator.device)
+        self.reward_funcs = resolve_reward_funcs(
+            list(cfg.reward_funcs) + list(reward_funcs or []),
+            list(cfg.reward_weights or [1.0] * len(cfg.reward_funcs)) + [1.0] * len(reward_funcs or []))
+        self.reward_model = reward_model
+        if self.reward_model is None and cfg.reward_model_name:
+            self.reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
+                                                  trust_remote_code=cfg.trust_remote_code)
+        if not self.reward_funcs and self.reward_model is None:
+            raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
+                              "or pass reward_funcs=[...]")
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.kl_coef))
+        self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
+        self.eval_dataset = eval_dataset
+        self.scheduler = None
+        self.step = 0
+        self.history: list = []
+        if self.accelerator.is_main_process:
+            log.warning("gspo: importance_sampling_level=%s, clip eps low=%g high=%g%s", cfg.importance_sampling_level,
+                        cfg.clip_low, cfg.clip_high, " (the level's recommended values)" if cfg.clip_range is None
+                        and cfg.clip_range_low is None and cfg.clip_range_high is None else "")
+
+    # ------------------------------------------------------------------ data
+    def _as_dataset(self, data):
+        cfg = self.config
+        if data is None or isinstance(data, GSPODataset):
+            return data
+        rows = load_rows(data, cfg.prompt_column) if isinstance(data, (str, Path)) else data
+        return GSPODataset(rows, self.tokenizer, cfg.prompt_column, cfg.max_prompt_length, cfg.prompt_truncation)
+
+    def _steps_per_epoch(self, dataset) -> int:
+        cfg, world = self.config, self.accelerator.num_processes
+        if cfg.batch_size % world:
+            raise ConfigError(f"GSPOConfig.batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+        if len(dataset) < cfg.batch_size:
+            raise ConfigError(f"the dataset has {len(dataset)} prompts, fewer than GSPOConfig.batch_size={cfg.batch_size}")
+        return len(dataset) // cfg.batch_size
+
+    def _batch_rows(self, dataset, step: int, steps_per_epoch: int) -> list:
+        """This rank's prompts for `step`: a deterministic function of (seed, step), so resume needs no sampler state."""
+        cfg = self.config
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        per_rank = cfg.batch_size // self.accelerator.num_processes
+        start = k * cfg.batch_size + self.accelerator.process_index * per_rank
+        return [dataset[int(i)] for i in order[start:start + per_rank]]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, dataset=None, eval_dataset=None) -> list:
+        """Run GSPO on `dataset` (a GSPODataset, a list of prompts/rows, a file path, or None for
+        config.dataset_path). Returns the list of per-step metric dicts."""
+        cfg, acc = self.config, self.accelerator
+        dataset = self._as_dataset(dataset if dataset is not None else cfg.dataset_path)
+        if dataset is None:
+            raise ConfigError("no training data: pass a dataset to train() or set GSPOConfig.dataset_path")
+        eval_ds = self._as_dataset(eval_dataset or self.eval_dataset or cfg.eval_dataset_path)
+        steps_per_epoch = self._steps_per_epoch(dataset)
+        total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
+        updates = total * cfg.gspo_epochs * cfg.num_mini_batches
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, cfg.warmup_steps, updates)
+        resumed = self._maybe_resume()
+        tracker = MetricsLogger(cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed)
+        if resumed:
+            tracker.truncate_after(self.step)
+        progress = Progress(total, initial_step=self.step, enabled=acc.is_main_process and cfg.progress_bar,
+                            print_every=cfg.logging_steps)
+        try:
+            with InterruptGuard() as guard:
+                while self.step < total:
+                    rows = self._batch_rows(dataset, self.step, steps_per_epoch)
+                    metrics, rollout = self.training_step(rows)
+                    self.step += 1
+                    if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+                        metrics.update(self.evaluate(eval_ds))
+                    self._record(metrics, rollout, tracker, progress)
+                    self._checkpoint_if_due(total, guard)
+            if eval_ds is not None and not (cfg.eval_steps and total % cfg.eval_steps == 0):
+                self.history[-1].update(self.evaluate(eval_ds))
+            self._finish()
+        finally:
+            progress.close()
+            tracker.close()
+        return self.history
+
+    def training_step(self, rows: list) -> tuple[dict, Rollout]:
+        cfg, timings = self.config, {}
+        start = time.perf_counter()
+        with self._timed(timings, "generation"):
+            policy = self.accelerator.unwrap_model(self.model)
+            rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens,
+                                       True, cfg.temperature, cfg.top_p, cfg.top_k)
+        with self._timed(timings, "reward"):
+            self._score(rollout)
+        if self.ref_model is not None or (cfg.use_lora and cfg.uses_reference_model):
+            with self._timed(timings, "reference"):
+                with reference_context(policy, self.ref_model):
+                    rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.model, rollout)
+        if cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
+            with self._timed(timings, "old_logprobs"):
+                rollout.old_logprobs = self._no_grad_logprobs(self.model, rollout)
+        with self._timed(timings, "update"):
+            update_metrics = self._update(rollout)
+        metrics = self._step_metrics(rollout, update_metrics, timings)
+        self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
+        metrics["step_time_s"] = time.perf_counter() - start
+        return metrics, rollout
+
+    # ------------------------------------------------------------------ stages
+    def _score(self, rollout: Rollout) -> None:
+        cfg = self.config
+        result = compute_rewards(self.reward_funcs, rollout.prompts, rollout.completions, rollout.completion_id_lists,
+                                 rollout.extra, self.reward_model, cfg.reward_model_weight,
+                                 cfg.reward_error_policy, cfg.reward_penalty_value)
+        rollout.rewards, rollout.reward_per_func = result.total.float(), result.per_func
+        rollout.num_penalized = result.num_penalized
+        rollout.advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.normalize_advantages)  # Eq. 6
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        cfg, out = self.config, []
+        micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
+        for idx in torch.arange(len(rollout)).split(micro):
+            part = rollout.select(idx)
+            lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                        part.completion_mask, cfg.temperature, cfg.entropy_chunk_size)
+            out.append(lp.cpu())
+        return torch.cat(out)
+
+    def _update(self, rollout: Rollout) -> dict:
+        """gspo_epochs passes over the rollout, num_mini_batches optimizer updates per pass."""
+        cfg = self.config
+        n = len(rollout)
+        keep_old = rollout.old_logprobs is None and cfg.gspo_epochs > 1
+        if keep_old:
+            rollout.old_logprobs = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
+        totals = defaultdict(float)
+        for epoch in range(cfg.gspo_epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + epoch)
+            order = torch.randperm(n, generator=gen) if cfg.num_mini_batches > 1 else torch.arange(n)
+            for mb in order.chunk(cfg.num_mini_batches):
+                # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
+                on_policy = epoch == 0 and cfg.num_mini_batches == 1
+                for k, v in self._mini_batch_update(rollout, mb, on_policy, keep_old).items():
+                    totals[k] += v
+        updates = cfg.gspo_epochs * cfg.num_mini_batches
+        return {k: v / updates for k, v in totals.items()}
+
+    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, on_policy: bool, keep_old: bool) -> dict:
+        cfg, acc = self.config, self.accelerator
+        # Mini-batch-wide denominators (global token count / world size: DDP averages over ranks).
+        n_seq = float(len(idx))
+        n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
+        sums = defaultdict(float)
+        micro_batches = idx.chunk(cfg.gradient_accumulation_steps)
+        for j, mic in enumerate(micro_batches):
+            part = rollout.select(mic)
+            mask = part.completion_mask.to(acc.device)
+            sync = acc.no_sync(self.model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
+            with sync:
+                logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                                    part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True)
+                old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
+                if keep_old and on_policy:
+                    rollout.old_logprobs[mic] = logp.detach().cpu()
+                pg, m = policy_loss(logp, old, part.advantages.to(acc.device), mask, cfg.importance_sampling_level,
+                                    cfg.clip_low, cfg.clip_high, cfg.loss_aggregation, cfg.max_log_ratio,
+                                    num_sequences=n_seq, num_tokens=n_tok)
+                ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
+                kl = (kl_penalty(logp, part.ref_logprobs.to(acc.device), mask, cfg.kl_estimator, num_tokens=n_tok)
+                      if part.ref_logprobs is not None else torch.zeros((), device=acc.device))
+                loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl  # seed §4.1
+                acc.backward(loss)
+            tokens = float(mask.sum())
+            sums["policy_loss"] += pg.item()
+            sums["entropy"] += ent.item()
+            sums["kl_divergence"] += kl.item()
+            sums["loss"] += loss.item()
+            sums["clip_fraction_seq"] += m["clip_fraction_seq"].item() * len(mic) / n_seq
+            sums["clip_fraction_token"] += m["clip_fraction_token"].item() * tokens
+            sums["_tokens"] += tokens
+            for key in ("ratio_mean",):
+                sums[key] += m[key].item() * len(mic) / n_seq
+        sums["clip_fraction_token"] /= max(sums.pop("_tokens"), 1.0)
+        sums["grad_norm"] = self._optimizer_step()
+        return sums
+
+    def _optimizer_step(self) -> float:
+        cfg, acc = self.config, self.accelerator
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        if self.skips.record(grad_norm, f"step {self.step + 1}"):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skips.exhausted:
+            path = self._save_checkpoint()
+            raise NonFiniteUpdateError(
+                f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "
+                f"GSPOConfig.max_consecutive_skipped_updates={cfg.max_consecutive_skipped_updates}); stopped at step "
+                f"{self.step}, weights are untouched by them, checkpoint: {path}")
+        return grad_norm if math.isfinite(grad_norm) else 0.0
+
+    # ------------------------------------------------------------------ metrics
+    def _step_metrics(self, rollout: Rollout, update: dict, timings: dict) -> dict:
+        cfg, acc = self.config, self.accelerator
+        gather = lambda t: acc.gather(t.float().to(acc.device)).cpu()  # noqa: E731  equal sizes on every rank
+        rewards, adv = gather(rollout.rewards), gather(rollout.advantages)
+        lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)
+        metrics = {
+            "raw_reward_mean": rewards.mean().item(),
+            "raw_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "relative_advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
+            "frac_reward_zero_std": zero_std_groups(rewards, cfg.group_size).float().mean().item(),
+            "completion_length_mean": lengths.mean().item(),
+            "completion_length_max": lengths.max().item(),
+            "truncated_fraction": truncated.mean().item(),
+            "kl_coef": self.kl_ctl.value,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "skipped_updates": float(self.skips.total),
+            "reward_penalized": acc.reduce(torch.tensor(float(rollout.num_penalized), device=acc.device), "sum").item(),
+        }
+        for name, values in rollout.reward_per_func.items():
+            metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
+        reduced = acc.reduce(torch.tensor(list(update.values()), device=acc.device, dtype=torch.float64), "mean")
+        metrics.update(zip(update.keys(), reduced.tolist()))
+        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
+        metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
+        return metrics
+
+    @contextlib.contextmanager
+    def _timed(self, timings: dict, name: str):
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[name] = time.perf_counter() - start
+
+    def _record(self, metrics: dict, rollout: Rollout, tracker, progress) -> None:
+        cfg = self.config
+        metrics = {"step": self.step, **metrics}
+        self.history.append(metrics)
+        tracker.log(self.step, metrics)
+        progress.update(self.step, metrics)
+        if self.accelerator.is_main_process and cfg.log_completions_steps and self.step % cfg.log_completions_steps == 0:
+            print_samples(self.step, rollout.prompts, rollout.completions, rollout.rewards.tolist())
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset=None) -> dict:
+        """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
+        cfg, acc = self.config, self.accelerator
+        dataset = self._as_dataset(dataset if dataset is not None else (self.eval_dataset or cfg.eval_dataset_path))
+        n = min(len(dataset), cfg.eval_max_samples)
+        shard = list(range(acc.process_index, n, acc.num_processes))
+        policy = acc.unwrap_model(self.model)
+        totals, lengths = [], []
+        for start in range(0, len(shard), cfg.eval_batch_size):
+            rows = [dataset[i] for i in shard[start:start + cfg.eval_batch_size]]
+            r = generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False)
+            res = compute_rewards(self.reward_funcs, r.prompts, r.completions, r.completion_id_lists, r.extra,
+                                  self.reward_model, cfg.reward_model_weight, cfg.reward_error_policy,
+                                  cfg.reward_penalty_value)
+            totals += res.total.tolist()
+            lengths += r.lengths.tolist()
+        from accelerate.utils import gather_object
+        totals, lengths = gather_object(totals), gather_object(lengths)
+        rewards = torch.tensor(totals, dtype=torch.float64)
+        return {"eval/reward_mean": rewards.mean().item(),
+                "eval/accuracy": (rewards >= cfg.accuracy_threshold).double().mean().item(),
+                "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
+                "eval/num_samples": float(len(totals))}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict()}
+
+    def _save_checkpoint(self):
+        acc, cfg = self.accelerator, self.config
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(cfg.output_dir, self.step, acc.unwrap_model(self.model), self.tokenizer,
+                                        self.optimizer, self.scheduler, self._trainer_state(), cfg.save_total_limit)
+        acc.wait_for_everyone()
+        return path or Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
+
+    def _checkpoint_if_due(self, total: int, guard: InterruptGuard) -> None:
+        cfg, acc = self.config, self.accelerator
+        flag = acc.reduce(torch.tensor(float(guard.signum or 0), device=acc.device), "max").item()
+        if (cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < total) or flag:
+            path = self._save_checkpoint()
+        if flag:
+            raise TrainingInterrupted(
+                f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
+                f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir.")
+
+    def _maybe_resume(self) -> bool:
+        cfg = self.config
+        if not cfg.resume_from_checkpoint:
+            return False
+        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+        state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.skips = SkipCounter(cfg.max_consecutive_skipped_updates, **state["skips"])
+        if self.accelerator.is_main_process:
+            log.warning("gspo: resumed from %s at step %d", path, self.step)
+        return True
+
+    def save_model(self, output_dir=None) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.save_final_model(acc.unwrap_model(self.model), self.tokenizer, output_dir or self.config.output_dir,
+                                  merge_lora=self.config.merge_lora_on_save)
+        acc.wait_for_everyone()
+
+    def _finish(self) -> None:
+        cfg = self.config
+        self.save_model()
+        if self.accelerator.is_main_process:
+            out = Path(cfg.output_dir)
+            (out / "train_summary.json").write_text(json.dumps(
+                {"steps": self.step, "final_metrics": self.history[-1] if self.history else {},
+                 "clip_range_low": cfg.clip_low, "clip_range_high": cfg.clip_high}, indent=2))
+            try:
+                from gspo.plotting import plot_run
+                plot_run(out)
+            except Exception as exc:  # a plot must never cost the user a finished run
+                log.warning("gspo: could not plot the training curves: %s", exc)
