@@ -1,0 +1,304 @@
+"""Prompt data: load rows from files, format and tokenize them once.
+
+Two pieces:
+
+* `load_rows(path)` reads a .jsonl / .json / .csv / .parquet file, a local Hugging
+  Face dataset directory (`datasets.save_to_disk`), or `builtin:arithmetic` /
+  `builtin:arithmetic-eval`, into a list of plain dicts.
+* `GSPODataset(prompts, tokenizer)` turns strings, chat-message lists or dict rows
+  into `{"prompt": text, "prompt_ids": [...], **extra_columns}` items. Extra columns
+  (every column but the prompt column) travel with the prompt so the trainer can hand
+  them to the reward functions as keyword arguments.
+
+Choices, on purpose:
+
+* CSV cells are read as text exactly as written (`dtype=str`, no NaN guessing), so an
+  answer "007" or "3.50" reaches a reward function unchanged. Use JSONL or parquet
+  when columns need real types.
+* Plain-string prompts are tokenized with the tokenizer's default special tokens (a
+  BOS where the tokenizer adds one). Chat-formatted prompts are tokenized with
+  `add_special_tokens=False`, because the chat template already writes its own BOS /
+  role tokens and adding them again would double them.
+* Rows that lack a column other rows have get None for it, so every item has the
+  same keys and the trainer can repeat columns per completion without gaps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+
+BUILTIN_DATASETS = {
+    # name -> (number of problems, split). The eval set is smaller: it is decoded greedily.
+    "builtin:arithmetic": (2000, "train"),
+    "builtin:arithmetic-eval": (256, "eval"),
+}
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+TRUNCATION_POLICIES = ("error", "left")
+
+
+class DataError(ValueError):
+    """The prompt data cannot be used. The message names the file / row / column."""
+
+
+# ----------------------------------------------------------------------------------
+# Loading rows
+# ----------------------------------------------------------------------------------
+def load_rows(path: str, prompt_column: str = "prompt", *, seed: int = 42) -> list[dict]:
+    """Read prompt rows from `path` into a list of dicts and check the prompt column.
+
+    `seed` only matters for the built-in arithmetic sets (which problems are drawn).
+    Raises DataError for a missing file, an unknown format, a malformed record, an
+    empty dataset, or rows without `prompt_column`.
+    """
+    path = str(path)
+    if path in BUILTIN_DATASETS:
+        # Imported here: the task module is only needed for the demo.
+        from gspo.tasks.arithmetic import make_problems
+
+        n, split = BUILTIN_DATASETS[path]
+        rows = make_problems(n=n, seed=seed, split=split)
+    elif path.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset {path!r}; built-ins are {sorted(BUILTIN_DATASETS)}")
+    elif os.path.isdir(path):
+        rows = _load_hf_dir(path)
+    elif not os.path.exists(path):
+        raise DataError(f"dataset file {path!r} does not exist")
+    else:
+        rows = _load_file(path)
+    return _check_rows(rows, path, prompt_column)
+
+
+def _load_file(path: str) -> list:
+    """Dispatch on the file extension."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return _load_jsonl(path)
+    if ext == ".json":
+        return _load_json(path)
+    if ext == ".csv":
+        import pandas as pd
+
+        # dtype=str / keep_default_na=False: cells stay the text written in the file.
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return frame.to_dict(orient="records")
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        # pyarrow's to_pylist gives plain Python values (lists stay lists), unlike
+        # pandas, which would hand back numpy arrays for list columns such as chats.
+        return pq.read_table(path).to_pylist()
+    raise DataError(
+        f"dataset file {path!r} has unsupported extension {ext or '(none)'!r}; "
+        f"allowed: {list(FILE_FORMATS)} or a Hugging Face dataset directory"
+    )
+
+
+def _load_jsonl(path: str) -> list:
+    """One JSON object per line; blank lines are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
+    return rows
+
+
+def _load_json(path: str) -> list:
+    """A JSON list of objects, or an object whose "data" key holds that list."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+        return payload["data"]
+    if isinstance(payload, list):
+        return payload
+    raise DataError(
+        f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, got {type(payload).__name__}"
+        + (f" with keys {sorted(payload)[:10]}" if isinstance(payload, dict) else "")
+    )
+
+
+def _load_hf_dir(path: str) -> list:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
+        raise DataError(f"{path!r} is a directory but not a saved Hugging Face dataset: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: dataset has splits {list(ds)}, expected a 'train' split")
+        ds = ds["train"]
+    return ds.to_list()
+
+
+def _check_rows(rows: list, source: str, prompt_column: str) -> list[dict]:
+    """Every row a dict holding `prompt_column`; at least one row."""
+    if not rows:
+        raise DataError(f"dataset {source!r} is empty (no rows)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {i} is a {type(row).__name__}, expected an object with a {prompt_column!r} field")
+        if prompt_column not in row:
+            raise DataError(
+                f"{source}: row {i} has no prompt column {prompt_column!r}; "
+                f"columns present: {sorted(row)} (set prompt_column to choose another)"
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------
+class GSPODataset(torch.utils.data.Dataset):
+    """Formatted, tokenized prompts plus their extra columns.
+
+    `prompts`: a list of strings, a list of chat-message lists
+    (`[{"role": ..., "content": ...}, ...]`), a list of dicts holding `prompt_column`
+    (a string or a message list) and any extra columns, or a `datasets.Dataset`.
+    Each item is `{"prompt": formatted text, "prompt_ids": list[int], **extras}`.
+    """
+
+    def __init__(
+        self,
+        prompts: Any,
+        tokenizer: Any,
+        prompt_column: str = "prompt",
+        max_prompt_length: Optional[int] = None,
+        truncation: str = "error",
+    ) -> None:
+        if truncation not in TRUNCATION_POLICIES:
+            raise DataError(f"truncation must be one of {list(TRUNCATION_POLICIES)}, got {truncation!r}")
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise DataError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+        self.tokenizer = tokenizer
+        self.prompt_column = prompt_column
+        rows = _as_rows(prompts, prompt_column)
+        self.extra_columns: list[str] = _extra_columns(rows, prompt_column)
+        texts, is_chat = zip(*(self._format(i, row[prompt_column]) for i, row in enumerate(rows)))
+        ids = _tokenize(tokenizer, list(texts), list(is_chat))
+        texts, ids = self._limit_length(list(texts), ids, list(is_chat), max_prompt_length, truncation)
+        self._items = [
+            {"prompt": t, "prompt_ids": p, **{c: row.get(c) for c in self.extra_columns}}
+            for t, p, row in zip(texts, ids, rows)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> dict:
+        # A shallow copy, so a caller editing the item cannot corrupt the dataset.
+        item = self._items[i]
+        return {**item, "prompt_ids": list(item["prompt_ids"])}
+
+    def _format(self, i: int, value: Any) -> tuple[str, bool]:
+        """Row i's prompt value -> (text fed to the model, whether it came from a chat)."""
+        if isinstance(value, str):
+            if not value.strip():
+                raise DataError(f"prompt of row {i} is empty or whitespace only")
+            return value, False
+        if _is_message_list(value):
+            if not value or not any(str(m.get("content") or "").strip() for m in value):
+                raise DataError(f"prompt of row {i} is a chat with no message content")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError(
+                    f"prompt of row {i} is a list of chat messages, but the tokenizer "
+                    f"{type(self.tokenizer).__name__} has no chat_template; set tokenizer.chat_template "
+                    "or pass plain-string prompts"
+                )
+            text = self.tokenizer.apply_chat_template(list(value), tokenize=False, add_generation_prompt=True)
+            return text, True
+        raise DataError(
+            f"prompt of row {i} is a {type(value).__name__}; expected a string or a list of "
+            "{'role': ..., 'content': ...} messages"
+        )
+
+    def _limit_length(self, texts, ids, is_chat, max_len, policy):
+        """Apply max_prompt_length: raise on the first long prompt, or keep its last tokens."""
+        if max_len is None:
+            return texts, ids
+        long_rows = [i for i, p in enumerate(ids) if len(p) > max_len]
+        if not long_rows:
+            return texts, ids
+        if policy == "error":
+            i = long_rows[0]
+            raise DataError(
+                f"prompt of row {i} is {len(ids[i])} tokens, longer than max_prompt_length={max_len} "
+                f"({len(long_rows)} prompt(s) too long); raise max_prompt_length or use truncation='left'"
+            )
+        for i in long_rows:
+            ids[i] = ids[i][-max_len:]
+            # Special tokens written by a chat template are part of its text; for plain
+            # prompts only the tokenizer added them, so they are left out of the text.
+            texts[i] = self.tokenizer.decode(ids[i], skip_special_tokens=not is_chat[i])
+        warnings.warn(
+            f"{len(long_rows)} of {len(ids)} prompts were longer than max_prompt_length={max_len} "
+            "tokens and were cut on the left (their last tokens kept)",
+            stacklevel=3,
+        )
+        return texts, ids
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _as_rows(prompts: Any, prompt_column: str) -> list[dict]:
+    """Normalise the accepted input shapes to a list of dict rows."""
+    try:
+        import datasets
+
+        if isinstance(prompts, datasets.Dataset):
+            if prompt_column not in prompts.column_names:
+                raise DataError(
+                    f"dataset has no prompt column {prompt_column!r}; columns present: {prompts.column_names}"
+                )
+            prompts = prompts.to_list()
+    except ImportError:  # datasets is optional for list input
+        pass
+    if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
+        raise DataError(
+            f"prompts must be a list of strings, message lists or dicts, or a datasets.Dataset; "
+            f"got {type(prompts).__name__}"
+        )
+    if len(prompts) == 0:
+        raise DataError("prompt dataset is empty (no rows)")
+    rows = [p if isinstance(p, dict) else {prompt_column: p} for p in prompts]
+    return _check_rows(rows, "prompts", prompt_column)
+
+
+def _extra_columns(rows: list[dict], prompt_column: str) -> list[str]:
+    """Every column but the prompt, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if key != prompt_column:
+                seen.setdefault(key, None)
+    if "prompt_ids" in seen or ("prompt" in seen and prompt_column != "prompt"):
+        clash = "prompt_ids" if "prompt_ids" in seen else "prompt"
+        raise DataError(f"extra column {clash!r} clashes with the item key the dataset fills in; rename it")
+    return list(seen)
+
+
+def _tokenize(tokenizer: Any, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+    """Token ids per text; chat-formatted texts without added special tokens (see module doc)."""
+    out: list[Optional[list[int]]] = [None] * len(texts)
+    for chat in (False, True):
+        idx = [i for i, c in enumerate(is_chat) if c == chat]
+        if not idx:
+            continue
+        enc = tokenizer([texts[i] for i in idx], add_special_tokens=not chat)["input_ids"]
+        for i, ids in zip(idx, enc):
+            out[i] = list(ids)
+    return out  # type: ignore[return-value]

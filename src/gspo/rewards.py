@@ -1,0 +1,416 @@
+"""Reward functions, an optional reward model, and their checked, weighted sum.
+
+A reward function is called once per batch as
+
+    fn(prompts=[N str], completions=[N str], completion_ids=[N list[int]], **extra_columns)
+
+and returns N real numbers (list, tuple, 1-D tensor or 1-D ndarray). Dataset columns
+other than the prompt arrive as keyword arguments, already repeated per completion,
+so functions should accept `**kwargs` for the columns they do not use.
+
+Nothing is broadcast or guessed: a wrong count, a non-number, NaN or inf, or an
+exception is an error naming the function and the sample (`error_policy="raise"`),
+or, with `error_policy="penalty"`, that sample gets `penalty_value` and is counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+ERROR_POLICIES = ("raise", "penalty")
+RESERVED_KWARGS = ("prompts", "completions", "completion_ids")
+REWARD_MODEL_KEY = "reward_model"
+# Scale of the built-in length penalty: -1 per 1000 completion tokens, small next to
+# a 0/1 correctness reward so it only breaks ties between equally correct answers.
+LENGTH_PENALTY_PER_TOKEN = 1e-3
+
+
+class RewardError(RuntimeError):
+    """A reward could not be resolved or computed. The message names the function and sample."""
+
+
+@dataclass
+class RewardFunction:
+    name: str
+    fn: Callable
+    weight: float = 1.0
+    # Set after the first penalty warning, so a chronically failing function warns once
+    # per run, not once per step (its failures are still counted every step).
+    warned: bool = field(default=False, init=False, repr=False, compare=False)
+
+
+# ----------------------------------------------------------------------------------
+# Built-in reward functions
+# ----------------------------------------------------------------------------------
+def _text(completion: Any) -> str:
+    """Text of a completion: a string, a message dict, or the last message of a chat."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)) and completion:
+        return _text(completion[-1])
+    return "" if completion is None else str(completion)
+
+
+def exact_answer(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
+    """Arithmetic demo reward: 1.0 when the first word of the completion equals `answer`."""
+    # Imported on call: the task module is only needed for the demo.
+    from gspo.tasks.arithmetic import exact_answer_reward
+
+    return exact_answer_reward(prompts=prompts, completions=completions, answer=answer, **kwargs)
+
+
+def answer_match(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
+    """1.0 when the stripped completion equals the `answer` column, or starts with it
+    followed by whitespace ("42 because ..." matches 42; "421" does not), else 0.0.
+
+    Needs an `answer` column in the dataset.
+    """
+    if answer is None:
+        raise ValueError("answer_match needs an 'answer' column in the dataset (none was passed)")
+    completions = list(completions or [])
+    answers = list(answer)
+    if len(answers) != len(completions):
+        raise ValueError(f"answer_match got {len(answers)} answers for {len(completions)} completions")
+    out = []
+    for comp, ref in zip(completions, answers):
+        text, ref = _text(comp).strip(), str(ref).strip()
+        hit = text == ref or (bool(ref) and text.startswith(ref) and text[len(ref)].isspace())
+        out.append(1.0 if hit else 0.0)
+    return out
+
+
+def length_penalty(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float]:
+    """-0.001 per completion token (-len(completion_ids[i]) / 1000): 0 for an empty
+    completion, -0.128 at 128 tokens. Pair it with a correctness reward to prefer
+    shorter correct answers."""
+    if completion_ids is None:
+        raise ValueError("length_penalty needs completion_ids")
+    return [-LENGTH_PENALTY_PER_TOKEN * len(ids) for ids in completion_ids]
+
+
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "exact_answer": exact_answer,
+    "answer_match": answer_match,
+    "length_penalty": length_penalty,
+}
+
+
+# ----------------------------------------------------------------------------------
+# Resolving specs
+# ----------------------------------------------------------------------------------
+def resolve_reward_funcs(specs: Any, weights: Optional[Sequence[float]] = None) -> list[RewardFunction]:
+    """Turn reward specs into named, weighted RewardFunctions.
+
+    A spec is a callable, a built-in name (BUILTIN_REWARDS), "package.module:function",
+    "path/to/file.py:function", or a dict {"name" or "path": one of those, "weight": w}.
+    `weights`, when given, holds one weight per spec. Duplicate names get _2, _3, ...
+    """
+    if specs is None:
+        specs = []
+    elif callable(specs) or isinstance(specs, (str, dict)):
+        specs = [specs]
+    specs = list(specs)
+    if weights is not None and len(weights) != len(specs):
+        raise RewardError(f"reward_weights has {len(weights)} entries but there are {len(specs)} reward functions; give one weight per function")
+    out: list[RewardFunction] = []
+    for i, spec in enumerate(specs):
+        target, dict_weight = _unpack_spec(spec, i)
+        weight = _pick_weight(i, dict_weight, None if weights is None else weights[i])
+        name, fn = _resolve_one(target)
+        out.append(RewardFunction(name=name, fn=fn, weight=weight))
+    return _dedupe_names(out)
+
+
+def _unpack_spec(spec: Any, i: int) -> tuple[Any, Optional[float]]:
+    """(callable-or-string target, weight from a dict spec or None)."""
+    if not isinstance(spec, dict):
+        return spec, None
+    unknown = set(spec) - {"name", "path", "weight"}
+    keys = [k for k in ("name", "path") if k in spec]
+    if len(keys) != 1 or unknown:
+        raise RewardError(
+            f"reward spec {i} {spec!r}: a dict spec needs exactly one of 'name' or 'path' "
+            f"and optionally 'weight'{'; unknown keys ' + str(sorted(unknown)) if unknown else ''}"
+        )
+    return spec[keys[0]], spec.get("weight")
+
+
+def _pick_weight(i: int, from_dict: Any, from_list: Any) -> float:
+    """The spec's weight; a dict weight and a reward_weights entry must agree."""
+    if from_dict is not None and from_list is not None and float(from_dict) != float(from_list):
+        raise RewardError(f"reward spec {i} has weight {from_dict} in its dict but {from_list} in reward_weights; give it once")
+    w = from_list if from_list is not None else from_dict if from_dict is not None else 1.0
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
+        raise RewardError(f"reward spec {i} has weight {w!r}; weights must be finite real numbers")
+    return float(w)
+
+
+def _resolve_one(target: Any) -> tuple[str, Callable]:
+    """A callable or a spec string -> (name, callable)."""
+    if callable(target):
+        return getattr(target, "__name__", None) or type(target).__name__, target
+    if not isinstance(target, str) or not target:
+        raise RewardError(f"reward spec {target!r} is a {type(target).__name__}; expected a callable or a string")
+    if target in BUILTIN_REWARDS:
+        return target, BUILTIN_REWARDS[target]
+    if ":" not in target:
+        raise RewardError(
+            f"unknown reward function {target!r}; built-ins are {sorted(BUILTIN_REWARDS)}, "
+            "or use 'package.module:function' or 'path/to/file.py:function'"
+        )
+    # rsplit: a Windows path ("C:\\r.py:f") has a colon of its own.
+    where, attr = target.rsplit(":", 1)
+    module = _load_file(where) if where.endswith(".py") or os.sep in where or "/" in where else _import(where)
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise RewardError(f"reward spec {target!r}: {where!r} has no callable {attr!r}; callables there: {available}")
+    return attr, fn
+
+
+def _import(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"cannot import reward module {module_name!r}: {e}") from e
+
+
+def _load_file(path: str):
+    """Execute a .py file as a fresh module (a unique name, so two files never collide)."""
+    if not os.path.isfile(path):
+        raise RewardError(f"reward file {path!r} does not exist")
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"gspo_reward_{stem}_{digest}", path)
+    if spec is None or spec.loader is None:
+        raise RewardError(f"cannot load reward file {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise RewardError(f"reward file {path!r} raised {type(e).__name__} while loading: {e}") from e
+    return module
+
+
+def _dedupe_names(funcs: list[RewardFunction]) -> list[RewardFunction]:
+    """Second and later uses of a name become name_2, name_3, ... (metrics need unique keys)."""
+    taken: set[str] = set()
+    for f in funcs:
+        base, k = f.name, 1
+        while f.name in taken:
+            k += 1
+            f.name = f"{base}_{k}"
+        taken.add(f.name)
+    return funcs
+
+
+# ----------------------------------------------------------------------------------
+# The reward model
+# ----------------------------------------------------------------------------------
+class RewardModelScorer:
+    """Scores `prompt + completion` (plain string concatenation, no separator: the
+    completion was sampled as the continuation of exactly that prompt text) with a
+    one-label AutoModelForSequenceClassification. The text is tokenized with the reward
+    model's own tokenizer and its default special tokens, right-padded, and cut on the
+    left to the model's length limit so the completion's end is always scored."""
+
+    def __init__(self, name_or_path: str, device: Any = "cpu", torch_dtype: Any = torch.float32,
+                 trust_remote_code: bool = False, batch_size: int = 16) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise RewardError(f"reward model batch_size must be >= 1, got {batch_size}")
+        dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+        self.name = str(name_or_path)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if self.model.config.num_labels != 1:
+            raise RewardError(
+                f"reward model {self.name!r} has num_labels={self.model.config.num_labels}; "
+                "a reward model must output one score (num_labels=1)")
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self._setup_padding()
+
+    def _setup_padding(self) -> None:
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise RewardError(f"reward model {self.name!r}: tokenizer has neither a pad nor an eos token to pad with")
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        tok.truncation_side = "left"
+        # Sequence-classification heads pool the last non-pad token; they need the id.
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tok.pad_token_id
+        limits = [getattr(self.model.config, "max_position_embeddings", None), tok.model_max_length]
+        self.max_length = min(int(x) for x in limits if x is not None and x < 10**7) if any(
+            x is not None and x < 10**7 for x in limits) else None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise RewardError(f"reward model {self.name!r}: {len(prompts)} prompts but {len(completions)} completions")
+        texts = [str(p) + _text(c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, return_tensors="pt",
+                                 truncation=self.max_length is not None, max_length=self.max_length)
+            enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            scores.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
+        for i, s in enumerate(scores):
+            if not math.isfinite(s):
+                raise RewardError(f"reward model {self.name!r} gave a non-finite score {s} for sample {i} "
+                                  f"(prompt: {str(prompts[i])[:80]!r})")
+        return scores
+
+
+# ----------------------------------------------------------------------------------
+# Computing rewards
+# ----------------------------------------------------------------------------------
+@dataclass
+class RewardResult:
+    total: torch.Tensor  # [N] float32: sum_k weight_k * r_k (+ reward_model_weight * rm)
+    per_func: dict  # name -> [N] float32 raw (unweighted) values; the reward model under "reward_model"
+    num_penalized: int
+
+
+def compute_rewards(funcs: list[RewardFunction], prompts: list[str], completions: list[str],
+                    completion_ids: list[list[int]], extra: Optional[dict] = None, reward_model: Any = None,
+                    reward_model_weight: float = 1.0, error_policy: str = "raise",
+                    penalty_value: float = 0.0) -> RewardResult:
+    """Call every reward function once on the whole batch, check, and sum with weights.
+
+    Raises RewardError (error_policy="raise") naming the function and the sample for
+    any exception, wrong count, non-number, NaN or inf; with error_policy="penalty" the
+    bad samples get `penalty_value` and are counted in `num_penalized`.
+    """
+    extra = dict(extra or {})
+    n = _check_batch(funcs, prompts, completions, completion_ids, extra, reward_model, error_policy, penalty_value)
+    total = torch.zeros(n, dtype=torch.float64)
+    per_func: dict[str, torch.Tensor] = {}
+    penalized = 0
+    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **extra}
+    for f in funcs:
+        values, bad = _call_checked(f, lambda f=f: f.fn(**kwargs), prompts, n, error_policy, penalty_value)
+        per_func[f.name] = torch.tensor(values, dtype=torch.float32)
+        total += f.weight * torch.tensor(values, dtype=torch.float64)
+        penalized += bad
+    if reward_model is not None:
+        rm = RewardFunction(REWARD_MODEL_KEY, reward_model, float(reward_model_weight))
+        values, bad = _call_checked(rm, lambda: reward_model(prompts, completions), prompts, n,
+                                    error_policy, penalty_value)
+        per_func[REWARD_MODEL_KEY] = torch.tensor(values, dtype=torch.float32)
+        total += rm.weight * torch.tensor(values, dtype=torch.float64)
+        penalized += bad
+    return RewardResult(total=total.float(), per_func=per_func, num_penalized=penalized)
+
+
+def _check_batch(funcs, prompts, completions, completion_ids, extra, reward_model, error_policy, penalty_value) -> int:
+    """Caller-side consistency: these are trainer bugs, so they always raise."""
+    if error_policy not in ERROR_POLICIES:
+        raise RewardError(f"error_policy must be one of {list(ERROR_POLICIES)}, got {error_policy!r}")
+    if not math.isfinite(float(penalty_value)):
+        raise RewardError(f"penalty_value must be finite, got {penalty_value}")
+    if not funcs and reward_model is None:
+        raise RewardError("no reward functions and no reward model: nothing to compute a reward from")
+    n = len(completions)
+    for what, seq in (("prompts", prompts), ("completion_ids", completion_ids), *extra.items()):
+        if len(seq) != n:
+            raise RewardError(f"{what!r} has {len(seq)} entries but there are {n} completions; "
+                              "columns must be repeated once per completion")
+    clash = sorted(set(extra) & set(RESERVED_KWARGS))
+    if clash:
+        raise RewardError(f"dataset columns {clash} clash with reward-function arguments {list(RESERVED_KWARGS)}; rename them")
+    names = [f.name for f in funcs] + ([REWARD_MODEL_KEY] if reward_model is not None else [])
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise RewardError(f"reward names {dupes} are used more than once (a function named "
+                          f"{REWARD_MODEL_KEY!r} clashes with the reward model); names must be unique")
+    return n
+
+
+def _call_checked(f: RewardFunction, call: Callable, prompts: list, n: int, policy: str,
+                  penalty: float) -> tuple[list[float], int]:
+    """Run one reward and return (N floats, number penalized), or raise RewardError."""
+    try:
+        out = call()
+    except Exception as e:
+        hint = " (reward functions must accept **kwargs)" if isinstance(e, TypeError) and "keyword" in str(e) else ""
+        msg = f"reward function '{f.name}' raised {type(e).__name__}: {e}{hint} (batch of {n} samples)"
+        if policy == "raise":
+            raise RewardError(msg) from e
+        return _whole_batch_penalty(f, msg, n, penalty)
+    values = _as_list(out)
+    if values is None or len(values) != n:
+        got = f"{type(out).__name__}" if values is None else f"{len(values)} values"
+        msg = (f"reward function '{f.name}' returned {got}; expected a list/tuple/1-D tensor/1-D array "
+               f"of {n} numbers, one per completion")
+        if policy == "raise":
+            raise RewardError(msg)
+        return _whole_batch_penalty(f, msg, n, penalty)
+    result, bad = [], 0
+    for i, v in enumerate(values):
+        x, problem = _as_real(v)
+        if problem is None:
+            result.append(x)
+            continue
+        msg = f"reward function '{f.name}' returned {problem} for sample {i} (prompt: {str(prompts[i])[:80]!r})"
+        if policy == "raise":
+            raise RewardError(msg)
+        if bad == 0:
+            _warn_once(f, msg)
+        result.append(float(penalty))
+        bad += 1
+    return result, bad
+
+
+def _whole_batch_penalty(f: RewardFunction, msg: str, n: int, penalty: float) -> tuple[list[float], int]:
+    _warn_once(f, msg)
+    return [float(penalty)] * n, n
+
+
+def _warn_once(f: RewardFunction, msg: str) -> None:
+    if not f.warned:
+        f.warned = True
+        warnings.warn(f"{msg}; using the penalty value instead (further failures of '{f.name}' "
+                      "are counted in reward_penalized without warning)", stacklevel=4)
+
+
+def _as_list(out: Any) -> Optional[list]:
+    """The entries of a list/tuple/1-D tensor/1-D ndarray, else None."""
+    if isinstance(out, (list, tuple)):
+        return list(out)
+    if isinstance(out, torch.Tensor) and out.dim() == 1:
+        return out.detach().cpu().tolist()
+    if isinstance(out, np.ndarray) and out.ndim == 1:
+        return out.tolist()
+    return None
+
+
+def _as_real(v: Any) -> tuple[float, Optional[str]]:
+    """(value, None) for a finite real number (bool counts as 0/1), else (nan, description)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)):
+        return float(v), None
+    if not isinstance(v, numbers.Real):
+        return math.nan, f"{type(v).__name__} {v!r:.40} (not a number)"
+    x = float(v)
+    if not math.isfinite(x):
+        return math.nan, f"non-finite value {x}"
+    return x, None

@@ -1,0 +1,240 @@
+"""gspo.rewards: resolving specs, the checked weighted sum, penalties, the reward model."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from gspo.rewards import (
+    BUILTIN_REWARDS, RewardError, RewardFunction, RewardModelScorer, compute_rewards, resolve_reward_funcs,
+)
+from helpers_data import save_tiny_reward_model
+
+PROMPTS = ["1+2=", "3+4=", "5-9="]
+COMPLETIONS = ["3", "8 maybe", "-4<eos>"]
+IDS = [[5], [6, 7, 8], [9, 10]]
+ANSWERS = ["3", "7", "-4"]
+
+
+def ones(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def rf(fn, name=None, weight=1.0):
+    return RewardFunction(name or fn.__name__, fn, weight)
+
+
+def run(funcs, **kw):
+    return compute_rewards(funcs, PROMPTS, COMPLETIONS, IDS, extra={"answer": ANSWERS}, **kw)
+
+
+# --- resolving ---------------------------------------------------------------------
+def test_resolve_callable_and_builtin():
+    funcs = resolve_reward_funcs([ones, "exact_answer", "length_penalty"], weights=[1, 2.5, 0.5])
+    assert [f.name for f in funcs] == ["ones", "exact_answer", "length_penalty"]
+    assert [f.weight for f in funcs] == [1.0, 2.5, 0.5]
+    assert funcs[0].fn is ones and funcs[1].fn is BUILTIN_REWARDS["exact_answer"]
+
+
+def test_resolve_module_function(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_mod.py").write_text("def score(completions, **kw):\n    return [2.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (f,) = resolve_reward_funcs(["my_rewards_mod:score"])
+    assert f.name == "score" and f.fn(completions=["a"]) == [2.0]
+    with pytest.raises(RewardError, match="has no callable 'nope'.*score"):
+        resolve_reward_funcs(["my_rewards_mod:nope"])
+    with pytest.raises(RewardError, match="cannot import reward module 'no_such_mod_xyz'"):
+        resolve_reward_funcs(["no_such_mod_xyz:f"])
+
+
+def test_resolve_file_function(tmp_path):
+    path = tmp_path / "r.py"
+    path.write_text("def short(completions, **kw):\n    return [-len(c) for c in completions]\n")
+    (f,) = resolve_reward_funcs([f"{path}:short"])
+    assert f.name == "short" and f.fn(completions=["ab"]) == [-2]
+    with pytest.raises(RewardError, match="does not exist"):
+        resolve_reward_funcs([f"{tmp_path / 'missing.py'}:f"])
+    bad = tmp_path / "broken.py"
+    bad.write_text("raise ImportError('boom')\n")
+    with pytest.raises(RewardError, match="broken.py.*raised ImportError while loading: boom"):
+        resolve_reward_funcs([f"{bad}:f"])
+
+
+def test_resolve_dict_with_weight_and_dedupe(tmp_path):
+    funcs = resolve_reward_funcs([{"name": "answer_match", "weight": 3}, {"path": "answer_match"}, ones, ones])
+    assert [(f.name, f.weight) for f in funcs] == [
+        ("answer_match", 3.0), ("answer_match_2", 1.0), ("ones", 1.0), ("ones_2", 1.0)]
+
+
+def test_resolve_errors():
+    with pytest.raises(RewardError) as e:
+        resolve_reward_funcs(["nope"])
+    assert "'nope'" in str(e.value) and "exact_answer" in str(e.value) and "length_penalty" in str(e.value)
+    with pytest.raises(RewardError, match="2 entries but there are 1"):
+        resolve_reward_funcs([ones], weights=[1, 2])
+    with pytest.raises(RewardError, match="weight"):
+        resolve_reward_funcs([ones], weights=[float("nan")])
+    with pytest.raises(RewardError, match="exactly one of 'name' or 'path'"):
+        resolve_reward_funcs([{"weight": 1}])
+    with pytest.raises(RewardError, match="give it once"):
+        resolve_reward_funcs([{"name": "answer_match", "weight": 2}], weights=[3])
+    assert resolve_reward_funcs(None) == []
+
+
+# --- built-ins ---------------------------------------------------------------------
+def test_builtins_by_hand():
+    ans = BUILTIN_REWARDS["answer_match"](completions=["3", " 7 because", "71", "7"], answer=["3", "7", "7", 7])
+    assert ans == [1.0, 1.0, 0.0, 1.0]
+    assert BUILTIN_REWARDS["length_penalty"](completion_ids=IDS) == pytest.approx([-0.001, -0.003, -0.002])
+    assert BUILTIN_REWARDS["exact_answer"](completions=COMPLETIONS, answer=ANSWERS) == [1.0, 0.0, 1.0]
+
+
+# --- weighted sum ------------------------------------------------------------------
+def test_weighted_total_by_hand():
+    funcs = resolve_reward_funcs(["exact_answer", "length_penalty", ones], weights=[2.0, 10.0, -0.5])
+    res = run(funcs)
+    # exact: [1, 0, 1]; length: [-.001, -.003, -.002]; ones: [1, 1, 1]
+    expected = [2 * 1 - 0.01 - 0.5, 2 * 0 - 0.03 - 0.5, 2 * 1 - 0.02 - 0.5]
+    assert res.total.dtype == torch.float32 and res.total.tolist() == pytest.approx(expected)
+    assert res.per_func["exact_answer"].tolist() == [1.0, 0.0, 1.0]  # raw, unweighted
+    assert res.per_func["ones"].dtype == torch.float32
+    assert res.num_penalized == 0
+
+
+def test_extra_columns_reach_function_as_kwargs():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, answer, level, **kwargs):
+        seen.update(prompts=prompts, completion_ids=completion_ids, answer=answer, level=level, rest=kwargs)
+        return [0.0] * len(completions)
+
+    compute_rewards([rf(spy)], PROMPTS, COMPLETIONS, IDS, extra={"answer": ANSWERS, "level": [1, 2, 3]})
+    assert seen == {"prompts": PROMPTS, "completion_ids": IDS, "answer": ANSWERS, "level": [1, 2, 3], "rest": {}}
+
+
+@pytest.mark.parametrize("out", [[1, 2, 3], (1, True, 3.0), torch.tensor([1.0, 2.0, 3.0]), np.array([1, 2, 3])])
+def test_accepted_return_types(out):
+    res = run([rf(lambda **kw: out, "f")])
+    assert res.per_func["f"].tolist() == [1.0, float(out[1]), 3.0]
+
+
+# --- errors (raise policy) -----------------------------------------------------------
+@pytest.mark.parametrize("value,what", [(float("nan"), "non-finite value nan"), (float("inf"), "non-finite value inf"),
+                                        ("high", "str 'high'"), (None, "NoneType")])
+def test_bad_entry_names_function_and_sample(value, what):
+    def bad(completions, **kw):
+        return [1.0, value, 0.0]
+
+    with pytest.raises(RewardError) as e:
+        run([rf(ones), rf(bad)])
+    msg = str(e.value)
+    assert "'bad'" in msg and "sample 1" in msg and what in msg and "'3+4='" in msg
+
+
+@pytest.mark.parametrize("out,got", [([1.0, 2.0], "2 values"), (5.0, "float"), (torch.zeros(3, 1), "Tensor")])
+def test_wrong_count_or_shape(out, got):
+    with pytest.raises(RewardError) as e:
+        run([rf(lambda **kw: out, "short")])
+    assert "'short'" in str(e.value) and got in str(e.value) and "of 3 numbers" in str(e.value)
+
+
+def test_exception_is_wrapped_and_chained():
+    def boom(**kw):
+        raise ValueError("bad answer format")
+
+    with pytest.raises(RewardError, match=r"reward function 'boom' raised ValueError: bad answer format \(batch of 3 samples\)") as e:
+        run([rf(boom)])
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_missing_kwargs_hint():
+    def strict(completions):
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"'strict' raised TypeError.*\*\*kwargs"):
+        run([rf(strict)])
+
+
+def test_caller_errors():
+    with pytest.raises(RewardError, match="'answer' has 2 entries but there are 3"):
+        compute_rewards([rf(ones)], PROMPTS, COMPLETIONS, IDS, extra={"answer": ["1", "2"]})
+    with pytest.raises(RewardError, match="error_policy"):
+        run([rf(ones)], error_policy="ignore")
+    with pytest.raises(RewardError, match="used more than once"):
+        run([rf(ones), rf(ones)])
+    with pytest.raises(RewardError, match="nothing to compute"):
+        run([])
+
+
+# --- penalty policy ----------------------------------------------------------------
+def test_penalty_policy_entries():
+    def flaky(**kw):
+        return [float("nan"), 0.5, "x"]
+
+    f = rf(flaky, weight=2.0)
+    with pytest.warns(UserWarning, match="'flaky'.*sample 0") as rec:
+        res = run([f, rf(ones)], error_policy="penalty", penalty_value=-1.0)
+    assert len(rec) == 1
+    assert res.per_func["flaky"].tolist() == [-1.0, 0.5, -1.0]
+    assert res.total.tolist() == pytest.approx([2 * -1 + 1, 2 * 0.5 + 1, 2 * -1 + 1])
+    assert res.num_penalized == 2
+    with warnings.catch_warnings():  # the same function warns only once per run
+        warnings.simplefilter("error")
+        assert run([f], error_policy="penalty", penalty_value=-1.0).num_penalized == 2
+
+
+@pytest.mark.parametrize("fn", [lambda **kw: 1 / 0, lambda **kw: [1.0]])
+def test_penalty_policy_whole_batch(fn):
+    with pytest.warns(UserWarning, match="'f'"):
+        res = run([rf(fn, "f"), rf(ones)], error_policy="penalty", penalty_value=-2.0)
+    assert res.per_func["f"].tolist() == [-2.0, -2.0, -2.0]
+    assert res.per_func["ones"].tolist() == [1.0, 1.0, 1.0]
+    assert res.num_penalized == 3
+
+
+# --- reward model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm"))
+
+
+def test_reward_model_two_labels_rejected(tmp_path):
+    path = save_tiny_reward_model(tmp_path / "rm2", num_labels=2)
+    with pytest.raises(RewardError, match=r"rm2.*num_labels=2"):
+        RewardModelScorer(path)
+
+
+def test_reward_model_scores(tiny_rm):
+    scorer = RewardModelScorer(tiny_rm, batch_size=2)
+    assert not scorer.model.training
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+    scores = scorer(PROMPTS, COMPLETIONS)
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
+    # Batching and right padding do not change a sample's score.
+    alone = scorer([PROMPTS[1]], [COMPLETIONS[1]])
+    assert alone[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+def test_reward_model_in_total(tiny_rm):
+    scorer = RewardModelScorer(tiny_rm, torch_dtype="float32")
+    rm = scorer(PROMPTS, COMPLETIONS)
+    res = run([rf(ones, weight=2.0)], reward_model=scorer, reward_model_weight=0.5)
+    assert res.per_func["reward_model"].tolist() == pytest.approx(rm, abs=1e-6)
+    assert res.total.tolist() == pytest.approx([2 + 0.5 * s for s in rm], abs=1e-6)
+
+
+def test_reward_model_without_pad_token_uses_eos(tiny_rm, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_rm)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    import shutil
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{tiny_rm}/{name}", tmp_path / name)
+    scorer = RewardModelScorer(str(tmp_path))
+    assert scorer.tokenizer.pad_token == scorer.tokenizer.eos_token == "<eos>"
+    assert len(scorer(PROMPTS, COMPLETIONS)) == 3
