@@ -73,6 +73,11 @@ def test_datasets_dataset_input():
     assert ds.extra_columns == ["answer", "level"] and ds[0]["answer"] == "3"
 
 
+def test_dataframe_input():
+    ds = GSPODataset(pd.DataFrame(ROWS), char_tokenizer())
+    assert ds.extra_columns == ["answer", "level"] and ds[1]["prompt"] == "10-4="
+
+
 def test_missing_columns_filled_with_none():
     ds = GSPODataset([{"prompt": "a", "x": 1}, {"prompt": "b", "y": 2}], char_tokenizer())
     assert ds.extra_columns == ["x", "y"]

@@ -84,6 +84,11 @@ def test_resolve_errors():
     assert resolve_reward_funcs(None) == []
 
 
+def test_none_weight_entry_keeps_dict_weight():
+    funcs = resolve_reward_funcs([{"name": "answer_match", "weight": 2}, ones], weights=[None, 0.5])
+    assert [f.weight for f in funcs] == [2.0, 0.5]
+
+
 # --- built-ins ---------------------------------------------------------------------
 def test_builtins_by_hand():
     ans = BUILTIN_REWARDS["answer_match"](completions=["3", " 7 because", "71", "7"], answer=["3", "7", "7", 7])

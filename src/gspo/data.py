@@ -166,7 +166,8 @@ class GSPODataset(torch.utils.data.Dataset):
 
     `prompts`: a list of strings, a list of chat-message lists
     (`[{"role": ..., "content": ...}, ...]`), a list of dicts holding `prompt_column`
-    (a string or a message list) and any extra columns, or a `datasets.Dataset`.
+    (a string or a message list) and any extra columns, a `datasets.Dataset`, or a
+    pandas DataFrame.
     Each item is `{"prompt": formatted text, "prompt_ids": list[int], **extras}`.
     """
 
@@ -267,6 +268,8 @@ def _as_rows(prompts: Any, prompt_column: str) -> list[dict]:
             prompts = prompts.to_list()
     except ImportError:  # datasets is optional for list input
         pass
+    if type(prompts).__name__ == "DataFrame" and hasattr(prompts, "to_dict"):  # pandas, without importing it
+        prompts = prompts.to_dict(orient="records")
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
         raise DataError(
             f"prompts must be a list of strings, message lists or dicts, or a datasets.Dataset; "

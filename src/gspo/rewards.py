@@ -115,7 +115,9 @@ def resolve_reward_funcs(specs: Any, weights: Optional[Sequence[float]] = None) 
 
     A spec is a callable, a built-in name (BUILTIN_REWARDS), "package.module:function",
     "path/to/file.py:function", or a dict {"name" or "path": one of those, "weight": w}.
-    `weights`, when given, holds one weight per spec. Duplicate names get _2, _3, ...
+    `weights`, when given, holds one weight per spec; a None entry means "the dict
+    spec's own weight, else 1.0". A dict weight and a different non-None entry for the
+    same spec is an error. Duplicate names get _2, _3, ...
     """
     if specs is None:
         specs = []
