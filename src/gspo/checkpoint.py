@@ -1,0 +1,379 @@
+"""Atomic checkpoints with exact resume, and the final model export.
+
+Layout of `<output_dir>/checkpoint-<step>/`:
+    model.safetensors (or adapter_model.safetensors + adapter_config.json for peft),
+    config.json, tokenizer files, optimizer.pt, scheduler.pt, trainer_state.json,
+    rng_state.pt, complete (marker, written last).
+
+Crash safety: everything is written into `<output_dir>/.tmp-checkpoint-<step>-<pid>/`,
+fsynced, marked complete, and only then renamed to `checkpoint-<step>` (a rename within
+one directory is atomic on POSIX). So a process killed at any moment leaves either no
+`checkpoint-<step>` or a complete one; older checkpoints are pruned only after the new one
+exists, and are renamed away before deletion so a half-deleted one never looks valid.
+
+Security: weights only through safetensors, other state only through
+`torch.load(weights_only=True)`, so loading a checkpoint cannot execute code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "complete"
+TMP_PREFIX = ".tmp-"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.pt"
+_CKPT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+# ----------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------
+def _unwrap(model):
+    """DDP / accelerate wrappers keep the real model in `.module`."""
+    return getattr(model, "module", model)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional: without it no model can be a PeftModel
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (renames, new files); a no-op where unsupported (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _save_weights(model, directory: Path) -> None:
+    """save_pretrained in safetensors. transformers 5 always writes safetensors and has no
+    `safe_serialization` argument any more; peft still takes it (and defaults to True)."""
+    if _is_peft(model):
+        model.save_pretrained(str(directory), safe_serialization=True)
+    else:
+        model.save_pretrained(str(directory))
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename then delete, so a kill mid-delete never leaves a half-deleted checkpoint-* dir."""
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clean_stale_tmp(output_dir: Path) -> None:
+    """Delete temp dirs left by killed saves (dead pid), which can be as big as a model."""
+    for d in output_dir.glob(f"{TMP_PREFIX}*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------
+# RNG state (stored as tensors / ints so torch.load(weights_only=True) accepts it)
+# ----------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # a different GPU count: restore what matches rather than fail the resume
+            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+
+
+# ----------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------
+def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict) -> None:
+    # Serialise the trainer state first: a non-JSON value should fail before anything big is written.
+    state_json = json.dumps({"step": int(step), **trainer_state}, indent=2, allow_nan=False)
+    _save_weights(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    (tmp / TRAINER_STATE_FILE).write_text(state_json + "\n", encoding="utf-8")
+    torch.save(_rng_state(), tmp / RNG_FILE)
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                    save_total_limit: Optional[int] = None) -> Path:
+    """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
+
+    Call on the main process only. Saving the same step twice replaces the earlier one.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
+    final = out / f"{CHECKPOINT_PREFIX}{int(step)}"
+    tmp = out / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{int(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, step, _unwrap(model), tokenizer, optimizer, scheduler, trainer_state)
+        _fsync_tree(tmp)  # data must be durable before the marker claims completeness
+        with open(tmp / COMPLETE_MARKER, "w") as fh:
+            fh.write(f"{int(step)}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            _remove_dir(final)  # rename() cannot replace a non-empty directory
+        os.replace(tmp, final)
+        _fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save_total_limit is not None:
+        _prune(out, save_total_limit, keep=final)
+    return final
+
+
+def _complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for d in output_dir.iterdir():
+        m = _CKPT_RE.match(d.name)
+        if m and d.is_dir() and (d / COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def _prune(output_dir: Path, limit: int, keep: Path) -> None:
+    if limit < 1:
+        raise ValueError(f"save_total_limit must be >= 1, got {limit}")
+    ckpts = [p for _s, p in _complete_checkpoints(output_dir)]
+    excess = len(ckpts) - limit
+    for path in ckpts:
+        if excess <= 0:
+            break
+        if path != keep:  # never delete the checkpoint just written
+            _remove_dir(path)
+            excess -= 1
+
+
+# ----------------------------------------------------------------------------------
+# find / resolve
+# ----------------------------------------------------------------------------------
+def find_latest_checkpoint(output_dir) -> Optional[Path]:
+    """The complete checkpoint with the highest step in output_dir, or None."""
+    ckpts = _complete_checkpoints(Path(output_dir))
+    return ckpts[-1][1] if ckpts else None
+
+
+def resolve_checkpoint(output_dir, spec: str) -> Path:
+    """'latest' -> newest complete checkpoint in output_dir; otherwise `spec` is a checkpoint path.
+
+    A run directory (holding checkpoint-* dirs) is also accepted and resolves to its newest one.
+    """
+    if not spec or not str(spec).strip():
+        raise ValueError("resume_from_checkpoint is empty: pass 'latest' or a checkpoint directory")
+    if str(spec) == "latest":
+        found = find_latest_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir} holds no complete "
+                                    f"{CHECKPOINT_PREFIX}<step> directory")
+        return found
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is a file; expected a {CHECKPOINT_PREFIX}<step> directory")
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    inner = find_latest_checkpoint(path)
+    if inner is not None:
+        return inner
+    raise ValueError(f"{path} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: the save was "
+                     f"interrupted) and holds no complete {CHECKPOINT_PREFIX}<step> directory")
+
+
+# ----------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------
+def _load_safetensors_dir(path: Path, stem: str) -> dict:
+    """Load `<stem>.safetensors`, or every shard listed in `<stem>.safetensors.index.json`."""
+    single = path / f"{stem}.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = path / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        return state
+    raise FileNotFoundError(f"{path}: no {stem}.safetensors (or sharded index) to load weights from")
+
+
+def _tied_groups(model) -> dict[str, set[str]]:
+    """name -> all names sharing its storage (tied embeddings etc.), from the live model."""
+    by_ptr: dict[int, set[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        by_ptr.setdefault(t.data_ptr(), set()).add(name)
+    return {name: group for group in by_ptr.values() for name in group}
+
+
+def _load_plain_weights(path: Path, model) -> None:
+    state = _load_safetensors_dir(path, "model")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {result.unexpected_keys[:10]}")
+    # save_pretrained drops tied duplicates (e.g. lm_head.weight = embed_tokens.weight): a missing
+    # key is fine only if a tensor sharing its storage was loaded.
+    groups = _tied_groups(model)
+    loaded = set(state)
+    truly_missing = [k for k in result.missing_keys if not (groups.get(k, set()) & loaded)]
+    # Non-persistent buffers (rotary inv_freq) are not in state_dict() at all, so they never show up here.
+    if truly_missing:
+        raise RuntimeError(f"{path}: checkpoint lacks weights of the model: {truly_missing[:10]}")
+
+
+def _load_peft_weights(path: Path, model) -> None:
+    from peft import set_peft_model_state_dict
+
+    state = _load_safetensors_dir(path, "adapter_model")
+    adapter = getattr(model, "active_adapter", "default")
+    adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or adapter in k]
+    if unexpected:
+        raise RuntimeError(f"{path}: adapter weights do not fit the model: {unexpected[:10]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{adapter}." in k]
+    if missing:
+        raise RuntimeError(f"{path}: adapter checkpoint lacks LoRA weights: {missing[:10]}")
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Restore weights (in place), optimizer, scheduler and RNG from a checkpoint; return trainer_state."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (missing '{COMPLETE_MARKER}' marker)")
+    model = _unwrap(model)
+    if _is_peft(model):
+        _load_peft_weights(path, model)
+    else:
+        _load_plain_weights(path, model)
+    for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
+        if obj is None:
+            continue
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: no {name} to restore {type(obj).__name__} from")
+        # map_location cpu: optimizers move their state to each parameter's device on load.
+        obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
+    if restore_rng and (path / RNG_FILE).is_file():
+        _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------
+# final model
+# ----------------------------------------------------------------------------------
+# Files a previous export may have left that would change how the directory loads
+# (e.g. a stale adapter_config.json makes from_pretrained treat it as an adapter).
+_MODEL_FILE_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                        "adapter_model.safetensors", "adapter_config.json", "pytorch_model*.bin")
+
+
+def save_final_model(model, tokenizer, output_dir, merge_lora: bool = False) -> Path:
+    """Save the model (safetensors) and tokenizer into output_dir; returns output_dir.
+
+    A PeftModel is saved as its adapter, or with merge_lora=True merged into the base
+    weights (this modifies the model in place, so call it at the very end). Files are
+    written to a temp dir first and then moved in, config files last, so a crash never
+    leaves a config pointing at missing weights.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    if _is_peft(model) and merge_lora:
+        model = model.merge_and_unload()
+    tmp = out / f"{TMP_PREFIX}final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _save_weights(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        for pattern in _MODEL_FILE_PATTERNS:
+            for stale in out.glob(pattern):
+                if not (tmp / stale.name).exists():
+                    stale.unlink()
+        names = sorted(os.listdir(tmp), key=lambda n: n.endswith("config.json"))  # configs last
+        for name in names:
+            dest = out / name
+            if dest.is_dir() and not (tmp / name).is_file():
+                shutil.rmtree(dest)
+            os.replace(tmp / name, dest)
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

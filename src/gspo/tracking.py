@@ -1,0 +1,284 @@
+"""Metric sinks (metrics.jsonl, TensorBoard, Weights & Biases), progress display and sample tables.
+
+Everything here is safe to construct on every process: with `enabled=False` (non-main
+ranks) each method does nothing, so the trainer needs no `if is_main_process` around calls.
+
+metrics.jsonl is the source of truth: one JSON object per line, `{"step": int, **metrics}`,
+flushed after every line so a killed run keeps every step it finished. Non-finite values
+(NaN/inf) are written as `null`, because bare `NaN` is not valid JSON and breaks strict
+readers (jq, browsers); `read_metrics` and `plot_run` treat `null` as a missing point.
+
+The run config goes to `<output_dir>/gspo_config.json`, not `config.json`: the final model
+is saved into the same output_dir and `save_pretrained` writes the model's own config.json
+there, which must stay loadable by `AutoModelForCausalLM.from_pretrained(output_dir)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "gspo_config.json"
+TENSORBOARD_DIR = "runs"
+
+
+def _to_python(value: Any) -> Any:
+    """A metric value (python number, bool, 0-d tensor, numpy scalar, str) -> JSON-ready value."""
+    if hasattr(value, "item") and callable(value.item):  # torch / numpy scalars
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # a multi-element tensor is not a scalar metric
+            raise TypeError(f"metric value must be a scalar, got {type(value).__name__} with shape "
+                            f"{tuple(getattr(value, 'shape', ()))}") from None
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"metric value of type {type(value).__name__} is not a number or a string")
+
+
+def _json_default(obj: Any) -> Any:
+    """Best effort for config dicts: callables or paths become their repr rather than failing the run."""
+    return str(obj)
+
+
+def read_metrics(path) -> list[dict]:
+    """Read metrics.jsonl (the file, or the run directory that holds it) into a list of dicts.
+
+    A last line cut off by a killed process is skipped rather than raising.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # partial line from an interrupted write
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+class MetricsLogger:
+    """Append metrics to metrics.jsonl and optionally TensorBoard / wandb.
+
+    resume=False starts metrics.jsonl afresh (a new run in a reused output_dir must not mix
+    its steps with the old run's); resume=True keeps the file, and the trainer calls
+    `truncate_after(resume_step)` to drop steps the resumed run will redo.
+    """
+
+    def __init__(self, output_dir: str, report_to: Iterable[str], config: Optional[dict] = None,
+                 enabled: bool = True, resume: bool = False) -> None:
+        self.enabled = enabled
+        self._fh = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / METRICS_FILE
+        self.report_to = set(report_to or ())
+        if config is not None:
+            _write_json_atomic(self.output_dir / CONFIG_FILE, config)
+        self._fh = open(self.path, "a" if resume else "w", encoding="utf-8")
+        if "tensorboard" in self.report_to:
+            self._tb = self._open_tensorboard()
+        if "wandb" in self.report_to:
+            self._wandb = self._open_wandb(config)
+
+    def _open_tensorboard(self, purge_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter  # imported lazily: pulls in tensorboard
+
+        return SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def _open_wandb(self, config: Optional[dict]):
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn("report_to includes 'wandb' but wandb is not installed (pip install wandb); "
+                          "metrics still go to metrics.jsonl", RuntimeWarning, stacklevel=3)
+            return None
+        # Round-trip through JSON so wandb gets plain values, the same ones as gspo_config.json.
+        cfg = json.loads(json.dumps(config, default=_json_default)) if config is not None else None
+        return wandb.init(config=cfg, dir=str(self.output_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Write one line {"step": step, **metrics} and forward numeric values to the other sinks."""
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for key, value in metrics.items():
+            row[str(key)] = _to_python(value)
+        self._fh.write(json.dumps(row, allow_nan=False) + "\n")
+        self._fh.flush()  # a SIGKILL after this line still leaves the line on disk (OS buffers)
+        numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, global_step=int(step))
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=int(step))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines with step > `step` (a resumed run redoes those steps), atomically."""
+        if not self.enabled:
+            return
+        self._fh.close()
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step] if self.path.exists() else []
+        tmp = self.path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:
+            # TensorBoard hides events at or after purge_step written by earlier writers.
+            self._tb.close()
+            self._tb = self._open_tensorboard(purge_step=step + 1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------
+# Progress display
+# ----------------------------------------------------------------------------------
+def _fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _fmt_num(value: Any, spec: str) -> str:
+    try:
+        value = _to_python(value)
+    except TypeError:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else "-"
+
+
+class Progress:
+    """A rich progress bar on a terminal; a compact printed line every `print_every` steps otherwise.
+
+    The ETA uses wall-clock time per step measured since this Progress started (so the time
+    a resumed run spent loading is not extrapolated over the steps already done elsewhere).
+    """
+
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True,
+                 print_every: int = 1) -> None:
+        self.enabled = enabled
+        self.total = int(total_steps)
+        self.initial_step = int(initial_step)
+        self.print_every = max(1, int(print_every))
+        self._start = time.monotonic()
+        self._bar = None
+        if not enabled:
+            return
+        if sys.stdout.isatty():
+            self._bar, self._task = self._make_bar()
+
+    def _make_bar(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        bar = RichProgress(
+            TextColumn("[bold]GSPO"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("reward {task.fields[reward]}"), TextColumn("KL {task.fields[kl]}"),
+            TextColumn("{task.fields[step_time]}/step"), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        task = bar.add_task("train", total=self.total, completed=self.initial_step,
+                            reward="-", kl="-", step_time="-")
+        bar.start()
+        return bar, task
+
+    def _eta(self, step: int) -> Optional[float]:
+        done = step - self.initial_step
+        if done <= 0:
+            return None
+        return (time.monotonic() - self._start) / done * max(self.total - step, 0)
+
+    def update(self, step: int, metrics: dict) -> None:
+        """Show progress at `step`; reads raw_reward_mean, kl_divergence and step_time_s when present."""
+        if not self.enabled:
+            return
+        reward = _fmt_num(metrics.get("raw_reward_mean"), ".3f")
+        kl = _fmt_num(metrics.get("kl_divergence"), ".2e")
+        step_time = _fmt_num(metrics.get("step_time_s"), ".2f")
+        step_time = step_time + "s" if step_time != "-" else step_time
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, reward=reward, kl=kl, step_time=step_time)
+            return
+        if step % self.print_every == 0 or step >= self.total:
+            print(f"[gspo] step {step}/{self.total} | reward {reward} | kl {kl} | "
+                  f"{step_time}/step | eta {_fmt_duration(self._eta(step))}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _clip_text(text: str, limit: int) -> str:
+    text = str(text).replace("\r", "")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def print_samples(step: int, prompts: list[str], completions: list[str], rewards: list[float],
+                  max_rows: int = 4, max_chars: int = 160) -> None:
+    """Print a table of the first `max_rows` prompts/completions with their rewards.
+
+    Cells are rich `Text` objects, not markup strings, so a completion containing
+    "[bold]" or "[/]" is shown literally instead of being interpreted (or crashing rich).
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Samples at step {step}", show_lines=True, expand=False)
+    table.add_column("prompt", overflow="fold", ratio=2)
+    table.add_column("completion", overflow="fold", ratio=3)
+    table.add_column("reward", justify="right", no_wrap=True)
+    for prompt, completion, reward in list(zip(prompts, completions, rewards))[:max_rows]:
+        table.add_row(Text(_clip_text(prompt, max_chars)), Text(_clip_text(completion, max_chars)),
+                      Text(_fmt_num(reward, ".3f")))
+    Console().print(table)
