@@ -61,7 +61,7 @@ class GSPOTrainer:
             self.ref_model.requires_grad_(False).eval().to(self.accelerator.device)
         self.reward_funcs = resolve_reward_funcs(
             list(cfg.reward_funcs) + list(reward_funcs or []),
-            list(cfg.reward_weights or [1.0] * len(cfg.reward_funcs)) + [1.0] * len(reward_funcs or []))
+            list(cfg.reward_weights or [None] * len(cfg.reward_funcs)) + [None] * len(reward_funcs or []))
         self.reward_model = reward_model
         if self.reward_model is None and cfg.reward_model_name:
             self.reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
@@ -90,7 +90,7 @@ class GSPOTrainer:
         cfg = self.config
         if data is None or isinstance(data, GSPODataset):
             return data
-        rows = load_rows(data, cfg.prompt_column) if isinstance(data, (str, Path)) else data
+        rows = load_rows(data, cfg.prompt_column, seed=cfg.seed) if isinstance(data, (str, Path)) else data
         return GSPODataset(rows, self.tokenizer, cfg.prompt_column, cfg.max_prompt_length, cfg.prompt_truncation)
 
     def _steps_per_epoch(self, dataset) -> int:
