@@ -251,6 +251,20 @@ def test_huge_log_ratio_stays_finite(level, agg, huge):
     assert float(m["ratio_max"]) <= math.exp(20.0) * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("level,agg", LEVEL_AGGS)
+@pytest.mark.parametrize("clip", [(0.2, 0.2), (3e-4, 4e-4)])
+def test_float32_matches_float64_oracle(level, agg, clip):
+    # the same batch in float32: loss and gradient within float32 rounding of the float64 oracle
+    lp, old, adv, mask = random_batch(21, scale=0.02)
+    e_loss, e_grad = oracle_and_grad(level, agg, lp, old, adv, mask, *clip)
+    lp32 = lp.detach().float().requires_grad_()
+    loss, grad, _ = loss_and_grad(lp32, old.float(), adv.float(), mask, level=level, aggregation=agg,
+                                  clip_low=clip[0], clip_high=clip[1])
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    close(loss, e_loss, atol=1e-6)
+    close(grad, e_grad, atol=1e-6)
+
+
 def test_huge_log_ratio_in_float32():
     lp, old, adv, mask = hand_inputs()
     lp = (lp.detach().float() + torch.tensor([[1e4, 0, 0], [0, 0, 0]])).requires_grad_()
@@ -455,7 +469,8 @@ def test_on_policy_ratio_exactly_one(level, agg, dtype):
 
 @pytest.mark.parametrize("level,agg", [("sequence", None), ("sequence_token", None), ("token", "seq-mean-token-mean")])
 def test_on_policy_gradient_is_plain_policy_gradient(level, agg):
-    # With s_i = 1 the loss gradient is -(1/N) sum_i A_i (1/|y_i|) sum_t grad logp_it.
+    # With s_i = 1 the loss gradient is -(1/N) sum_i A_i (1/|y_i|) sum_t grad logp_it
+    # (for GSPO, GSPO-token, and GRPO with seq-mean-token-mean alike).
     # Check it through a small linear "model": logp = theta-dependent, compare grad w.r.t. theta.
     lp0, _, adv, mask = random_batch(3)
     n, t = lp0.shape
@@ -471,6 +486,18 @@ def test_on_policy_gradient_is_plain_policy_gradient(level, agg):
     close(g_loss, g_pg)
     # and the loss value itself is -(1/N) sum_i A_i
     close(loss.detach(), -adv.sum() / n)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_on_policy_token_level_gradient_per_aggregation(agg):
+    # r_it = 1: d loss / d logp_it = -A_i * w_it with w = 1/(N|y_i|), 1/sum|y|, 1/N per aggregation
+    lp, _, adv, mask = random_batch(8)
+    loss, grad, _ = loss_and_grad(lp, lp.detach(), adv, mask, level="token", aggregation=agg)
+    n, lengths, total = lp.shape[0], mask.sum(1, keepdim=True).to(F64), mask.sum().to(F64)
+    w = {"seq-mean-token-mean": 1 / (n * lengths), "token-mean": 1 / total + 0 * lengths,
+         "seq-mean-token-sum": torch.full_like(lengths, 1 / n)}[agg]
+    close(grad, -adv[:, None] * w * mask)
+    close(loss, (-adv[:, None] * w * mask).sum())
 
 
 # ==================================================================================
@@ -686,6 +713,18 @@ def test_logprobs_and_entropy_gradient(chunk_size, with_entropy):
             y = logits.clone().requires_grad_()
             (gb,) = torch.autograd.grad((w_lp * direct_logprobs_entropy(y, labels)[pick]).sum(), y)
             torch.testing.assert_close(ga, gb, atol=1e-6, rtol=0)
+
+
+def test_logprobs_and_entropy_non_contiguous_shifted_logits():
+    # the usual causal-LM call: logits[:, :-1] predicts ids[:, 1:] (a non-contiguous view)
+    full, labels = make_logits(5, t=6)
+    x = full.clone().requires_grad_()
+    lp, ent = logprobs_and_entropy(x[:, :-1], labels[:, 1:], chunk_size=4)
+    e_lp, e_ent = direct_logprobs_entropy(full[:, :-1], labels[:, 1:])
+    torch.testing.assert_close(lp.detach(), e_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent.detach(), e_ent, atol=1e-6, rtol=0)
+    (g,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
+    assert (g[:, -1] == 0).all() and torch.isfinite(g).all()
 
 
 def test_logprobs_and_entropy_no_grad_matches_grad_path():
