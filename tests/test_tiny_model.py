@@ -1,0 +1,147 @@
+"""Tests for the built-in arithmetic task and the locally built tiny model.
+
+Builds use a temp cache dir and a handful of warm-start steps so the whole
+file runs in seconds on CPU.
+"""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gspo.tasks.arithmetic import exact_answer_reward, extract_answer, make_problems  # noqa: E402
+from gspo.tasks.tiny_model import (  # noqa: E402
+    RECIPE_VERSION,
+    build_tokenizer,
+    encode_sft_batch,
+    ensure_tiny_model,
+    evaluate_accuracy,
+    model_dir_name,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny model with only a few warm-start steps (fast, not accurate)."""
+    cache = tmp_path_factory.mktemp("gspo_cache")
+    return ensure_tiny_model(cache_dir=cache, sft_steps=5, verbose=False)
+
+
+# --- arithmetic problems ------------------------------------------------------
+
+def test_problems_are_deterministic_and_well_formed():
+    a = make_problems(50, seed=3, split="train")
+    b = make_problems(50, seed=3, split="train")
+    assert a == b
+    assert a != make_problems(50, seed=4, split="train")
+    for p in a:
+        lhs = p["prompt"]
+        assert lhs.endswith("=")
+        # The answer is the true value of the expression.
+        assert str(eval(lhs[:-1])) == p["answer"]  # noqa: S307 - digits and +/- only
+
+
+def test_train_and_eval_splits_are_disjoint():
+    train = {p["prompt"] for p in make_problems(5000, seed=0, split="train")}
+    evals = {p["prompt"] for p in make_problems(1000, seed=0, split="eval")}
+    assert len(evals) == 1000  # no duplicates when n fits in the split
+    assert not train & evals
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError):
+        make_problems(3, seed=0, split="test")
+
+
+# --- reward ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("81", 1.0),
+        ("81<eos>", 1.0),
+        (" 81", 1.0),
+        ("81 and more", 1.0),
+        ("81<eos>7", 1.0),
+        ("8", 0.0),
+        ("810", 0.0),
+        ("", 0.0),
+        ("-81", 0.0),
+        ([{"role": "assistant", "content": "81"}], 1.0),
+    ],
+)
+def test_exact_answer_reward_cases(completion, expected):
+    got = exact_answer_reward(prompts=["23+58="], completions=[completion],
+                              completion_ids=[[0]], answer=["81"], extra_column=[1])
+    assert got == [expected]
+
+
+def test_exact_answer_reward_negative_answers_and_lengths():
+    assert exact_answer_reward(prompts=["1-5=", "2+2="], completions=["-4<eos>", "5"],
+                               answer=["-4", "4"]) == [1.0, 0.0]
+    assert extract_answer("  12 <eos>") == "12"
+    with pytest.raises(ValueError):
+        exact_answer_reward(prompts=["a"], completions=["1", "2"], answer=["1"])
+
+
+# --- tokenizer -----------------------------------------------------------------
+
+def test_tokenizer_round_trip_through_auto_tokenizer(tiny_dir):
+    ours = build_tokenizer()
+    loaded = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    text = "12+34=46"
+    ids = loaded.encode(text, add_special_tokens=False)
+    assert ids == ours.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text)  # one token per character
+    assert loaded.decode(ids) == text
+    assert loaded.get_vocab() == ours.get_vocab()
+    assert loaded.padding_side == "left"
+    assert loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
+    assert loaded.decode(loaded.encode("81<eos>"), skip_special_tokens=True) == "81"
+
+
+def test_sft_batch_masks_prompt_and_padding():
+    tok = build_tokenizer()
+    batch = encode_sft_batch(tok, [{"prompt": "1+2=", "answer": "3"},
+                                   {"prompt": "10+20=", "answer": "30"}])
+    labels = batch["labels"]
+    # Row 1 is 6 prompt + 2 answer + eos = 9 tokens; row 0 (4 + 1 + 1) gets
+    # 3 left pads. Pads and prompt are masked, answer and eos are not.
+    assert labels[0].tolist()[:7] == [-100] * 7
+    assert labels[0].tolist()[7:] == [tok.convert_tokens_to_ids("3"), tok.eos_token_id]
+    assert batch["attention_mask"][0].tolist()[:4] == [0, 0, 0, 1]
+
+
+# --- model build -----------------------------------------------------------------
+
+def test_ensure_tiny_model_loads_and_generates(tiny_dir):
+    assert RECIPE_VERSION in tiny_dir.name
+    assert tiny_dir.name == model_dir_name(5)
+    assert (tiny_dir / "model.safetensors").is_file()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    assert model.config.model_type == "llama"
+    enc = tok(["1+2=", "12+34="], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 2
+    assert enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 3
+    acc = evaluate_accuracy(model, tok, make_problems(16, seed=0, split="eval"), batch_size=8)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_ensure_tiny_model_uses_cache(tiny_dir):
+    stamp = (tiny_dir / "model.safetensors").stat().st_mtime_ns
+    again = ensure_tiny_model(cache_dir=tiny_dir.parent, sft_steps=5, verbose=False)
+    assert again == tiny_dir
+    assert (tiny_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # No temp directories are left behind.
+    assert [p.name for p in tiny_dir.parent.iterdir()] == [tiny_dir.name]
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
+    from gspo.tasks.tiny_model import default_cache_dir
+
+    monkeypatch.setenv("GSPO_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path
