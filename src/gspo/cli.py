@@ -1,0 +1,281 @@
+"""The `gspo` command: train, eval, demo, plot, config.
+
+    gspo train  [--config run.yaml] [--<field> <value> ...]
+    gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
+    gspo demo   [--output_dir DIR] [--max_steps N]
+    gspo plot   RUN_DIR [--out PNG]
+    gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
+
+Every GSPOConfig field is a flag named exactly after it (`--group_size 8`). Flags default
+to "not given", so only the flags you type override the YAML file, which overrides the
+dataclass defaults. Multi-process runs: `accelerate launch -m gspo train ...`.
+
+User mistakes (a bad config value, unreadable data, a broken reward function) print
+"gspo: error: <message>" and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from gspo.config import ConfigError, GSPOConfig
+from gspo.yaml_config import config_fields, config_to_yaml, load_config, parse_cli_value, type_name
+
+PROG = "gspo"
+ERROR_EXIT = 2
+FIELD_FLAG_COMMANDS = ("train", "eval", "config")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps description/epilog line breaks; never splits a word at a hyphen, so values
+    such as 'seq-mean-token-mean' stay whole in the help text."""
+
+    def _split_lines(self, text: str, width: int) -> list:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+# ----------------------------------------------------------------------------------
+# One flag per GSPOConfig field
+# ----------------------------------------------------------------------------------
+def default_text(f: dataclasses.Field) -> str:
+    """The field's default as a user would type it."""
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def choices_text(f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if not choices:
+        return ""
+    return ", ".join("none" if c is None else str(c) for c in choices)
+
+
+def field_help_line(f: dataclasses.Field) -> str:
+    """`help` + choices + default, as shown by `gspo train --help` and in the docs."""
+    parts = [f.metadata.get("help", "")]
+    if choices_text(f):
+        parts.append(f"Choices: {choices_text(f)}.")
+    parts.append(f"Default: {default_text(f)}.")
+    return " ".join(parts)
+
+
+def _converter(name: str) -> Callable[[str], Any]:
+    """argparse `type=`: parse_cli_value, with its message turned into argparse's error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse_cli_value(name, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = type_name(name)  # argparse names the type in some messages
+    return convert
+
+
+def add_field_flags(parser: argparse.ArgumentParser) -> None:
+    """Add --<field> for every GSPOConfig field, defaulting to 'not given'."""
+    group = parser.add_argument_group("GSPOConfig fields (override the YAML file)")
+    for name, f in config_fields().items():
+        metavar = type_name(name).split("[")[0].split(" ")[0].upper()
+        group.add_argument(f"--{name}", dest=name, type=_converter(name), default=argparse.SUPPRESS,
+                           metavar=metavar, help=field_help_line(f).replace("%", "%%"))
+
+
+def field_overrides(args: argparse.Namespace) -> dict:
+    """The config fields given explicitly on the command line."""
+    return {k: v for k, v in vars(args).items() if k in config_fields()}
+
+
+def _fields_epilog() -> str:
+    """Every field with its help, for `gspo --help`."""
+    lines = ["config fields (YAML keys, and --<field> flags of train / eval / config):"]
+    for name, f in config_fields().items():
+        lines.append(f"  {name} ({type_name(name)})")
+        lines += textwrap.wrap(field_help_line(f), 88, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="config_path", metavar="YAML", default=None,
+                        help="YAML file of GSPOConfig fields (see examples/); flags override it.")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", usage=f"{PROG} train [--config YAML] [--<field> VALUE ...]", help="Train with GSPO (reads dataset_path from the config).",
+                       description="Train a policy with GSPO. Precedence: defaults < --config YAML < flags.",
+                       formatter_class=_HelpFormatter)
+    _add_config_option(p)
+    add_field_flags(p)
+    p.set_defaults(handler=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", usage=f"{PROG} eval [--model DIR] [--dataset PATH] [--out JSON] [--max_samples N] "
+                                     "[--config YAML] [--<field> VALUE ...]", help="Greedy-decode a model on a prompt set and score it with reward functions.",
+                       description="Evaluate a model: greedy decoding, rewards, eval/accuracy (total reward >= "
+                                   "accuracy_threshold). No reference model is loaded.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="Model to evaluate (a directory, hub id or builtin:tiny-arithmetic); "
+                        "default: policy_model_name.")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="Prompts: a file, dataset directory or builtin:arithmetic-eval; default: eval_dataset_path.")
+    p.add_argument("--out", default=None, metavar="JSON", help="Also write the metrics to this JSON file.")
+    p.add_argument("--max_samples", type=int, default=None, metavar="N",
+                   help="Evaluate at most N prompts (sets eval_max_samples).")
+    _add_config_option(p)
+    add_field_flags(p)
+    p.set_defaults(handler=cmd_eval)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="Offline demo: GSPO on the built-in arithmetic task with the tiny model.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--output_dir", default="outputs/demo", metavar="DIR", help="Default: outputs/demo.")
+    p.add_argument("--max_steps", type=int, default=None, metavar="N",
+                   help="Training steps (default: the demo's tuned value).")
+    p.set_defaults(handler=cmd_demo)
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="Plot a run's metrics.jsonl to a PNG.", formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", help="A run's output_dir (or its metrics.jsonl).")
+    p.add_argument("--out", default=None, metavar="PNG", help="Default: <run_dir>/training_curves.png.")
+    p.set_defaults(handler=cmd_plot)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", usage=f"{PROG} config [--config YAML] [--<field> VALUE ...]", help="Print the resolved config as YAML (checks precedence and values).",
+                       formatter_class=_HelpFormatter)
+    _add_config_option(p)
+    add_field_flags(p)
+    p.set_defaults(handler=cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gspo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0] + "\n\n" + textwrap.dedent(__doc__.split("\n\n")[1]),
+        epilog=_fields_epilog(), formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_eval, _add_demo, _add_plot, _add_config):
+        add(sub)
+    for p in sub.choices.values():
+        p.allow_abbrev = False  # --group would otherwise silently mean --group_size
+    return parser
+
+
+# ----------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config_path, field_overrides(args))
+    from gspo.trainer import GSPOTrainer
+
+    trainer = GSPOTrainer(cfg)
+    history = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"[gspo] trained {trainer.step} steps; final model and metrics in {cfg.output_dir}", flush=True)
+    return 0 if history is not None else 1
+
+
+def eval_config(args: argparse.Namespace) -> GSPOConfig:
+    """The config for `gspo eval`: the model as policy, no KL (so no reference model)."""
+    overrides = field_overrides(args)
+    if args.model is not None:
+        overrides["policy_model_name"] = args.model
+    if args.max_samples is not None:
+        overrides["eval_max_samples"] = args.max_samples
+    overrides.update(kl_coef=0.0, adaptive_kl=False, progress_bar=False)
+    return load_config(args.config_path, overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = eval_config(args)
+    dataset = args.dataset or cfg.eval_dataset_path
+    if dataset is None:
+        raise ConfigError("gspo eval needs prompts: pass --dataset PATH (or set eval_dataset_path)")
+    from gspo.trainer import GSPOTrainer
+
+    trainer = GSPOTrainer(cfg)
+    metrics = trainer.evaluate(dataset)
+    if trainer.accelerator.is_main_process:
+        text = json.dumps(metrics, indent=2, sort_keys=True)
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gspo.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gspo.plotting import plot_run
+
+    if not Path(args.run_dir).exists():
+        raise ConfigError(f"run directory {args.run_dir!r} does not exist")
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    print(path)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_to_yaml(load_config(args.config_path, field_overrides(args))), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------
+def user_errors() -> tuple:
+    """Exceptions that mean 'the user's input is wrong': reported in one line, status 2."""
+    errors: list = [ConfigError]
+    try:
+        from gspo.data import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from gspo.rewards import RewardError
+        errors.append(RewardError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the `gspo` command; returns the exit status (argparse exits 2 on a bad flag)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except user_errors() as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
