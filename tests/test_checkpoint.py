@@ -177,23 +177,36 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_model, make_optim, make_tokenizer, train_step
     from gspo import checkpoint as ckpt
-    model, tok = make_model(hidden=256, layers=4), make_tokenizer()
+    torch.set_num_threads(1)
+    model, tok = make_model(hidden=384, layers=4), make_tokenizer()
     opt, sched = make_optim(model)
+    train_step(model, opt, sched)  # non-empty optimizer state; then the loop is all saving
     for step in range(1, 10_000):
-        train_step(model, opt, sched)
         ckpt.save_checkpoint({out!r}, step, model, tok, opt, sched, {{"step": step}}, save_total_limit=3)
         print(step, flush=True)
 """)
 
 
+def _wait_for_temp_dir(out, child, timeout=60.0):
+    """Poll until the child is inside a save (its temp dir exists), so the kill lands mid-save."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if any(name.startswith(".tmp-checkpoint-") for name in os.listdir(out)):
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     code = _CHILD.format(tests=os.path.dirname(__file__), out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
     try:
         first = child.stdout.readline()  # one checkpoint finished
         assert first.strip() == "1", f"child failed before its first checkpoint (rc={child.poll()})"
-        time.sleep(random.uniform(0.0, 1.0))  # land somewhere inside a later save
+        assert _wait_for_temp_dir(out, child), "child never started a second save"
+        time.sleep(random.uniform(0.0, 0.2))  # a random moment inside (or just after) that save
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
@@ -203,10 +216,11 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     for d in out.iterdir():  # every checkpoint-* dir that exists is complete
         if d.name.startswith("checkpoint-"):
             assert (d / "complete").is_file(), d
-    model = make_model(hidden=256, layers=4, seed=3)
+    model = make_model(hidden=384, layers=4, seed=3)
     opt, sched = make_optim(model)
     state = ckpt.load_checkpoint(latest, model, opt, sched)
     assert state["step"] == int(latest.name.split("-")[1])
+    assert opt.state_dict()["state"]
     # The next save from a new process cleans the dead process's temp dir.
     ckpt.save_checkpoint(out, state["step"] + 1, model, None, opt, sched, {})
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -260,6 +274,21 @@ def test_peft_adapter_round_trip(tmp_path):
     assert before.keys() == after.keys() and before
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert_same_optimizer(opt, fresh_opt)
+
+
+def test_peft_mismatches_are_clear_errors(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    path = ckpt.save_checkpoint(tmp_path, 1, _lora(make_model()), None, None, None, {})
+    other = get_peft_model(make_model(), LoraConfig(r=4, target_modules=["k_proj"]))
+    with pytest.raises(RuntimeError, match="adapter weights do not fit"):
+        ckpt.load_checkpoint(path, other)
+    with pytest.raises(ValueError, match="same use_lora"):
+        ckpt.load_checkpoint(path, make_model())
+    plain = ckpt.save_checkpoint(tmp_path, 2, make_model(), None, None, None, {})
+    with pytest.raises(ValueError, match="same use_lora"):
+        ckpt.load_checkpoint(plain, _lora(make_model()))
 
 
 def test_peft_final_model_adapter_and_merged(tmp_path):

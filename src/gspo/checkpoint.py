@@ -316,6 +316,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (missing '{COMPLETE_MARKER}' marker)")
     model = _unwrap(model)
+    has_adapter = (path / "adapter_config.json").is_file()
+    if has_adapter != _is_peft(model):
+        raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
+                         f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
     if _is_peft(model):
         _load_peft_weights(path, model)
     else:
