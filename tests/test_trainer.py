@@ -1,0 +1,215 @@
+"""GSPOTrainer end to end on a tiny local model: metrics, invariances, the seed's examples."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import small_config
+from gspo.config import ConfigError, GSPOConfig
+from gspo.trainer import GSPOTrainer
+
+REQUIRED_METRICS = (
+    "raw_reward_mean", "raw_reward_std", "relative_advantage_std", "kl_divergence", "kl_coef", "policy_loss",
+    "entropy", "clip_fraction_seq", "clip_fraction_token", "frac_reward_zero_std", "completion_length_mean",
+    "truncated_fraction", "step_time_s", "skipped_updates",
+)
+
+
+def length_reward(completions, **kwargs):
+    """Varies across a random model's samples, so advantages are non-zero."""
+    return [float(len(c)) for c in completions]
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_training_steps_produce_every_metric_and_change_weights(tiny_model_dir, arithmetic_rows, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, reward_funcs=["exact_answer"], batch_size=2, group_size=4,
+                       gspo_epochs=2, num_mini_batches=2)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    before = params_of(trainer.model)
+    history = trainer.train(arithmetic_rows)
+    assert len(history) == 2
+    for m in history:
+        for key in REQUIRED_METRICS + ("reward/exact_answer_mean", "reward/length_reward_mean"):
+            assert key in m and math.isfinite(m[key]), key
+    after = params_of(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the final model, HF format
+    for name, p in reloaded.named_parameters():
+        assert torch.equal(p, after[name]), name
+
+
+def test_on_policy_update_has_ratio_one_and_no_clipping(tiny_model_dir, arithmetic_rows, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, gspo_epochs=1, num_mini_batches=1, max_steps=1)
+    m = GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)[0]
+    assert m["ratio_mean"] == 1.0
+    assert m["clip_fraction_seq"] == 0.0 and m["clip_fraction_token"] == 0.0
+
+
+def test_no_reference_model_when_kl_is_off(tiny_model_dir, arithmetic_rows, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, kl_coef=0.0, adaptive_kl=False, max_steps=1)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    assert trainer.ref_model is None
+    assert trainer.train(arithmetic_rows)[0]["kl_divergence"] == 0.0
+
+
+def test_one_reference_pass_and_no_old_pass_whatever_the_epochs(tiny_model_dir, arithmetic_rows, tmp_path, monkeypatch):
+    import gspo.trainer as trainer_module
+
+    calls = {"no_grad": 0, "grad": 0}
+    real = trainer_module.completion_logprobs
+
+    def counting(model, prompt_ids, *args, **kwargs):  # counts sequences pushed through the model
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += prompt_ids.shape[0]
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "completion_logprobs", counting)
+    cfg = small_config(tiny_model_dir, tmp_path, gspo_epochs=3, num_mini_batches=1, max_steps=1)
+    GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)
+    n = 2 * 2  # batch_size x group_size sequences per rollout
+    assert calls == {"no_grad": n, "grad": 3 * n}  # one reference pass; one forward per epoch, pi_old from the first
+    calls.update(no_grad=0, grad=0)
+    cfg = small_config(tiny_model_dir, tmp_path / "b", gspo_epochs=3, num_mini_batches=2, max_steps=1)
+    GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)
+    assert calls == {"no_grad": 2 * n, "grad": 3 * n}  # + one old-log-prob pass for the off-policy mini-batches
+
+
+@pytest.mark.parametrize("level,aggregation", [("sequence", None), ("sequence_token", None), ("token", "token-mean"),
+                                               ("token", "seq-mean-token-sum")])
+def test_gradient_accumulation_changes_nothing(tiny_model_dir, arithmetic_rows, tmp_path, level, aggregation):
+    """Same seed -> same rollout; 1 vs 2 micro-batches must give the same updated weights.
+
+    Plain SGD replaces AdamW here: Adam divides by sqrt(v), which turns float rounding in a
+    near-zero gradient into a full learning-rate-sized step, hiding what we test (the gradient).
+    """
+    results = []
+    for accum in (1, 2):
+        cfg = small_config(tiny_model_dir, tmp_path / str(accum), group_size=4, max_steps=1, gspo_epochs=2,
+                           importance_sampling_level=level, loss_aggregation=aggregation,
+                           gradient_accumulation_steps=accum, max_grad_norm=0.0)
+        trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+        trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+        trainer.train(arithmetic_rows)
+        results.append(params_of(trainer.model))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=0)
+
+
+def test_lora_trains_adapters_only_and_uses_base_as_reference(tiny_model_dir, arithmetic_rows, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, use_lora=True, lora_r=4, lora_alpha=8,
+                       lora_target_modules=["q_proj", "v_proj"], gspo_epochs=1, max_steps=1)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    assert trainer.ref_model is None  # no second copy: adapters disabled instead
+    before = params_of(trainer.model)
+    m = trainer.train(arithmetic_rows)[0]
+    assert m["kl_divergence"] == pytest.approx(0.0, abs=1e-7)  # B=0 at init: policy == base on the first pass
+    after = params_of(trainer.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert (Path(tmp_path) / "adapter_config.json").exists()
+
+
+def test_no_reward_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="reward"):
+        GSPOTrainer(small_config(tiny_model_dir, tmp_path, reward_funcs=[]))
+
+
+def test_dataset_smaller_than_batch_is_a_clear_error(tiny_model_dir, tmp_path):
+    trainer = GSPOTrainer(small_config(tiny_model_dir, tmp_path, batch_size=4), reward_funcs=[length_reward])
+    with pytest.raises(ConfigError, match="batch_size=4"):
+        trainer.train(["1+1=", "2+2="])
+
+
+def test_evaluate_reports_greedy_accuracy(tiny_model_dir, arithmetic_rows, tmp_path):
+    trainer = GSPOTrainer(small_config(tiny_model_dir, tmp_path, eval_max_samples=10))
+    metrics = trainer.evaluate(arithmetic_rows)
+    assert metrics["eval/num_samples"] == 10.0
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+
+SEED_8_1 = '''
+from gspo_train import GSPOConfig, GSPOTrainer, GSPODataset
+
+# 创建配置
+config = GSPOConfig(
+    policy_model_name="Qwen/Qwen2-0.5B",
+    batch_size=8,
+    group_size=4,
+    learning_rate=1e-5,
+    num_epochs=3
+)
+
+# 加载数据
+prompts = load_training_data()
+tokenizer = AutoTokenizer.from_pretrained(config.policy_model_name)
+dataset = GSPODataset(prompts, tokenizer)
+
+# 创建训练器
+trainer = GSPOTrainer(config)
+
+# 开始训练
+trainer.train(dataset)
+'''
+
+SEED_8_2 = '''
+# 长序列任务配置
+config = GSPOConfig(
+    group_size=6,  # 更大的组
+    gspo_epochs=5,  # 更多更新
+    clip_range=0.15,  # 更保守的裁剪
+    use_group_normalization=True,  # 启用标准化
+    advantage_type="normalized"  # 使用标准化优势
+)
+
+# 短序列任务配置
+config = GSPOConfig(
+    group_size=3,  # 更小的组
+    gspo_epochs=3,  # 更少更新
+    clip_range=0.25,  # 更激进的裁剪
+    use_group_normalization=False,  # 不使用标准化
+    advantage_type="relative"  # 使用相对优势
+)
+'''
+
+
+def test_seed_example_8_1_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
+    """The brief's §8.1 code, word for word, given a local model directory and a local reward model."""
+    from helpers_data import save_tiny_reward_model
+
+    reward_dir = save_tiny_reward_model(tmp_path / "rm")
+    code = SEED_8_1.replace('"Qwen/Qwen2-0.5B",', f'"{tiny_model_dir}", reward_model_name="{reward_dir}",')
+    monkeypatch.chdir(tmp_path)  # output_dir defaults to ./outputs/gspo
+    # The snippet uses two names it never defines: the user's data loader, and transformers' AutoTokenizer.
+    from transformers import AutoTokenizer
+
+    namespace = {"load_training_data": lambda: ["1+2=", "3+4=", "5+6=", "7+8=", "9+1=", "2+3=", "4+5=", "6+7="],
+                 "AutoTokenizer": AutoTokenizer}
+    monkeypatch.setattr(GSPOConfig, "__post_init__", _short_generation(GSPOConfig.__post_init__))
+    exec(compile(code, "seed_8_1", "exec"), namespace)
+    history = namespace["trainer"].history
+    assert len(history) == 3  # 8 prompts / batch_size 8 = 1 step per epoch, 3 epochs
+    assert (tmp_path / "outputs" / "gspo" / "metrics.jsonl").exists()
+
+
+def _short_generation(post_init):
+    """The seed's defaults generate 128 tokens x gspo_epochs=4; keep the test fast by capping length only."""
+    def patched(self):
+        self.max_new_tokens = 8
+        post_init(self)
+    return patched
+
+
+def test_seed_example_8_2_runs_as_written():
+    namespace = {"GSPOConfig": GSPOConfig}
+    exec(compile(SEED_8_2, "seed_8_2", "exec"), namespace)
+    short = namespace["config"]
+    assert (short.group_size, short.gspo_epochs, short.clip_low, short.normalize_advantages) == (3, 3, 0.25, False)
