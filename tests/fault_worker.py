@@ -1,0 +1,143 @@
+"""Helpers for the fault and resume tests, and a training script they launch as a subprocess.
+
+As a module (tests import it): `make_model_dir`, `make_dataset`, `make_config`, `digit_reward`,
+`params_of`, `read_metrics`, `comparable`.
+
+As a script:
+    python tests/fault_worker.py OUTPUT_DIR MODEL_DIR DATA [--steps N] [--save-steps K]
+        [--resume latest] [--lora] [--slow SECONDS] [--dump-params FILE]
+runs a real GSPOTrainer.train() (the same code path users run) so that tests can send it
+SIGKILL / SIGTERM / SIGINT at awkward moments. It prints "STEP <n>" after each step's
+reward computation, so a test knows when a step is in progress. `--slow` sleeps inside
+the reward function, which widens the window in which a signal lands mid-step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Timing keys differ between any two runs; everything else in metrics.jsonl must match on resume.
+TIMING_KEYS = ("step_time_s", "tokens_per_s")
+TIMING_PREFIXES = ("time/",)
+
+PROMPTS = [f"{a}+{b}=" for a in range(1, 9) for b in range(1, 3)]  # 16 prompts -> 8 steps/epoch at batch 2
+
+
+def make_model_dir(path) -> str:
+    """A freshly initialised tiny Llama + char tokenizer saved to `path` (no warm start: fast)."""
+    import torch
+    from gspo.tasks.tiny_model import build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(tok)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def make_dataset(path, n: int = len(PROMPTS)) -> str:
+    """A JSONL of arithmetic prompts with an 'answer' column."""
+    rows = [{"prompt": p, "answer": str(eval(p[:-1]))} for p in PROMPTS[:n]]  # noqa: S307 (our own literals)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def digit_reward(completions, **kwargs):
+    """Number of digits in the completion: varies within a group, so advantages (and the
+    policy gradient) are non-zero even for an untrained model, unlike exact_answer."""
+    delay = float(os.environ.get("GSPO_TEST_REWARD_DELAY", "0"))
+    if delay:
+        time.sleep(delay)
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
+def make_config(output_dir, model_dir, **overrides):
+    from gspo.config import GSPOConfig
+
+    kw = dict(policy_model_name=str(model_dir), output_dir=str(output_dir), batch_size=2, group_size=2,
+              max_new_tokens=4, max_prompt_length=16, gspo_epochs=2, num_mini_batches=1, learning_rate=1e-3,
+              kl_coef=0.0, adaptive_kl=False, progress_bar=False, log_completions_steps=0,
+              lr_scheduler_type="constant", num_epochs=1, seed=7)
+    kw.update(overrides)
+    return GSPOConfig(**kw)
+
+
+def params_of(model) -> dict:
+    """Trainable-or-not parameters of the unwrapped policy, detached copies on CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metric rows without timing keys (and without the run-level bookkeeping a resume may add)."""
+    out = []
+    for r in rows:
+        out.append({k: v for k, v in r.items()
+                    if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIXES) and not k.startswith("_")})
+    return out
+
+
+def no_plots() -> None:
+    """The end-of-run PNG costs seconds (matplotlib import) and is not what these tests check."""
+    import gspo.plotting
+
+    gspo.plotting.plot_run = lambda *a, **k: None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("output_dir")
+    ap.add_argument("model_dir")
+    ap.add_argument("data")
+    ap.add_argument("--steps", type=int, default=-1)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--adaptive-kl", action="store_true")
+    ap.add_argument("--slow", type=float, default=0.0)
+    ap.add_argument("--dump-params", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    from gspo.trainer import GSPOTrainer
+
+    torch.set_num_threads(1)
+    no_plots()
+    extra = {}
+    if args.lora:
+        extra.update(use_lora=True, lora_target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8)
+    if args.adaptive_kl:
+        extra.update(kl_coef=0.05, adaptive_kl=True, target_kl=0.001, kl_horizon=100)
+    cfg = make_config(args.output_dir, args.model_dir, max_steps=args.steps, num_epochs=args.epochs,
+                      save_steps=args.save_steps, resume_from_checkpoint=args.resume, **extra)
+
+    def reward(completions, **kw):
+        out = digit_reward(completions, **kw)
+        print(f"STEP {trainer.step + 1}", flush=True)  # a step is in progress now
+        if args.slow:
+            time.sleep(args.slow)
+        return out
+
+    reward.__name__ = "digit_reward"
+    trainer = GSPOTrainer(cfg, reward_funcs=[reward])
+    trainer.train(args.data)
+    if args.dump_params:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        torch.save(params_of(model), args.dump_params)
+    print("DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
