@@ -1,0 +1,518 @@
+#!/usr/bin/env python
+"""Benchmark of one GSPO training step, phase by phase, against the same model ops done raw.
+
+Not part of the test suite. Run from the repo root with the project venv:
+
+    .venv/bin/python bench/bench_step.py                 # everything, ~5-8 min on 2 CPU cores
+    .venv/bin/python bench/bench_step.py --only tiny     # one part: tiny|small|epochs|scaling|chunkmem
+
+Parts (each model size / configuration runs in its own subprocess, so peak RSS is its own):
+  tiny     the demo's model (gspo.tasks.tiny_model), 8 prompts x 4 completions, 8 new tokens, KL on,
+           gspo_epochs=1, num_mini_batches=1
+  small    a randomly initialised Qwen2-architecture model (~27M parameters, vocab 32768) with a
+           word-level tokenizer built here, same batch, 64 new tokens
+  epochs   forward-call counts with gspo_epochs=3 (one and two mini-batches): a rollout batch costs
+           one generation, one reference pass and at most one extra no-grad pass
+  scaling  step time and peak RSS as group size, completion length and model width double
+  chunkmem peak memory of gspo.core.logprobs_and_entropy (forward+backward) at chunk 256 vs unchunked
+
+For tiny and small, every gspo step is followed (same process, same load) by the raw ops at the same
+shapes: plain `model.generate` for exactly as many decode steps, a plain no-grad forward of the
+reference model (logits_to_keep, log_softmax, gather), a plain forward+backward of the policy copy and
+an AdamW step. `overhead` = gspo step time / sum of raw op times, paired per step, median reported.
+The raw side is a strict floor: no reward, no metrics, no gradient clipping, no entropy.
+
+Last line of stdout: one JSON object with every figure (also written to bench/results/bench_step.json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+N_PROMPTS, GROUP = 8, 4
+SMALL_ARCH = dict(hidden_size=384, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=32768)
+SCALE_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=8192)
+PROMPT_WORDS = 16
+
+
+# ---------------------------------------------------------------------------- helpers
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs):
+    """(max - min) / median, as a percentage: how noisy the repeats were."""
+    return 100.0 * (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else 0.0
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def diversity_reward(prompts=None, completions=None, **kwargs):
+    """Cheap deterministic reward that differs within a group (so advantages are non-zero):
+    the fraction of distinct characters. Used by both gspo and TRL."""
+    return [len(set(c)) / (len(c) + 1.0) for c in completions]
+
+
+# ---------------------------------------------------------------------------- models
+def build_word_tokenizer(vocab_size: int):
+    """Word-level fast tokenizer: 'w0'..'wK' plus specials. Loaded back with
+    PreTrainedTokenizerFast.from_pretrained (never AutoTokenizer, which may swap in Qwen's own class)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(vocab_size - len(specials)):
+        vocab[f"w{i}"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def load_word_tokenizer(path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok.padding_side = "left"
+    return tok
+
+
+def build_qwen2_dir(path: Path, arch: dict, dtype=torch.float32, seed: int = 0) -> Path:
+    """A randomly initialised Qwen2ForCausalLM (+ tokenizer) saved to `path`; returns path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if (path / "model.safetensors").is_file():
+        return path
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(arch["vocab_size"])
+    cfg = Qwen2Config(**arch, max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, use_cache=True)
+    model = Qwen2ForCausalLM(cfg).to(dtype)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    gen.do_sample, gen.top_k, gen.top_p, gen.temperature = True, 0, 1.0, 1.0
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    assert load_word_tokenizer(path).encode("w1 w2") == tok.encode("w1 w2"), "tokenizer round trip failed"
+    return path
+
+
+def word_prompts(n: int, vocab: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab - 8, (n, PROMPT_WORDS), generator=g)
+    return [" ".join(f"w{int(i)}" for i in row) for row in ids]
+
+
+def model_setup(size: str, workdir: Path, arch: dict | None = None):
+    """(model_dir, tokenizer, prompt rows) for a size name."""
+    if size == "tiny":
+        from gspo.models import load_tokenizer
+        from gspo.tasks.arithmetic import make_problems
+        from gspo.tasks.tiny_model import ensure_tiny_model
+
+        path = ensure_tiny_model(verbose=False)
+        tok = load_tokenizer(str(path))
+        rows = [{"prompt": p["prompt"], "answer": p["answer"]} for p in make_problems(N_PROMPTS, seed=7, split="train")]
+        return path, tok, rows
+    arch = arch or SMALL_ARCH
+    key = "-".join(f"{k[:3]}{v}" for k, v in sorted(arch.items()))
+    path = build_qwen2_dir(workdir / f"qwen2-{key}", arch)
+    return path, load_word_tokenizer(path), [{"prompt": p} for p in word_prompts(N_PROMPTS, arch["vocab_size"])]
+
+
+def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1, out_dir=None):
+    from gspo.config import GSPOConfig
+    from gspo.trainer import GSPOTrainer
+    from transformers import get_scheduler
+
+    cfg = GSPOConfig(policy_model_name=str(model_dir), batch_size=N_PROMPTS, group_size=group,
+                     max_new_tokens=new_tokens, gspo_epochs=epochs, num_mini_batches=mini, kl_coef=0.04,
+                     adaptive_kl=False, entropy_coef=0.0, learning_rate=1e-6, max_steps=1000,
+                     output_dir=str(out_dir or tempfile.mkdtemp(prefix="gspo-bench-")), progress_bar=False,
+                     log_completions_steps=0, max_prompt_length=256, top_k=0, top_p=1.0, temperature=1.0)
+    trainer = GSPOTrainer(cfg, reward_funcs=[diversity_reward], tokenizer=tok)
+    trainer.scheduler = get_scheduler(cfg.lr_scheduler_type, trainer.optimizer, 0, 10**6)  # what train() sets up
+    return trainer
+
+
+def time_optimizer(trainer, sink: list):
+    """Wrap trainer._optimizer_step to record its wall time (clip + AdamW + zero_grad)."""
+    inner = trainer._optimizer_step
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            sink.append(time.perf_counter() - t0)
+    trainer._optimizer_step = timed
+
+
+# ---------------------------------------------------------------------------- raw ops
+class RawOps:
+    """The same model work at the same shapes, with nothing around it."""
+
+    def __init__(self, policy, ref, lr=1e-6):
+        self.model = copy.deepcopy(policy)
+        self.ref = ref
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+
+    def run(self, rollout, group: int, pad_id: int) -> dict:
+        from gspo.logprobs import trim_padding
+
+        t = {}
+        n_dec = rollout.completion_ids.shape[1]  # generate ran exactly this many decode steps
+        p_ids, p_mask = rollout.prompt_ids[::group], rollout.prompt_mask[::group]
+        t0 = time.perf_counter()
+        self.model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, max_new_tokens=n_dec,
+                            min_new_tokens=n_dec, num_return_sequences=group, top_k=0, top_p=1.0, temperature=1.0,
+                            pad_token_id=pad_id)
+        t["generation"] = time.perf_counter() - t0
+        pi, pm, ci, cm = trim_padding(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                      rollout.completion_mask)
+        ids, mask = torch.cat([pi, ci], 1), torch.cat([pm, cm], 1)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        keep = ci.shape[1] + 1
+        adv = rollout.advantages
+        if self.ref is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                lg = self.ref(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits[:, :-1]
+                torch.log_softmax(lg.float(), -1).gather(-1, ci[..., None])
+            t["reference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lg = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits[:, :-1]
+        logp = torch.log_softmax(lg.float(), -1).gather(-1, ci[..., None]).squeeze(-1)
+        loss = -((logp * cm).sum(1) / cm.sum(1).clamp(min=1) * adv).mean()
+        loss.backward()
+        t["fwd_bwd"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t["optimizer"] = time.perf_counter() - t0
+        return t
+
+
+# ---------------------------------------------------------------------------- workers
+def check_logits_to_keep(model) -> bool:
+    ids = torch.ones(2, 10, dtype=torch.long) * 5
+    with torch.no_grad():
+        out = model(input_ids=ids, logits_to_keep=3, use_cache=False)
+    return out.logits.shape[1] == 3
+
+
+def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    new_tokens = 8 if size == "tiny" else 64
+    model_dir, tok, rows = model_setup(size, workdir)
+    trainer = make_trainer(model_dir, tok, new_tokens=new_tokens)
+    from gspo.data import GSPODataset
+
+    ds = GSPODataset(rows, tok, max_prompt_length=256)
+    batch = [ds[i] for i in range(len(ds))]
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    raw = RawOps(policy, trainer.ref_model)
+    opt_times: list = []
+    time_optimizer(trainer, opt_times)
+    rss_before = current_rss_mb()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gspo_rows, raw_rows, loads = [], [], []
+    for step in range(steps + 1):  # step 0 warms up both sides and is dropped
+        torch.manual_seed(1000 + step)
+        metrics, rollout = trainer.training_step(batch)
+        trainer.step += 1
+        torch.manual_seed(1000 + step)
+        r = raw.run(rollout, GROUP, pad_id)
+        if step == 0:
+            continue
+        tokens = float(rollout.lengths.sum())
+        g = {"step": metrics["step_time_s"], "generation": metrics["time/generation_s"],
+             "reward": metrics["time/reward_s"], "reference": metrics.get("time/reference_s", 0.0),
+             "old_logprobs": metrics.get("time/old_logprobs_s", 0.0), "optimizer": opt_times[-1],
+             "update": metrics["time/update_s"], "tokens": tokens,
+             "decode_steps": rollout.completion_ids.shape[1]}
+        g["fwd_bwd"] = g["update"] - g["optimizer"]
+        g["other"] = g["step"] - sum(g[k] for k in ("generation", "reward", "reference", "old_logprobs", "update"))
+        r["sum"] = sum(r.values())
+        gspo_rows.append(g)
+        raw_rows.append(r)
+        loads.append(loadavg())
+    n_params = sum(p.numel() for p in policy.parameters())
+    phases = ["generation", "reward", "reference", "old_logprobs", "fwd_bwd", "optimizer", "other", "step"]
+    res = {
+        "size": size, "model": type(policy).__name__, "params_M": n_params / 1e6, "threads": threads,
+        "steps": steps, "batch": f"{N_PROMPTS}x{GROUP}", "max_new_tokens": new_tokens,
+        "logits_to_keep_effective": check_logits_to_keep(policy),
+        "gspo_median_s": {k: median([g[k] for g in gspo_rows]) for k in phases},
+        "raw_median_s": {k: median([r[k] for r in raw_rows]) for k in raw_rows[0]},
+        "step_spread_pct": spread([g["step"] for g in gspo_rows]),
+        "completion_tokens_median": median([g["tokens"] for g in gspo_rows]),
+        "decode_steps_median": median([g["decode_steps"] for g in gspo_rows]),
+        "overhead_ratio_median": median([g["step"] / r["sum"] for g, r in zip(gspo_rows, raw_rows)]),
+        "overhead_ratios": [round(g["step"] / r["sum"], 4) for g, r in zip(gspo_rows, raw_rows)],
+        "tokens_per_s": median([g["tokens"] / g["step"] for g in gspo_rows]),
+        "gen_tokens_per_s": median([g["tokens"] / g["generation"] for g in gspo_rows]),
+        "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before,
+        "loadavg_during": [round(x, 2) for x in loads],
+    }
+    return res
+
+
+def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_dir: str, new_tokens: int,
+                     arch: dict | None = None, group: int = GROUP) -> dict:
+    """gspo steps alone (no raw ops, no copy): for the TRL comparison and the scaling table."""
+    torch.set_num_threads(threads)
+    if model_dir:
+        path = Path(model_dir)
+        tok = load_word_tokenizer(path) if (path / "tokenizer.json").is_file() and size != "tiny" else None
+        if tok is None:
+            _, tok, _ = model_setup("tiny", workdir)
+        rows = ([{"prompt": p} for p in word_prompts(N_PROMPTS, json.loads((path / "config.json").read_text())
+                                                       ["vocab_size"])] if size != "tiny" else model_setup("tiny", workdir)[2])
+    else:
+        path, tok, rows = model_setup(size, workdir, arch)
+    trainer = make_trainer(path, tok, group=group, new_tokens=new_tokens)
+    from gspo.data import GSPODataset
+
+    ds = GSPODataset(rows, tok, max_prompt_length=256)
+    batch = [ds[i] for i in range(len(ds))]
+    rss_before = current_rss_mb()
+    times, tokens = [], []
+    for step in range(steps + 1):
+        torch.manual_seed(1000 + step)
+        metrics, rollout = trainer.training_step(batch)
+        trainer.step += 1
+        if step:
+            times.append(metrics["step_time_s"])
+            tokens.append(float(rollout.lengths.sum()))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    return {"step_median_s": median(times), "step_times_s": [round(x, 4) for x in times], "spread_pct": spread(times),
+            "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "completion_tokens": median(tokens),
+            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6}
+
+
+def worker_epochs(workdir: Path, threads: int) -> list:
+    """Count forward calls per rollout batch with gspo_epochs=3."""
+    torch.set_num_threads(threads)
+    model_dir, tok, rows = model_setup("tiny", workdir)
+    from gspo.data import GSPODataset
+
+    out = []
+    for mini in (1, 2):
+        trainer = make_trainer(model_dir, tok, epochs=3, mini=mini)
+        batch = [GSPODataset(rows, tok)[i] for i in range(len(rows))]
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        counts = {"generate_calls": 0, "policy_grad_rows": 0, "policy_nograd_rows": 0, "ref_rows": 0}
+        in_gen = [False]
+
+        def wrap_forward(model, key_grad, key_nograd):
+            inner = model.forward
+
+            def fwd(*a, **k):
+                if not in_gen[0]:
+                    n = (k.get("input_ids") if k.get("input_ids") is not None else a[0]).shape[0]
+                    counts[key_grad if torch.is_grad_enabled() else key_nograd] += n
+                return inner(*a, **k)
+            model.forward = fwd
+
+        inner_gen = policy.generate
+
+        def gen(*a, **k):
+            counts["generate_calls"] += 1
+            in_gen[0] = True
+            try:
+                return inner_gen(*a, **k)
+            finally:
+                in_gen[0] = False
+        policy.generate = gen
+        wrap_forward(policy, "policy_grad_rows", "policy_nograd_rows")
+        wrap_forward(trainer.ref_model, "ref_rows", "ref_rows")
+        trainer.training_step(batch)
+        n = N_PROMPTS * GROUP
+        out.append({"gspo_epochs": 3, "num_mini_batches": mini, "generate_calls": counts["generate_calls"],
+                    "reference_passes": counts["ref_rows"] / n,
+                    "extra_no_grad_policy_passes": counts["policy_nograd_rows"] / n,
+                    "grad_passes": counts["policy_grad_rows"] / n})
+    return out
+
+
+def worker_chunkmem(chunk: int, threads: int) -> dict:
+    """Peak RSS above the live logits (+ their gradient) of logprobs_and_entropy forward+backward."""
+    torch.set_num_threads(threads)
+    from gspo.core import logprobs_and_entropy
+
+    n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
+    logits = torch.randn(n, t, v, requires_grad=True)
+    labels = torch.randint(0, v, (n, t))
+    logits.grad = torch.zeros_like(logits)  # the gradient buffer exists whatever the chunking
+    base = current_rss_mb()
+    assert peak_rss_mb() <= base + 64, "a higher peak earlier would hide this measurement"
+    t0 = time.perf_counter()
+    lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    return {"chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
+            "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- parent
+def run_worker(args: list, timeout=900) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve())] + args
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def fmt_ms(s):
+    return f"{1000 * s:9.1f}"
+
+
+def print_step(res: dict) -> None:
+    g, r = res["gspo_median_s"], res["raw_median_s"]
+    print(f"\n== {res['size']}: {res['model']} {res['params_M']:.2f}M params, batch {res['batch']}, "
+          f"{res['max_new_tokens']} new tokens, {res['steps']} timed steps, {res['threads']} threads; "
+          f"logits_to_keep takes effect: {res['logits_to_keep_effective']}")
+    print(f"   {'phase':14s} {'gspo ms':>9s} {'raw ms':>9s}")
+    for k in ("generation", "reward", "reference", "old_logprobs", "fwd_bwd", "optimizer", "other"):
+        print(f"   {k:14s} {fmt_ms(g[k])} {fmt_ms(r[k]) if k in r else '        -'}")
+    print(f"   {'step':14s} {fmt_ms(g['step'])} {fmt_ms(r['sum'])}")
+    print(f"   overhead ratio gspo/raw (median of paired steps): {res['overhead_ratio_median']:.3f}  "
+          f"per step {res['overhead_ratios']}")
+    print(f"   completion tokens/step {res['completion_tokens_median']:.0f}, tokens/s {res['tokens_per_s']:.1f}, "
+          f"generation tokens/s {res['gen_tokens_per_s']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, "
+          f"step time spread {res['step_spread_pct']:.0f}%, load avg {res['loadavg_during']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps-tiny", type=int, default=8)
+    ap.add_argument("--steps-small", type=int, default=3)
+    ap.add_argument("--steps-scaling", type=int, default=2)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_step.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(a.spec)
+    if a.worker:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import logging
+        logging.disable(logging.WARNING)
+        if a.worker == "step":
+            res = worker_step(spec["size"], spec["steps"], workdir, a.threads)
+        elif a.worker == "gspo_only":
+            res = worker_gspo_only(spec.get("size", "small"), spec["steps"], workdir, a.threads,
+                                   spec.get("model_dir", ""), spec["new_tokens"], spec.get("arch"),
+                                   spec.get("group", GROUP))
+        elif a.worker == "epochs":
+            res = worker_epochs(workdir, a.threads)
+        elif a.worker == "chunkmem":
+            res = worker_chunkmem(spec["chunk"], a.threads)
+        else:
+            raise SystemExit(f"unknown worker {a.worker}")
+        print(json.dumps(res))
+        return
+
+    parts = a.only.split(",")
+    out = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    t_start = time.perf_counter()
+    th = ["--threads", str(a.threads), "--workdir", str(workdir)]
+    print(f"gspo bench: torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    for size in ("tiny", "small"):
+        if size in parts:
+            steps = a.steps_tiny if size == "tiny" else a.steps_small
+            res = run_worker(["--worker", "step", "--spec", json.dumps({"size": size, "steps": steps})] + th)
+            out[size] = res
+            print_step(res)
+            sys.stdout.flush()
+    if "epochs" in parts:
+        res = run_worker(["--worker", "epochs"] + th)
+        out["epochs"] = res
+        print("\n== forward passes per rollout batch (tiny model, gspo_epochs=3; passes = rows forwarded / batch)")
+        for r in res:
+            print(f"   num_mini_batches={r['num_mini_batches']}: generate calls {r['generate_calls']}, reference "
+                  f"passes {r['reference_passes']:.0f}, extra no-grad policy passes {r['extra_no_grad_policy_passes']:.0f}"
+                  f", grad passes {r['grad_passes']:.0f}")
+        sys.stdout.flush()
+    if "scaling" in parts:
+        base = dict(new_tokens=32, group=GROUP, arch=SCALE_BASE)
+        wide = dict(SCALE_BASE, hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4)
+        variants = [("base", base), ("group x2", dict(base, group=2 * GROUP)), ("length x2", dict(base, new_tokens=64)),
+                    ("width x2", dict(base, arch=wide))]
+        rows = []
+        print(f"\n== scaling (Qwen2 random init, {N_PROMPTS} prompts, median of {a.steps_scaling} steps after 1 warm-up;"
+              f" peak RSS of a fresh process)")
+        for name, v in variants:
+            res = run_worker(["--worker", "gspo_only", "--spec", json.dumps({"size": "small", "steps": a.steps_scaling,
+                                                                             **v})] + th)
+            res["variant"], res["spec"] = name, {"group": v["group"], "new_tokens": v["new_tokens"],
+                                                 "hidden": v["arch"]["hidden_size"]}
+            rows.append(res)
+        b = rows[0]
+        print(f"   {'variant':10s} {'G':>3s} {'T':>4s} {'hidden':>6s} {'params M':>8s} {'step s':>8s} {'x base':>6s} "
+              f"{'peak RSS MB':>11s} {'RSS growth MB':>13s}")
+        for r in rows:
+            s = r["spec"]
+            print(f"   {r['variant']:10s} {s['group']:3d} {s['new_tokens']:4d} {s['hidden']:6d} {r['params_M']:8.2f} "
+                  f"{r['step_median_s']:8.3f} {r['step_median_s'] / b['step_median_s']:6.2f} {r['peak_rss_mb']:11.0f} "
+                  f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:13.0f}")
+        out["scaling"] = rows
+        sys.stdout.flush()
+    if "chunkmem" in parts:
+        res = [run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c})] + th) for c in (256, 1024, 0)]
+        out["chunkmem"] = res
+        print("\n== logprobs_and_entropy forward+backward, logits [32, 64, 32768] fp32: peak RSS above logits+grad")
+        for r in res:
+            print(f"   chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  ({r['time_s']:.2f}s; "
+                  f"logits themselves {r['logits_mb']:.0f} MB)")
+    out["total_s"] = time.perf_counter() - t_start
+    out["loadavg_end"] = os.getloadavg()
+    summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "total_s")}}
+    for size in ("tiny", "small"):
+        if size in out:
+            summary[f"{size}_overhead_ratio"] = round(out[size]["overhead_ratio_median"], 4)
+            summary[f"{size}_step_s"] = round(out[size]["gspo_median_s"]["step"], 4)
+            summary[f"{size}_peak_rss_mb"] = round(out[size]["peak_rss_mb"], 1)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(f"\nfull results: {a.out}; total {out['total_s']:.0f}s")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
