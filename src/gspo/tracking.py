@@ -126,7 +126,8 @@ class MetricsLogger:
             return
         row = {"step": int(step)}
         for key, value in metrics.items():
-            row[str(key)] = _to_python(value)
+            if key != "step":  # the argument is authoritative; a float "step" metric must not replace it
+                row[str(key)] = _to_python(value)
         self._fh.write(json.dumps(row, allow_nan=False) + "\n")
         self._fh.flush()  # a SIGKILL after this line still leaves the line on disk (OS buffers)
         numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
