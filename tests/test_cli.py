@@ -266,13 +266,29 @@ def test_train_and_eval_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     assert json.loads(proc.stdout) == metrics
 
 
-@pytest.mark.slow
 @needs_pipeline
-def test_train_user_error_is_one_line(tiny_model_dir, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "1+1="}\n')
-    proc = _gspo("train", "--policy_model_name", str(tiny_model_dir), "--dataset_path", str(bad),
-                 "--reward_funcs", "exact_answer", "--batch_size", "1", "--group_size", "2", "--max_steps", "1",
-                 "--output_dir", str(tmp_path / "run"), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "gspo: error:" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("case", ["data", "reward"])
+def test_train_user_error_is_one_line(case, tiny_model_dir, prompts_file, tmp_path, capsys):
+    """DataError / RewardError raised inside the trainer: one line, status 2, no traceback."""
+    dataset, reward = str(prompts_file), "exact_answer"
+    if case == "data":
+        dataset = str(tmp_path / "bad.jsonl")
+        Path(dataset).write_text('{"question": "1+1="}\n')  # no "prompt" column
+    else:
+        reward = str(tmp_path / "missing_reward.py") + ":score"
+    code, _, err = run_cli(["train", "--policy_model_name", str(tiny_model_dir), "--dataset_path", dataset,
+                            "--reward_funcs", reward, "--batch_size", "2", "--group_size", "2", "--max_steps", "1",
+                            "--output_dir", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("gspo: error:") and "Traceback" not in err
+    assert ("prompt" if case == "data" else "missing_reward.py") in err
+
+
+def test_train_without_dataset_fails_before_loading_a_model(capsys):
+    code, _, err = run_cli(["train", "--reward_funcs", "exact_answer"], capsys)
+    assert code == 2 and "--dataset_path" in err
+
+
+def test_train_without_reward_fails_before_loading_a_model(capsys):
+    code, _, err = run_cli(["train", "--dataset_path", "builtin:arithmetic"], capsys)
+    assert code == 2 and "--reward_funcs" in err

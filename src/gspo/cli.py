@@ -108,6 +108,10 @@ def _fields_epilog() -> str:
 # ----------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88, break_on_hyphens=False)
+
+
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_path", metavar="YAML", default=None,
                         help="YAML file of GSPOConfig fields (see examples/); flags override it.")
@@ -115,7 +119,9 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", usage=f"{PROG} train [--config YAML] [--<field> VALUE ...]", help="Train with GSPO (reads dataset_path from the config).",
-                       description="Train a policy with GSPO. Precedence: defaults < --config YAML < flags.",
+                       description=_wrap("Train a policy with GSPO on dataset_path. Precedence: GSPOConfig "
+                                         "defaults < --config YAML < --<field> flags. Multi-process: "
+                                         "accelerate launch -m gspo train ..."),
                        formatter_class=_HelpFormatter)
     _add_config_option(p)
     add_field_flags(p)
@@ -125,8 +131,9 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", usage=f"{PROG} eval [--model DIR] [--dataset PATH] [--out JSON] [--max_samples N] "
                                      "[--config YAML] [--<field> VALUE ...]", help="Greedy-decode a model on a prompt set and score it with reward functions.",
-                       description="Evaluate a model: greedy decoding, rewards, eval/accuracy (total reward >= "
-                                   "accuracy_threshold). No reference model is loaded.",
+                       description=_wrap("Evaluate a model: greedy decoding, rewards, eval/accuracy (the share "
+                                         "of prompts whose total reward >= accuracy_threshold). Prints the "
+                                         "metrics as JSON. No reference model is loaded."),
                        formatter_class=_HelpFormatter)
     p.add_argument("--model", default=None, metavar="DIR",
                    help="Model to evaluate (a directory, hub id or builtin:tiny-arithmetic); "
@@ -183,15 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------
+def _require_reward(cfg: GSPOConfig, command: str) -> None:
+    """Fail before any model is loaded when the run could not score a completion."""
+    if not cfg.reward_funcs and not cfg.reward_model_name:
+        raise ConfigError(f"gspo {command} needs a reward: pass --reward_funcs NAME[,NAME] "
+                          "(e.g. exact_answer, or path/to/file.py:function) or --reward_model_name")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, field_overrides(args))
+    if cfg.dataset_path is None:
+        raise ConfigError("gspo train needs prompts: pass --dataset_path PATH (or set dataset_path in the YAML file)")
+    _require_reward(cfg, "train")
     from gspo.trainer import GSPOTrainer
 
     trainer = GSPOTrainer(cfg)
-    history = trainer.train()
+    trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"[gspo] trained {trainer.step} steps; final model and metrics in {cfg.output_dir}", flush=True)
-    return 0 if history is not None else 1
+    return 0
 
 
 def eval_config(args: argparse.Namespace) -> GSPOConfig:
@@ -210,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = args.dataset or cfg.eval_dataset_path
     if dataset is None:
         raise ConfigError("gspo eval needs prompts: pass --dataset PATH (or set eval_dataset_path)")
+    _require_reward(cfg, "eval")
     from gspo.trainer import GSPOTrainer
 
     trainer = GSPOTrainer(cfg)
