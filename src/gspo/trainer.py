@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,11 +44,27 @@ from gspo.tracking import MetricsLogger, Progress, print_samples
 log = logging.getLogger("gspo")
 
 
+def _make_accelerator() -> Accelerator:
+    """Accelerator() that honours the launcher's world size on machines without a GPU.
+
+    accelerate starts its CPU (gloo) backend only when asked for the CPU (`accelerate launch --cpu`
+    sets ACCELERATE_USE_CPU); under plain `torchrun` on a CPU-only machine, Accelerator() would run
+    every worker as an independent single process: N unsynchronised copies racing over one output_dir.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
+    acc = Accelerator(cpu=True) if world > 1 and not has_accelerator else Accelerator()
+    if acc.num_processes != world:
+        raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
+                           f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies")
+    return acc
+
+
 class GSPOTrainer:
     def __init__(self, config: GSPOConfig, reward_funcs=None, model=None, tokenizer=None,
                  ref_model=None, reward_model=None, eval_dataset=None):
         self.config = cfg = config
-        self.accelerator = Accelerator()
+        self.accelerator = _make_accelerator()
         set_seed(cfg.seed + self.accelerator.process_index)  # ranks sample different completions
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
         policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
@@ -193,39 +210,49 @@ class GSPOTrainer:
 
     def _update(self, rollout: Rollout) -> dict:
         """gspo_epochs passes over the rollout, num_mini_batches optimizer updates per pass."""
-        cfg = self.config
-        n = len(rollout)
+        cfg, acc = self.config, self.accelerator
+        n, world, rank = len(rollout), acc.num_processes, acc.process_index
         keep_old = rollout.old_logprobs is None and cfg.gspo_epochs > 1
         if keep_old:
             rollout.old_logprobs = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
         totals = defaultdict(float)
         for epoch in range(cfg.gspo_epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + epoch)
-            order = torch.randperm(n, generator=gen) if cfg.num_mini_batches > 1 else torch.arange(n)
+            # Shuffle the global batch (rank r holds its rows [r*n, (r+1)*n)), so that mini-batches are the
+            # same whatever the number of processes; a rank's share of one may be uneven, even empty.
+            order = torch.randperm(n * world, generator=gen) if cfg.num_mini_batches > 1 else torch.arange(n * world)
             for mb in order.chunk(cfg.num_mini_batches):
+                local = mb[(mb >= rank * n) & (mb < (rank + 1) * n)] - rank * n
                 # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
                 on_policy = epoch == 0 and cfg.num_mini_batches == 1
-                for k, v in self._mini_batch_update(rollout, mb, on_policy, keep_old).items():
+                for k, v in self._mini_batch_update(rollout, local, len(mb) / world, on_policy, keep_old).items():
                     totals[k] += v
         updates = cfg.gspo_epochs * cfg.num_mini_batches
         return {k: v / updates for k, v in totals.items()}
 
-    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, on_policy: bool, keep_old: bool) -> dict:
+    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, n_seq: float, on_policy: bool,
+                           keep_old: bool) -> dict:
+        """One optimizer update from this rank's rows `idx` of a mini-batch.
+
+        Denominators are the whole mini-batch's: n_seq and n_tok are its global sequence and token
+        counts divided by the world size, because DDP averages gradients over ranks."""
         cfg, acc = self.config, self.accelerator
-        # Mini-batch-wide denominators (global token count / world size: DDP averages over ranks).
-        n_seq = float(len(idx))
         n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        sums = defaultdict(float)
-        micro_batches = idx.chunk(cfg.gradient_accumulation_steps)
+        sums = dict.fromkeys(("policy_loss", "entropy", "kl_divergence", "loss", "clip_fraction_seq",
+                              "clip_fraction_token", "ratio_mean"), 0.0)  # same keys, same order on every rank
+        # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
+        # ranks must run the same number of forward/backward passes (DDP/FSDP collectives).
+        micro_batches = torch.tensor_split(idx, cfg.gradient_accumulation_steps)
         for j, mic in enumerate(micro_batches):
-            part = rollout.select(mic)
+            empty = len(mic) == 0
+            part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
             mask = part.completion_mask.to(acc.device)
             sync = acc.no_sync(self.model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
                 logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                     part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
-                if keep_old and on_policy:
+                if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()
                 pg, m = policy_loss(logp, old, part.advantages.to(acc.device), mask, cfg.importance_sampling_level,
                                     cfg.clip_low, cfg.clip_high, cfg.loss_aggregation, cfg.max_log_ratio,
@@ -234,7 +261,9 @@ class GSPOTrainer:
                 kl = (kl_penalty(logp, part.ref_logprobs.to(acc.device), mask, cfg.kl_estimator, num_tokens=n_tok)
                       if part.ref_logprobs is not None else torch.zeros((), device=acc.device))
                 loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl  # seed §4.1
-                acc.backward(loss)
+                acc.backward(loss * 0.0 if empty else loss)
+            if empty:
+                continue
             tokens = float(mask.sum())
             sums["policy_loss"] += pg.item()
             sums["entropy"] += ent.item()
@@ -242,10 +271,9 @@ class GSPOTrainer:
             sums["loss"] += loss.item()
             sums["clip_fraction_seq"] += m["clip_fraction_seq"].item() * len(mic) / n_seq
             sums["clip_fraction_token"] += m["clip_fraction_token"].item() * tokens
-            sums["_tokens"] += tokens
             for key in ("ratio_mean",):
                 sums[key] += m[key].item() * len(mic) / n_seq
-        sums["clip_fraction_token"] /= max(sums.pop("_tokens"), 1.0)
+        sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         sums["grad_norm"] = self._optimizer_step()
         return sums
 

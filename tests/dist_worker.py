@@ -1,0 +1,192 @@
+"""Worker script for tests/test_distributed.py (not a test module itself).
+
+Run it with plain `python` (one process) or under a launcher (`torchrun --nproc_per_node 2`,
+`accelerate launch --num_processes 2 --cpu`): it trains GSPOTrainer for a few steps on a
+tiny model and writes, per rank, `<out>/<scenario>/rank<R>.json` (metric history, kl_coef
+trajectory) and `<out>/<scenario>/params_rank<R>.pt` (final parameters).
+
+Rollouts are made world-size independent on purpose: `gspo.trainer.generate_rollout` is
+replaced by `deterministic_rollout`, whose completions depend only on the prompt's token ids
+and the completion's index in its group (a torch.Generator seeded from a hash of both), not
+on any process-wide RNG stream. Completion lengths vary (1..max_new_tokens, EOS-terminated),
+so ranks see unequal token counts, which is what the global token normaliser must handle.
+Everything after generation (rewards, advantages, reference/old log-probs, losses,
+gradients, the optimizer, the KL controller) is the real trainer code.
+
+Scenarios (comma-separated in --scenarios):
+  seq_offpolicy  GSPO (level sequence), gspo_epochs=2, num_mini_batches=2, adaptive KL
+  token_mean     level token, loss_aggregation token-mean, gradient_accumulation_steps=2, adaptive KL
+  uneven         2 prompts x 2 completions in 4 mini-batches of 1 sequence: every mini-batch leaves one
+                 rank with an empty share (it must still join the gradient all-reduce)
+  resume         seq_offpolicy split as 2 steps + checkpoint, then a fresh trainer resuming to step 3
+  fail_rank1     a reward function that raises on rank 1 only
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # two ranks share two cores; oversubscription only slows things down
+
+PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (12, 7), (5, 5), (9, 0), (23, 41), (6, 8), (70, 3),
+                                     (2, 2), (11, 11), (4, 9), (8, 1), (31, 5), (7, 7), (15, 6), (3, 30)]]
+STEPS = 3
+
+
+def deterministic_rollout(model, tokenizer, rows, group_size, max_new_tokens, do_sample=True, *args, **kwargs):
+    """Drop-in for gspo.rollout.generate_rollout whose completions are a pure function of
+    (prompt ids, index in group): identical whether the prompt is handled by rank 0, rank 1 or
+    a single process. Same Rollout layout and masking as the real function."""
+    from gspo.rollout import Rollout, completion_mask_from_ids, eos_ids, left_pad
+
+    pad_id = tokenizer.pad_token_id
+    eos = eos_ids(model, tokenizer)
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
+    completions = []
+    for r in rows:
+        for j in range(group_size):
+            key = hashlib.sha256(f"{r['prompt_ids']}|{j}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
+            length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=g))
+            ids = [digits[int(i)] for i in torch.randint(0, 10, (max_new_tokens,), generator=g)]
+            if length < max_new_tokens:
+                ids[length - 1] = eos[0]  # EOS-terminated: `length` tokens count, the rest is padding
+            completions.append(ids)
+    completion_ids = torch.tensor(completions, dtype=torch.long)
+    completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    repeat = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
+    extra_keys = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+        completion_ids=completion_ids, completion_mask=completion_mask, truncated=no_eos, group_size=group_size,
+        prompts=repeat([r["prompt"] for r in rows]),
+        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        extra={k: repeat([r.get(k) for r in rows]) for k in extra_keys})
+
+
+def digit_reward(prompts, completions, **kwargs):
+    """Deterministic, varied within a group: the digit sum of the completion / 10."""
+    return [sum(int(c) for c in text if c.isdigit()) / 10.0 for text in completions]
+
+
+def fails_on_rank1(prompts, completions, **kwargs):
+    if os.environ.get("RANK", "0") == "1":
+        raise ValueError("deliberate failure on rank 1 (dist_worker)")
+    return digit_reward(prompts, completions)
+
+
+SCENARIOS = {
+    "seq_offpolicy": dict(importance_sampling_level="sequence", gspo_epochs=2, num_mini_batches=2),
+    "token_mean": dict(importance_sampling_level="token", loss_aggregation="token-mean", gspo_epochs=2,
+                       gradient_accumulation_steps=2),
+    "uneven": dict(importance_sampling_level="sequence", batch_size=2, group_size=2, gspo_epochs=1,
+                   num_mini_batches=4),
+    "fail_rank1": dict(importance_sampling_level="sequence", gspo_epochs=1),
+}
+
+
+def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
+    from gspo.config import GSPOConfig
+
+    base = SCENARIOS["seq_offpolicy" if scenario == "resume" else scenario]
+    settings = dict(policy_model_name=model_dir, batch_size=4, group_size=4, max_new_tokens=4, max_steps=STEPS,
+                    learning_rate=1e-3, seed=7, kl_coef=0.1, adaptive_kl=True, target_kl=0.3, kl_horizon=100,
+                    entropy_coef=0.01, output_dir=str(output_dir), progress_bar=False, log_completions_steps=0,
+                    report_to=["jsonl"])
+    settings.update(base)
+    settings.update(overrides)
+    return GSPOConfig(**settings)
+
+
+def run(model_dir: str, out: Path, scenario: str) -> None:
+    import gspo.trainer
+    from gspo.trainer import GSPOTrainer
+
+    local_tokens = []
+
+    def rollout_hook(*args, **kwargs):  # test-only hook, see the module docstring
+        rollout = deterministic_rollout(*args, **kwargs)
+        local_tokens.append(int(rollout.completion_mask.sum()))
+        return rollout
+
+    gspo.trainer.generate_rollout = rollout_hook
+    out_dir = out / scenario
+    reward = fails_on_rank1 if scenario == "fail_rank1" else digit_reward
+    rows = [{"prompt": p} for p in PROMPTS]
+    if scenario == "resume":  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
+        first = GSPOTrainer(make_config(model_dir, out_dir, scenario, max_steps=STEPS, save_steps=2),
+                            reward_funcs=[reward])
+        _train_until(first, rows, stop_after=2)
+        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint="latest"),
+                              reward_funcs=[reward])
+    else:
+        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario), reward_funcs=[reward])
+    history = trainer.train(rows)
+    acc = trainer.accelerator
+    rank = acc.process_index
+    params = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
+    torch.save(params, out_dir / f"params_rank{rank}.pt")
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({
+        "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
+        "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
+        "local_tokens": local_tokens}))
+
+
+def _train_until(trainer, rows, stop_after: int) -> None:
+    """Run the real train() but stop (as a crash would) right after step `stop_after`'s checkpoint."""
+    class Stop(Exception):
+        pass
+
+    original = trainer._checkpoint_if_due
+
+    def checkpoint_then_stop(total, guard):
+        original(total, guard)
+        if trainer.step >= stop_after:
+            raise Stop
+
+    trainer._checkpoint_if_due = checkpoint_then_stop
+    try:
+        trainer.train(rows)
+    except Stop:
+        pass
+
+
+def build_model_dir(path: Path) -> str:
+    from gspo.tasks.tiny_model import build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    build_model(tok).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", help="tiny model directory (built here with --build_model)")
+    parser.add_argument("--build_model", action="store_true")
+    parser.add_argument("--out", required=False)
+    parser.add_argument("--scenarios", default="seq_offpolicy,token_mean")
+    args = parser.parse_args(argv)
+    if args.build_model:
+        build_model_dir(Path(args.model_dir))
+        return 0
+    for scenario in args.scenarios.split(","):
+        run(args.model_dir, Path(args.out), scenario)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
