@@ -219,3 +219,27 @@ def test_sigkill_during_checkpoint_save_then_resume_latest(env):
     assert stdout.split()[:2] == ["STEP", str(step + 1)]
     assert not list(out.glob(".tmp-*")), "the dead process's temp directory was not cleaned up"
     assert_same_run(env, "full", torch.load(out / "final.pt", weights_only=True), out)
+
+
+def test_interrupt_in_last_step_then_resume_just_finishes(env):
+    """SIGTERM during the final step: checkpoint-2 of 2 is saved; resuming from it has no step
+    left to run and must still finish cleanly (final model, summary) with an eval set given."""
+    out = env["root"] / "last-step"
+    trainer = None
+
+    def digit_reward(completions, **kw):
+        if trainer.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fw.digit_reward(completions, **kw)
+
+    cfg = fw.make_config(out, env["model"], max_steps=2, eval_dataset_path=env["data"], eval_max_samples=2)
+    trainer = GSPOTrainer(cfg, reward_funcs=[digit_reward])
+    with pytest.raises(TrainingInterrupted):
+        trainer.train(env["data"])
+    assert ckpt.find_latest_checkpoint(out).name == "checkpoint-2"
+    cfg = fw.make_config(out, env["model"], max_steps=2, eval_dataset_path=env["data"], eval_max_samples=2,
+                         resume_from_checkpoint="latest")
+    resumed = GSPOTrainer(cfg, reward_funcs=[fw.digit_reward])
+    assert resumed.train(env["data"]) == []
+    assert resumed.step == 2 and (out / "model.safetensors").is_file() and (out / "train_summary.json").is_file()
+    assert [m["step"] for m in fw.read_metrics(out)] == [1, 2]
