@@ -300,6 +300,24 @@ def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path, monk
     assert all(torch.equal(p, live[n]) for n, p in fw.params_of(loaded).items())
 
 
+def test_non_finite_stop_keeps_the_clean_checkpoint_of_that_step(env, tmp_path, monkeypatch):
+    """gspo_epochs=3, limit 2, save_steps=1: step 2's first update applies, its next two are NaN.
+    The stop must not overwrite the clean checkpoint-1 with the half-updated state of step 2."""
+    monkeypatch.setattr(trainer_mod, "policy_loss", PoisonLoss(trainer_mod.policy_loss, {5, 6}))
+    snaps, ref = [], [None]
+    ref[0] = trainer = make_trainer(env, tmp_path, reward=_snapshotting_reward(snaps, ref), gspo_epochs=3,
+                                    max_steps=4, save_steps=1, max_consecutive_skipped_updates=2)
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match="checkpoint-1"):
+        trainer.train(env["data"])
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(env["model"])
+    ckpt.load_checkpoint(tmp_path / "run" / "checkpoint-1", loaded, restore_rng=False)
+    saved, live = fw.params_of(loaded), fw.params_of(trainer.model)
+    assert all(torch.equal(saved[k], snaps[1][k]) for k in saved)  # the end-of-step-1 state
+    assert any(not torch.equal(saved[k], live[k]) for k in saved)  # step 2's first update is not in it
+    assert json.loads((tmp_path / "run" / "checkpoint-1" / ckpt.TRAINER_STATE_FILE).read_text())["step"] == 1
+
+
 def test_nan_logits_skip_the_update_and_do_not_poison_adaptive_kl(env, tmp_path):
     """NaN injected into the policy's logits during step 2 (a forward hook): the update is
     skipped, kl_coef stays finite (it used to become NaN for good, failing every later step)
