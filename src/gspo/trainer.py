@@ -250,7 +250,8 @@ class GSPOTrainer:
             sync = acc.no_sync(self.model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
                 logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                                    part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True)
+                                                    part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True,
+                                                    entropy_grad=cfg.entropy_coef != 0)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
                 if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()
