@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adaptive-kl", action="store_true")
     ap.add_argument("--slow", type=float, default=0.0)
     ap.add_argument("--dump-params", default=None)
+    ap.add_argument("--slow-save", type=float, default=0.0,
+                    help="sleep this long inside each checkpoint save (after the files are written, before "
+                         "the fsync, marker and rename), so a test can reliably kill the process mid-save")
     args = ap.parse_args(argv)
 
     import torch
@@ -114,6 +117,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     no_plots()
+    if args.slow_save:
+        import gspo.checkpoint as ckpt
+
+        real_fsync_tree = ckpt._fsync_tree
+
+        def slow_fsync_tree(root):
+            time.sleep(args.slow_save)
+            real_fsync_tree(root)
+
+        ckpt._fsync_tree = slow_fsync_tree
     extra = {}
     if args.lora:
         extra.update(use_lora=True, lora_target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8)

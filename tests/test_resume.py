@@ -16,6 +16,7 @@ run early with an interrupt or a kill, not by lowering max_steps, if you mean to
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -183,12 +184,13 @@ def test_signal_to_training_process_checkpoints_and_exits(env, sig):
 
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_save_then_resume_latest(env):
-    """save_steps=1; once checkpoint-1 exists, SIGKILL the process the moment a later save's
-    temp directory appears (so the kill lands mid-save). The newest checkpoint-* is complete
+    """save_steps=1; once checkpoint-1 exists, SIGKILL the process at a random moment while a
+    later save's temp directory exists (the worker sleeps 0.3 s inside each save, so the kill
+    reliably lands mid-save). The newest checkpoint-* is complete
     and loads; 'latest' resumes from it in a new process, which cleans the dead temp dir and
     finishes the run bit-identical to an uninterrupted one."""
     out = env["root"] / "sigkill"
-    proc = _worker(env, out, "--save-steps", "1")
+    proc = _worker(env, out, "--save-steps", "1", "--slow-save", "0.3")
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-1" / ckpt.COMPLETE_MARKER).exists():
         assert proc.poll() is None and time.monotonic() < deadline, Path(proc.stderr_path).read_text()[-3000:]
@@ -198,6 +200,7 @@ def test_sigkill_during_checkpoint_save_then_resume_latest(env):
         if any(p.name.startswith(".tmp-checkpoint-") and not p.name.startswith(".tmp-checkpoint-1-")
                for p in out.iterdir()):
             mid_save = True
+            time.sleep(random.uniform(0.0, 0.25))  # somewhere inside the save
             break
         time.sleep(0.0005)
     proc.kill()  # SIGKILL
