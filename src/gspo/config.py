@@ -17,6 +17,7 @@ The seed's fields keep the seed's names and defaults (`group_size=4`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -161,21 +162,34 @@ def _check_choices(cfg: GSPOConfig) -> None:
             raise _err(f.name, getattr(cfg, f.name), f"expected one of {list(choices)}")
 
 
+# Fields whose default is None: the type of a value that is not None.
+_OPTIONAL_TYPES = {"reward_model_name": str, "reward_weights": list, "dataset_path": str, "eval_dataset_path": str,
+                   "clip_range": float, "clip_range_low": float, "clip_range_high": float, "save_total_limit": int,
+                   "resume_from_checkpoint": str}
+
+
 def _check_types(cfg: GSPOConfig) -> None:
     for f in fields(cfg):
         v, d = getattr(cfg, f.name), f.default
-        if d is dataclasses.MISSING or d is None:
+        if d is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            d = f.default_factory()  # list fields (reward_funcs, report_to, ...)
+        if d is None:
+            if v is None or f.name not in _OPTIONAL_TYPES:
+                continue
+            d = _OPTIONAL_TYPES[f.name]()
+        if d is dataclasses.MISSING:
             continue
         if isinstance(d, bool):
             ok = isinstance(v, bool)
         elif isinstance(d, int):
             ok = isinstance(v, int) and not isinstance(v, bool)
-        elif isinstance(d, float):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif isinstance(d, float):  # NaN / inf are never a sensible setting and slip past range checks
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         else:
             ok = isinstance(v, type(d))
         if not ok:
-            raise _err(f.name, v, f"expected a {type(d).__name__}")
+            raise _err(f.name, v, f"expected a {'finite ' if isinstance(d, float) else ''}{type(d).__name__}"
+                       + (" or None" if f.default is None else ""))
 
 
 def _check_ranges(cfg: GSPOConfig) -> None:
@@ -201,6 +215,12 @@ def _check_ranges(cfg: GSPOConfig) -> None:
             raise _err(name, v, "must be a number > 0, or None for the level's recommended value")
     if cfg.clip_low >= 1:
         raise _err("clip_range_low" if cfg.clip_range_low is not None else "clip_range", cfg.clip_low, "the lower epsilon must be < 1 (the ratio floor is 1 - eps)")
+    if cfg.seed < 0:
+        raise _err("seed", cfg.seed, "must be >= 0 (NumPy rejects negative seeds)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise _err("lora_dropout", cfg.lora_dropout, "must be in [0, 1)")
+    if not cfg.prompt_column.strip():
+        raise _err("prompt_column", cfg.prompt_column, "must name a column")
     if not cfg.temperature > 0:
         raise _err("temperature", cfg.temperature, "must be > 0")
     if not 0 < cfg.top_p <= 1:

@@ -13,7 +13,18 @@ import warnings
 
 
 class TrainingInterrupted(SystemExit):
-    """Raised after a checkpoint was saved in response to SIGINT/SIGTERM."""
+    """Raised after a checkpoint was saved in response to SIGINT/SIGTERM.
+
+    Its exit code is 128 + signum (the shell convention: 130 for SIGINT, 143 for SIGTERM),
+    so an uncaught one ends the process with that status; str() is the message saying how
+    to resume. (A SystemExit whose code is a string would exit with status 1.)"""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(128 + signum if signum else 1)
+        self.message, self.signum = message, signum
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NonFiniteUpdateError(RuntimeError):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -156,7 +157,7 @@ class GSPOTrainer:
                         metrics.update(self.evaluate(eval_ds))
                     self._record(metrics, rollout, tracker, progress)
                     self._checkpoint_if_due(total, guard)
-            if eval_ds is not None and not (cfg.eval_steps and total % cfg.eval_steps == 0):
+            if eval_ds is not None and self.history and not (cfg.eval_steps and total % cfg.eval_steps == 0):
                 self.history[-1].update(self.evaluate(eval_ds))
             self._finish()
         finally:
@@ -183,7 +184,8 @@ class GSPOTrainer:
         with self._timed(timings, "update"):
             update_metrics = self._update(rollout)
         metrics = self._step_metrics(rollout, update_metrics, timings)
-        self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
+        if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
+            self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
         return metrics, rollout
 
@@ -275,19 +277,27 @@ class GSPOTrainer:
             for key in ("ratio_mean",):
                 sums[key] += m[key].item() * len(mic) / n_seq
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
-        sums["grad_norm"] = self._optimizer_step()
+        sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float = 0.0) -> float:
         cfg, acc = self.config, self.accelerator
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        if self.skips.record(grad_norm, f"step {self.step + 1}"):
+        # A non-finite loss skips the update even when its gradient happens to be finite. The loss is
+        # this rank's share: sum it over ranks so that all ranks skip together (else weights diverge).
+        loss = acc.reduce(torch.tensor(float(loss), device=acc.device, dtype=torch.float64), "sum").item()
+        if self.skips.record(grad_norm if math.isfinite(loss) else float("nan"), f"step {self.step + 1}"):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.skips.exhausted:
-            path = self._save_checkpoint()
+            # Never replace a clean checkpoint of this step with this mid-step state.
+            # Decided on the main process and shared, so every rank takes the same branch (the save waits for all).
+            existing = Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
+            found = float(acc.is_main_process and (existing / ckpt.COMPLETE_MARKER).is_file())
+            found = acc.reduce(torch.tensor(found, device=acc.device), "max").item()
+            path = existing if found else self._save_checkpoint()
             raise NonFiniteUpdateError(
                 f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "
                 f"GSPOConfig.max_consecutive_skipped_updates={cfg.max_consecutive_skipped_updates}); stopped at step "
@@ -384,9 +394,12 @@ class GSPOTrainer:
         if (cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < total) or flag:
             path = self._save_checkpoint()
         if flag:
-            raise TrainingInterrupted(
-                f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
-                f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir.")
+            signum = int(flag)
+            message = (f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
+                       f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir.")
+            if acc.is_main_process:
+                print(message, file=sys.stderr, flush=True)  # SystemExit with an int code prints nothing
+            raise TrainingInterrupted(message, signum)
 
     def _maybe_resume(self) -> bool:
         cfg = self.config
