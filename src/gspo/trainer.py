@@ -375,16 +375,38 @@ class GSPOTrainer:
                 "eval/num_samples": float(len(totals))}
 
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self) -> dict:
-        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict()}
+    def _trainer_state(self, rng_per_rank: list) -> dict:
+        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict(),
+                "rng_per_rank": rng_per_rank}
+
+    def _rng_per_rank(self) -> list:
+        """Every rank's torch RNG (sampling draws from it); the checkpoint's rng_state.pt is the main rank's only."""
+        from accelerate.utils import gather_object
+
+        state = {"torch": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state().tolist()
+        return gather_object([state]) if self.accelerator.num_processes > 1 else [state]
+
+    def _restore_rank_rng(self, states: list) -> None:
+        acc = self.accelerator
+        if len(states) != acc.num_processes:
+            log.warning("gspo: checkpoint has RNG states for %d processes, this run has %d: ranks keep the main "
+                        "process's RNG, so sampling will not continue exactly", len(states), acc.num_processes)
+            return
+        mine = states[acc.process_index]
+        torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8))
 
     def _save_checkpoint(self):
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
+        rng = self._rng_per_rank()  # a collective: every rank, before the main-only save
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(cfg.output_dir, self.step, acc.unwrap_model(self.model), self.tokenizer,
-                                        self.optimizer, self.scheduler, self._trainer_state(), cfg.save_total_limit)
+                                        self.optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit)
         acc.wait_for_everyone()
         return path or Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
 
@@ -410,6 +432,8 @@ class GSPOTrainer:
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates, **state["skips"])
+        if state.get("rng_per_rank"):
+            self._restore_rank_rng(state["rng_per_rank"])
         if self.accelerator.is_main_process:
             log.warning("gspo: resumed from %s at step %d", path, self.step)
         return True
