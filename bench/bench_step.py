@@ -27,6 +27,7 @@ Last line of stdout: one JSON object with every figure (also written to bench/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -177,6 +178,20 @@ def time_optimizer(trainer, sink: list):
     trainer._optimizer_step = timed
 
 
+def time_phases_cpu(trainer, sink: dict):
+    """Replace trainer._timed so each phase also records process CPU time into sink[name]. With one torch
+    thread, CPU time is the work done, and much less sensitive than wall time to other processes' load."""
+    inner = trainer._timed
+
+    @contextlib.contextmanager
+    def timed(timings, name):
+        c0 = time.process_time()
+        with inner(timings, name):
+            yield
+        sink[name] = time.process_time() - c0
+    trainer._timed = timed
+
+
 # ---------------------------------------------------------------------------- raw ops
 class RawOps:
     """The same model work at the same shapes, with nothing around it."""
@@ -186,17 +201,18 @@ class RawOps:
         self.ref = ref
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
 
-    def run(self, rollout, group: int, pad_id: int) -> dict:
+    def run(self, rollout, group: int, pad_id: int) -> tuple[dict, dict]:
+        """(wall seconds, CPU seconds) per op."""
         from gspo.logprobs import trim_padding
 
-        t = {}
+        t, c = {}, {}
         n_dec = rollout.completion_ids.shape[1]  # generate ran exactly this many decode steps
         p_ids, p_mask = rollout.prompt_ids[::group], rollout.prompt_mask[::group]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, max_new_tokens=n_dec,
                             min_new_tokens=n_dec, num_return_sequences=group, top_k=0, top_p=1.0, temperature=1.0,
                             pad_token_id=pad_id)
-        t["generation"] = time.perf_counter() - t0
+        t["generation"], c["generation"] = time.perf_counter() - t0, time.process_time() - c0
         pi, pm, ci, cm = trim_padding(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                       rollout.completion_mask)
         ids, mask = torch.cat([pi, ci], 1), torch.cat([pm, cm], 1)
@@ -204,22 +220,22 @@ class RawOps:
         keep = ci.shape[1] + 1
         adv = rollout.advantages
         if self.ref is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 lg = self.ref(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits[:, :-1]
                 torch.log_softmax(lg.float(), -1).gather(-1, ci[..., None])
-            t["reference"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            t["reference"], c["reference"] = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         lg = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits[:, :-1]
         logp = torch.log_softmax(lg.float(), -1).gather(-1, ci[..., None]).squeeze(-1)
         loss = -((logp * cm).sum(1) / cm.sum(1).clamp(min=1) * adv).mean()
         loss.backward()
-        t["fwd_bwd"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t["fwd_bwd"], c["fwd_bwd"] = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        t["optimizer"] = time.perf_counter() - t0
-        return t
+        t["optimizer"], c["optimizer"] = time.perf_counter() - t0, time.process_time() - c0
+        return t, c
 
 
 # ---------------------------------------------------------------------------- workers
@@ -243,17 +259,40 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
     raw = RawOps(policy, trainer.ref_model)
     opt_times: list = []
     time_optimizer(trainer, opt_times)
+    opt_cpu: list = []
+    inner_opt = trainer._optimizer_step
+
+    def opt_cpu_timed(*args, **kwargs):
+        c0 = time.process_time()
+        try:
+            return inner_opt(*args, **kwargs)
+        finally:
+            opt_cpu.append(time.process_time() - c0)
+    trainer._optimizer_step = opt_cpu_timed
+    phase_cpu: dict = {}
+    time_phases_cpu(trainer, phase_cpu)
     rss_before = current_rss_mb()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gspo_rows, raw_rows, loads = [], [], []
+    gspo_rows, raw_rows, gspo_cpu, raw_cpu, loads = [], [], [], [], []
     for step in range(steps + 1):  # step 0 warms up both sides and is dropped
         torch.manual_seed(1000 + step)
+        phase_cpu.clear()
+        c0 = time.process_time()
         metrics, rollout = trainer.training_step(batch)
+        step_cpu = time.process_time() - c0
         trainer.step += 1
         torch.manual_seed(1000 + step)
-        r = raw.run(rollout, GROUP, pad_id)
+        r, rc = raw.run(rollout, GROUP, pad_id)
         if step == 0:
             continue
+        gc = {k: phase_cpu.get(k, 0.0) for k in ("generation", "reward", "reference", "old_logprobs")}
+        gc["optimizer"] = opt_cpu[-1]
+        gc["fwd_bwd"] = phase_cpu["update"] - opt_cpu[-1]
+        gc["step"] = step_cpu
+        gc["other"] = step_cpu - sum(phase_cpu.values())
+        rc["sum"] = sum(rc.values())
+        gspo_cpu.append(gc)
+        raw_cpu.append(rc)
         tokens = float(rollout.lengths.sum())
         g = {"step": metrics["step_time_s"], "generation": metrics["time/generation_s"],
              "reward": metrics["time/reward_s"], "reference": metrics.get("time/reference_s", 0.0),
@@ -279,6 +318,11 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
         "decode_steps_median": median([g["decode_steps"] for g in gspo_rows]),
         "overhead_ratio_median": median([g["step"] / r["sum"] for g, r in zip(gspo_rows, raw_rows)]),
         "overhead_ratios": [round(g["step"] / r["sum"], 4) for g, r in zip(gspo_rows, raw_rows)],
+        "gspo_cpu_median_s": {k: median([g[k] for g in gspo_cpu]) for k in phases},
+        "raw_cpu_median_s": {k: median([r[k] for r in raw_cpu]) for k in raw_cpu[0]},
+        "overhead_ratio_cpu_median": median([g["step"] / r["sum"] for g, r in zip(gspo_cpu, raw_cpu)]),
+        "overhead_ratios_cpu": [round(g["step"] / r["sum"], 4) for g, r in zip(gspo_cpu, raw_cpu)],
+        "step_cpu_spread_pct": spread([g["step"] for g in gspo_cpu]),
         "tokens_per_s": median([g["tokens"] / g["step"] for g in gspo_rows]),
         "gen_tokens_per_s": median([g["tokens"] / g["generation"] for g in gspo_rows]),
         "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before,
@@ -306,16 +350,20 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
     ds = GSPODataset(rows, tok, max_prompt_length=256)
     batch = [ds[i] for i in range(len(ds))]
     rss_before = current_rss_mb()
-    times, tokens = [], []
+    times, cpus, tokens = [], [], []
     for step in range(steps + 1):
         torch.manual_seed(1000 + step)
+        c0 = time.process_time()
         metrics, rollout = trainer.training_step(batch)
+        cpu = time.process_time() - c0
         trainer.step += 1
         if step:
             times.append(metrics["step_time_s"])
+            cpus.append(cpu)
             tokens.append(float(rollout.lengths.sum()))
     policy = trainer.accelerator.unwrap_model(trainer.model)
     return {"step_median_s": median(times), "step_times_s": [round(x, 4) for x in times], "spread_pct": spread(times),
+            "step_cpu_median_s": median(cpus), "step_cpu_s": [round(x, 4) for x in cpus],
             "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "completion_tokens": median(tokens),
             "params_M": sum(p.numel() for p in policy.parameters()) / 1e6}
 
@@ -365,10 +413,13 @@ def worker_epochs(workdir: Path, threads: int) -> list:
     return out
 
 
-def worker_chunkmem(chunk: int, threads: int) -> dict:
-    """Peak RSS above the live logits (+ their gradient) of logprobs_and_entropy forward+backward."""
+def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
+    """Peak RSS above the live logits (+ their gradient) of a chunked log-prob forward+backward:
+    fn='core': gspo.core.logprobs_and_entropy (entropy with grad, entropy_coef != 0);
+    fn='label': gspo.logprobs._label_logprobs (log p only; the trainer's path when entropy_coef == 0)."""
     torch.set_num_threads(threads)
     from gspo.core import logprobs_and_entropy
+    from gspo.logprobs import _label_logprobs
 
     n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
     logits = torch.randn(n, t, v, requires_grad=True)
@@ -377,9 +428,15 @@ def worker_chunkmem(chunk: int, threads: int) -> dict:
     base = current_rss_mb()
     assert peak_rss_mb() <= base + 64, "a higher peak earlier would hide this measurement"
     t0 = time.perf_counter()
-    lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
-    (lp.sum() + ent.sum()).backward()
-    return {"chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
+    if fn == "core_nograd":  # the reference / old-log-prob pass: forward only, with entropy
+        with torch.no_grad():
+            logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
+    elif fn == "core":
+        lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    else:
+        _label_logprobs(logits, labels, chunk if chunk > 0 else n * t).sum().backward()
+    return {"fn": fn, "chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
             "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
 
 
@@ -398,15 +455,19 @@ def fmt_ms(s):
 
 def print_step(res: dict) -> None:
     g, r = res["gspo_median_s"], res["raw_median_s"]
+    gc, rc = res["gspo_cpu_median_s"], res["raw_cpu_median_s"]
     print(f"\n== {res['size']}: {res['model']} {res['params_M']:.2f}M params, batch {res['batch']}, "
           f"{res['max_new_tokens']} new tokens, {res['steps']} timed steps, {res['threads']} threads; "
           f"logits_to_keep takes effect: {res['logits_to_keep_effective']}")
-    print(f"   {'phase':14s} {'gspo ms':>9s} {'raw ms':>9s}")
+    print(f"   median per step  {'gspo wall ms':>12s} {'raw wall ms':>12s} {'gspo CPU ms':>12s} {'raw CPU ms':>12s}")
+    dash = "           -"
     for k in ("generation", "reward", "reference", "old_logprobs", "fwd_bwd", "optimizer", "other"):
-        print(f"   {k:14s} {fmt_ms(g[k])} {fmt_ms(r[k]) if k in r else '        -'}")
-    print(f"   {'step':14s} {fmt_ms(g['step'])} {fmt_ms(r['sum'])}")
-    print(f"   overhead ratio gspo/raw (median of paired steps): {res['overhead_ratio_median']:.3f}  "
-          f"per step {res['overhead_ratios']}")
+        print(f"   {k:14s}   {1000 * g[k]:12.1f} {f'{1000 * r[k]:12.1f}' if k in r else dash} "
+              f"{1000 * gc[k]:12.1f} {f'{1000 * rc[k]:12.1f}' if k in rc else dash}")
+    print(f"   {'step':14s}   {1000 * g['step']:12.1f} {1000 * r['sum']:12.1f} {1000 * gc['step']:12.1f} "
+          f"{1000 * rc['sum']:12.1f}")
+    print(f"   overhead ratio gspo/raw, median of paired steps: CPU time {res['overhead_ratio_cpu_median']:.3f} "
+          f"{res['overhead_ratios_cpu']}; wall {res['overhead_ratio_median']:.3f} {res['overhead_ratios']}")
     print(f"   completion tokens/step {res['completion_tokens_median']:.0f}, tokens/s {res['tokens_per_s']:.1f}, "
           f"generation tokens/s {res['gen_tokens_per_s']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, "
           f"step time spread {res['step_spread_pct']:.0f}%, load avg {res['loadavg_during']}")
@@ -416,7 +477,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps-tiny", type=int, default=8)
+    ap.add_argument("--steps-tiny", type=int, default=10)
     ap.add_argument("--steps-small", type=int, default=3)
     ap.add_argument("--steps-scaling", type=int, default=2)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
@@ -440,7 +501,7 @@ def main() -> None:
         elif a.worker == "epochs":
             res = worker_epochs(workdir, a.threads)
         elif a.worker == "chunkmem":
-            res = worker_chunkmem(spec["chunk"], a.threads)
+            res = worker_chunkmem(spec["chunk"], a.threads, spec.get("fn", "core"))
         else:
             raise SystemExit(f"unknown worker {a.worker}")
         print(json.dumps(res))
@@ -485,27 +546,34 @@ def main() -> None:
             rows.append(res)
         b = rows[0]
         print(f"   {'variant':10s} {'G':>3s} {'T':>4s} {'hidden':>6s} {'params M':>8s} {'step s':>8s} {'x base':>6s} "
+              f"{'CPU s':>7s} {'x base':>6s} "
               f"{'peak RSS MB':>11s} {'RSS growth MB':>13s}")
         for r in rows:
             s = r["spec"]
             print(f"   {r['variant']:10s} {s['group']:3d} {s['new_tokens']:4d} {s['hidden']:6d} {r['params_M']:8.2f} "
-                  f"{r['step_median_s']:8.3f} {r['step_median_s'] / b['step_median_s']:6.2f} {r['peak_rss_mb']:11.0f} "
+                  f"{r['step_median_s']:8.3f} {r['step_median_s'] / b['step_median_s']:6.2f} "
+                  f"{r['step_cpu_median_s']:7.3f} {r['step_cpu_median_s'] / b['step_cpu_median_s']:6.2f} {r['peak_rss_mb']:11.0f} "
                   f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:13.0f}")
         out["scaling"] = rows
         sys.stdout.flush()
     if "chunkmem" in parts:
-        res = [run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c})] + th) for c in (256, 1024, 0)]
+        res = [run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f})] + th)
+               for f in ("core_nograd", "core", "label") for c in (256, 1024, 0)]
         out["chunkmem"] = res
-        print("\n== logprobs_and_entropy forward+backward, logits [32, 64, 32768] fp32: peak RSS above logits+grad")
+        print("\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
+              "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; core = "
+              "the same with entropy grad, forward+backward; label = "
+              "gspo.logprobs._label_logprobs, the entropy_coef == 0 path)")
         for r in res:
-            print(f"   chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  ({r['time_s']:.2f}s; "
-                  f"logits themselves {r['logits_mb']:.0f} MB)")
+            print(f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
+                  f"({r['time_s']:.2f}s)")
     out["total_s"] = time.perf_counter() - t_start
     out["loadavg_end"] = os.getloadavg()
     summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "total_s")}}
     for size in ("tiny", "small"):
         if size in out:
-            summary[f"{size}_overhead_ratio"] = round(out[size]["overhead_ratio_median"], 4)
+            summary[f"{size}_overhead_ratio_cpu"] = round(out[size]["overhead_ratio_cpu_median"], 4)
+            summary[f"{size}_overhead_ratio_wall"] = round(out[size]["overhead_ratio_median"], 4)
             summary[f"{size}_step_s"] = round(out[size]["gspo_median_s"]["step"], 4)
             summary[f"{size}_peak_rss_mb"] = round(out[size]["peak_rss_mb"], 1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -60,13 +60,14 @@ def trl_worker(model_dir: str, steps: int, new_tokens: int, threads: int) -> dic
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.cpus, self.t0, self.c0 = [], [], None, None
 
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpus.append(time.process_time() - self.c0)
 
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=[diversity_reward], args=args, train_dataset=ds,
@@ -76,7 +77,8 @@ def trl_worker(model_dir: str, steps: int, new_tokens: int, threads: int) -> dic
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     times = timer.times[1:]
     return {"impl": "trl", "version": trl.__version__, "step_times_s": [round(x, 4) for x in times],
-            "step_median_s": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "step_median_s": statistics.median(times), "step_cpu_median_s": statistics.median(timer.cpus[1:]),
+            "step_cpu_s": [round(x, 4) for x in timer.cpus[1:]], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "completion_length_mean": lengths[-1] if lengths else None, "threads": torch.get_num_threads()}
 
 
@@ -129,18 +131,23 @@ def main() -> None:
             res["loadavg"] = os.getloadavg()[0]
             runs[name].append(res)
             loads.append(res["loadavg"])
-            print(f"   run {r + 1} {name:4s}: step median {res['step_median_s']:.3f}s {res['step_times_s']}, "
+            print(f"   run {r + 1} {name:4s}: step median {res['step_median_s']:.3f}s {res['step_times_s']}, CPU "
+                  f"{res['step_cpu_median_s']:.3f}s {res['step_cpu_s']}, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB, load {res['loadavg']:.2f}", flush=True)
     med = {k: statistics.median([t for res in v for t in res["step_times_s"]]) for k, v in runs.items()}
+    cpu = {k: statistics.median([t for res in v for t in res["step_cpu_s"]]) for k, v in runs.items()}
     rss = {k: max(res["peak_rss_mb"] for res in v) for k, v in runs.items()}
     summary = {"bench": "gspo_vs_trl", "date": time.strftime("%Y-%m-%d"), "trl_version": runs["trl"][0]["version"],
                "gspo_step_s": round(med["gspo"], 4), "trl_step_s": round(med["trl"], 4),
                "speedup_trl_over_gspo": round(med["trl"] / med["gspo"], 3),
+               "gspo_step_cpu_s": round(cpu["gspo"], 4), "trl_step_cpu_s": round(cpu["trl"], 4),
+               "speedup_cpu_time": round(cpu["trl"] / cpu["gspo"], 3),
                "gspo_peak_rss_mb": round(rss["gspo"], 1), "trl_peak_rss_mb": round(rss["trl"], 1),
                "rss_ratio_gspo_over_trl": round(rss["gspo"] / rss["trl"], 3), "threads": a.threads,
                "new_tokens": a.new_tokens, "loadavg": [round(x, 2) for x in loads]}
-    print(f"\n   median step: gspo {med['gspo']:.3f}s, TRL {med['trl']:.3f}s -> gspo is "
+    print(f"\n   median step wall: gspo {med['gspo']:.3f}s, TRL {med['trl']:.3f}s -> gspo is "
           f"{med['trl'] / med['gspo']:.2f}x faster per step (goal >= 2x)")
+    print(f"   median step CPU:  gspo {cpu['gspo']:.3f}s, TRL {cpu['trl']:.3f}s -> {cpu['trl'] / cpu['gspo']:.2f}x")
     print(f"   peak RSS: gspo {rss['gspo']:.0f} MB, TRL {rss['trl']:.0f} MB (goal: gspo no higher)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))

@@ -56,10 +56,10 @@ def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int)
     fp32 logits: autograd keeps only views of them. Other dtypes: each chunk is checkpointed, so the
     fp32 copies are never all alive at once (backward recomputes one chunk's logsumexp)."""
     n, t, v = logits.shape
-    flat, flat_labels = logits.reshape(n * t, v), labels.reshape(n * t)
     out = []
-    for start in range(0, n * t, chunk_size):
-        chunk, lab = flat[start:start + chunk_size], flat_labels[start:start + chunk_size]
+    # split, not slicing: the backward of each slice would allocate a zero-filled [N*T, V] gradient per
+    # chunk; split's backward concatenates the chunk gradients once.
+    for chunk, lab in zip(logits.reshape(n * t, v).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
         if logits.dtype == torch.float32 or not chunk.requires_grad:
             out.append(_chunk_label_logprob(chunk, lab))
         else:
