@@ -3,7 +3,7 @@
 
 Not part of the test suite. Run from the repo root with the project venv:
 
-    .venv/bin/python bench/bench_step.py                 # everything, ~5-8 min on 2 CPU cores
+    .venv/bin/python bench/bench_step.py                 # everything: 12 min on 2 CPU cores at load 4-5
     .venv/bin/python bench/bench_step.py --only tiny     # one part: tiny|small|epochs|scaling|chunkmem
 
 Parts (each model size / configuration runs in its own subprocess, so peak RSS is its own):

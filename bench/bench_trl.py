@@ -2,7 +2,7 @@
 """gspo vs TRL's GRPOTrainer(importance_sampling_level="sequence"), side by side, identical settings.
 
     bash bench/setup_trl_venv.sh                 # once: TRL in its own venv, bench/.venv-trl
-    .venv/bin/python bench/bench_trl.py          # ~3-5 min on 2 CPU cores
+    .venv/bin/python bench/bench_trl.py          # ~6 min per repeat on 2 shared CPU cores
 
 Both run in their own subprocess, each with its own interpreter (gspo: this venv; TRL: bench/.venv-trl),
 on the same model directory (the random-init Qwen2 "small" model of bench_step.py, built here if absent),
