@@ -306,9 +306,8 @@ def logprobs_and_entropy(
     n, t, v = logits.shape
     flat_logits, flat_labels = logits.reshape(n * t, v), labels.reshape(n * t)
     lps, ents = [], []
-    for start in range(0, n * t, chunk_size):
-        chunk = flat_logits[start:start + chunk_size]
-        lab = flat_labels[start:start + chunk_size]
+    # split, not slicing: a slice's backward zero-fills a full-size gradient per chunk.
+    for chunk, lab in zip(flat_logits.split(chunk_size), flat_labels.split(chunk_size)):
         if with_entropy:
             if torch.is_grad_enabled() and chunk.requires_grad:
                 lp, ent = checkpoint(_chunk_logprob_entropy, chunk, lab, use_reentrant=False)
