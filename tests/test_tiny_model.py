@@ -145,3 +145,13 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
     monkeypatch.setenv("GSPO_CACHE_DIR", str(tmp_path))
     assert default_cache_dir() == tmp_path
+
+
+def test_build_model_accepts_config_overrides():
+    from gspo.tasks.tiny_model import build_model
+
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=64, intermediate_size=128)
+    assert model.config.hidden_size == 64
+    assert model.config.vocab_size == len(tok)
+    assert model.generation_config.pad_token_id == tok.pad_token_id

@@ -1,18 +1,24 @@
 """A tiny character-level Llama built locally for the offline arithmetic demo.
 
 Nothing is downloaded: the tokenizer is assembled with the `tokenizers`
-library, the model is a randomly initialised ~0.3M-parameter Llama, and a short
+library, the model is a randomly initialised ~1.3M-parameter Llama, and a short
 supervised warm start on the train split of `gspo.tasks.arithmetic` gives it a
 partial grip on the task. The warm start is deliberately underfit so that
 greedy accuracy starts low but sampling still finds correct answers often,
 which is what group-relative RL needs to make progress.
+
+Measured on a 2-core CPU (1 thread): the 600-step warm start takes ~75 s and
+gives ~20% greedy held-out accuracy with ~50% pass@8 at temperature 1.0. The
+model sits just before the point where SFT "clicks" (700 steps gives ~50%),
+so a short on-policy RL phase (lr 1e-4, 16 prompts x 8 samples) lifts greedy
+accuracy by ~20-25 points in about a minute of CPU time. Larger RL learning
+rates (5e-4) wrecked this model in the same test.
 
 The result is cached on disk under a versioned directory name, so changing the
 recipe (bump `RECIPE_VERSION`) rebuilds it instead of reusing a stale model.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -26,18 +32,19 @@ from gspo.tasks.arithmetic import exact_answer_reward, make_problems
 
 # Bump whenever anything below changes what gets built (vocab, architecture,
 # SFT data or hyperparameters): the cache directory name includes it.
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v3"
 MODEL_NAME = "tiny-arithmetic"
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
 CHARS = "0123456789+-*= "
 
-# Architecture: small enough that a 16x8 rollout batch generates in well under
-# a second on 2 CPU cores.
+# Architecture: small enough that a 16x8 rollout batch generates in a fraction
+# of a second on CPU. Width 256 learned far faster per step than 128 (or than
+# 4 layers at 128), which is what keeps the warm start short.
 MODEL_KWARGS = dict(
-    hidden_size=128,
-    intermediate_size=256,
+    hidden_size=256,
+    intermediate_size=512,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=4,
@@ -48,10 +55,11 @@ MODEL_KWARGS = dict(
 )
 
 # Supervised warm start: few enough steps that the model is still clearly
-# imperfect (see the tuning notes in the module docstring).
-SFT_STEPS = 300
+# imperfect (see the measurements in the module docstring). Accuracy moves
+# fast around this step count, so re-measure if anything here changes.
+SFT_STEPS = 600
 SFT_BATCH_SIZE = 64
-SFT_LR = 3e-3
+SFT_LR = 1e-3
 SFT_WARMUP = 20
 SFT_SEED = 1234
 
@@ -82,11 +90,13 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, **config_overrides: Any):
     """A freshly initialised tiny LlamaForCausalLM matching `tokenizer`.
 
-    Llama rather than Qwen2: AutoTokenizer may swap in a model family's own
-    tokenizer class for some model types, which would break the custom vocab.
+    `config_overrides` replace entries of MODEL_KWARGS (e.g. hidden_size=64,
+    intermediate_size=128 for even faster unit tests). Llama rather than
+    Qwen2: AutoTokenizer may swap in a model family's own tokenizer class for
+    some model types, which would break the custom vocab.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,7 +105,7 @@ def build_model(tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **MODEL_KWARGS,
+        **{**MODEL_KWARGS, **config_overrides},
     )
     model = LlamaForCausalLM(config)
     gen = model.generation_config
@@ -128,12 +138,13 @@ def encode_sft_batch(tokenizer, problems: Sequence[dict]) -> dict:
     }
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 10% of peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def _lr_at(step: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then constant.
+
+    A cosine decay was tried and gave no better (noisier) accuracy for the
+    same number of steps; constant keeps the step count the only knob.
+    """
+    return peak * min(1.0, (step + 1) / max(1, warmup))
 
 
 def warm_start(model, tokenizer, steps: int = SFT_STEPS, batch_size: int = SFT_BATCH_SIZE,
@@ -146,7 +157,7 @@ def warm_start(model, tokenizer, steps: int = SFT_STEPS, batch_size: int = SFT_B
     loss_value = float("nan")
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, min(SFT_WARMUP, steps))
+            group["lr"] = _lr_at(step, lr, min(SFT_WARMUP, steps))
         batch = encode_sft_batch(tokenizer, data[step * batch_size:(step + 1) * batch_size])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
@@ -180,9 +191,13 @@ def _is_complete(path: Path) -> bool:
 def _build_into(tmp: Path, sft_steps: int, verbose: bool) -> None:
     """Build tokenizer + model, warm start, and save both into `tmp`."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+    # One thread: the matrices are tiny, so extra threads buy little, and on a
+    # busy 2-core box OpenMP threads contending for cores made the build ~10x
+    # slower in measurement.
+    torch.set_num_threads(1)
     try:
         tokenizer = build_tokenizer()
+        torch.manual_seed(SFT_SEED)  # weight init is part of the recipe too
         model = build_model(tokenizer)
         start = time.time()
         loss = warm_start(model, tokenizer, steps=sft_steps, verbose=verbose)
