@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = build_tokenizer()
-    build_model(tok).save_pretrained(path, safe_serialization=True)
+    build_model(tok, hidden_size=64, intermediate_size=128).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
 

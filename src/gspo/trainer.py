@@ -274,8 +274,7 @@ class GSPOTrainer:
             sums["loss"] += loss.item()
             sums["clip_fraction_seq"] += m["clip_fraction_seq"].item() * len(mic) / n_seq
             sums["clip_fraction_token"] += m["clip_fraction_token"].item() * tokens
-            for key in ("ratio_mean",):
-                sums[key] += m[key].item() * len(mic) / n_seq
+            sums["ratio_mean"] += m["ratio_mean"].item() * len(mic) / n_seq
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
