@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
 
 from gspo.tracking import METRICS_FILE, read_metrics  # noqa: E402
 
@@ -161,8 +161,9 @@ def plot_run(run_dir_or_metrics_file, out_png=None) -> Path:
             ax.grid(True, alpha=0.3)
         for ax in fig.axes:  # twins included
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-            # No "1e-5+2e-1" offset labels: a nearly constant KL coef must still read as its value.
-            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+            # No "1e-5+2e-1" offset labels: a nearly constant KL coef must still read as its value;
+            # "%.3g" keeps tiny values (an on-policy loss of ~1e-9) readable instead of 0.000000000.
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         last = max(int(r["step"]) for r in rows)
