@@ -46,7 +46,7 @@ def deterministic_rollout(model, tokenizer, rows, group_size, max_new_tokens, do
     """Drop-in for gspo.rollout.generate_rollout whose completions are a pure function of
     (prompt ids, index in group): identical whether the prompt is handled by rank 0, rank 1 or
     a single process. Same Rollout layout and masking as the real function."""
-    from gspo.rollout import Rollout, completion_mask_from_ids, eos_ids, left_pad
+    from gspo.rollout import assemble_rollout, eos_ids, left_pad
 
     pad_id = tokenizer.pad_token_id
     eos = eos_ids(model, tokenizer)
@@ -63,17 +63,7 @@ def deterministic_rollout(model, tokenizer, rows, group_size, max_new_tokens, do
                 ids[length - 1] = eos[0]  # EOS-terminated: `length` tokens count, the rest is padding
             completions.append(ids)
     completion_ids = torch.tensor(completions, dtype=torch.long)
-    completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    repeat = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-    extra_keys = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
-    return Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
-        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
-        completion_ids=completion_ids, completion_mask=completion_mask, truncated=no_eos, group_size=group_size,
-        prompts=repeat([r["prompt"] for r in rows]),
-        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        extra={k: repeat([r.get(k) for r in rows]) for k in extra_keys})
+    return assemble_rollout(tokenizer, rows, prompt_ids, prompt_mask, completion_ids, group_size, eos, pad_id)
 
 
 def digit_reward(prompts, completions, **kwargs):

@@ -52,14 +52,14 @@ class RewardFunction:
 # ----------------------------------------------------------------------------------
 # Built-in reward functions
 # ----------------------------------------------------------------------------------
-def _text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """Text of a completion: a string, a message dict, or the last message of a chat."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
         return str(completion.get("content", ""))
     if isinstance(completion, (list, tuple)) and completion:
-        return _text(completion[-1])
+        return completion_text(completion[-1])
     return "" if completion is None else str(completion)
 
 
@@ -85,7 +85,7 @@ def answer_match(prompts=None, completions=None, answer=None, **kwargs) -> list[
         raise ValueError(f"answer_match got {len(answers)} answers for {len(completions)} completions")
     out = []
     for comp, ref in zip(completions, answers):
-        text, ref = _text(comp).strip(), str(ref).strip()
+        text, ref = completion_text(comp).strip(), str(ref).strip()
         hit = text == ref or (bool(ref) and text.startswith(ref) and text[len(ref)].isspace())
         out.append(1.0 if hit else 0.0)
     return out
@@ -267,7 +267,7 @@ class RewardModelScorer:
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
             raise RewardError(f"reward model {self.name!r}: {len(prompts)} prompts but {len(completions)} completions")
-        texts = [str(p) + _text(c) for p, c in zip(prompts, completions)]
+        texts = [str(p) + completion_text(c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, return_tensors="pt",

@@ -110,6 +110,12 @@ def generate_rollout(
     completion_ids = out[:, prompt_ids.shape[1]:].cpu()
     if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid
         completion_ids = torch.full((out.shape[0], 1), eos[0], dtype=torch.long)
+    return assemble_rollout(tokenizer, rows, prompt_ids, prompt_mask, completion_ids, group_size, eos, pad_id)
+
+
+def assemble_rollout(tokenizer, rows: list, prompt_ids, prompt_mask, completion_ids, group_size: int,
+                     eos: list, pad_id: int) -> Rollout:
+    """Masks, texts and per-completion extras around [N, T] sampled ids (N = len(rows) * G)."""
     completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     repeat = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731

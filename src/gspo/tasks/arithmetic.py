@@ -15,6 +15,8 @@ import hashlib
 import random
 from typing import Any, Iterable
 
+from gspo.rewards import completion_text
+
 OPERATORS = ("+", "-")
 MAX_OPERAND = 99
 # Fraction of the problem space reserved for evaluation. 10% of 20,000 is
@@ -81,21 +83,10 @@ def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
     return [format_problem(*t) for t in chosen]
 
 
-def _completion_text(completion: Any) -> str:
-    """Text of one completion: a string, or a chat-style list of messages."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)) and completion:
-        return _completion_text(completion[-1])
-    return ""
-
-
 def extract_answer(completion: Any) -> str:
     """The answer a completion commits to: text up to the first end marker or
     whitespace, after stripping leading/trailing whitespace."""
-    text = _completion_text(completion).strip()
+    text = completion_text(completion).strip()
     for marker in END_MARKERS:
         text = text.split(marker, 1)[0]
     parts = text.split()
