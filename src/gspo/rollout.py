@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+
+from gspo.sampling import PolicySampler, plain_generation
 
 
 @dataclass
@@ -91,22 +93,26 @@ def generate_rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each row ({"prompt", "prompt_ids", **extra}).
 
-    Uses `generate(num_return_sequences=G)`, so completions of one prompt are contiguous.
+    Each prompt is repeated G times (completions of one prompt are contiguous). Sampling draws from
+    softmax(logits / temperature) after top-k / top-p and nothing else (`gspo.sampling`);
+    `do_sample=False` is plain greedy decoding. `synced_gpus` keeps ranks stepping together when
+    parameters are sharded (FSDP / ZeRO-3), where every forward is collective.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
     eos = eos_ids(model, tokenizer)
-    gen_config = GenerationConfig(
-        do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=group_size,
-        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=top_k if do_sample else None, pad_token_id=pad_id, eos_token_id=eos,
-    )
-    out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                         generation_config=gen_config)
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                  eos_token_id=eos)
+    processors = LogitsProcessorList([PolicySampler(temperature, top_k, top_p)] if do_sample else [])
+    inputs = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
+    with plain_generation(model):
+        out = model.generate(input_ids=inputs[0].to(device), attention_mask=inputs[1].to(device),
+                             generation_config=gen_config, logits_processor=processors, synced_gpus=synced_gpus)
     completion_ids = out[:, prompt_ids.shape[1]:].cpu()
     if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid
         completion_ids = torch.full((out.shape[0], 1), eos[0], dtype=torch.long)
