@@ -104,6 +104,24 @@ def test_gradient_accumulation_changes_nothing(tiny_model_dir, arithmetic_rows, 
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_gradient_checkpointing_and_bounded_head_change_nothing(tiny_model_dir, arithmetic_rows, tmp_path,
+                                                                entropy_coef):
+    """gradient_checkpointing recomputes the layers and runs the output head a chunk at a time
+    (entropy_chunk_size=3 here, so several chunks per micro-batch): same weights as without it."""
+    results = []
+    for ckpt in (False, True):
+        cfg = small_config(tiny_model_dir, tmp_path / str(ckpt), group_size=4, max_steps=1, gspo_epochs=2,
+                           num_mini_batches=2, gradient_checkpointing=ckpt, entropy_chunk_size=3,
+                           entropy_coef=entropy_coef, kl_coef=0.1, adaptive_kl=False, max_grad_norm=0.0)
+        trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+        trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+        trainer.train(arithmetic_rows)
+        results.append(params_of(trainer.model))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=0)
+
+
 def test_lora_trains_adapters_only_and_uses_base_as_reference(tiny_model_dir, arithmetic_rows, tmp_path):
     cfg = small_config(tiny_model_dir, tmp_path, use_lora=True, lora_r=4, lora_alpha=8,
                        lora_target_modules=["q_proj", "v_proj"], gspo_epochs=1, max_steps=1)

@@ -49,7 +49,10 @@ class GSPOConfig:
     reward_penalty_value: float = _f(0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless you trust the source.")
     torch_dtype: str = _f("float32", "Dtype the models are loaded in.", choices=("float32", "bfloat16", "float16"))
-    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass.")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass: "
+                                        "layer activations are recomputed, and the output head runs "
+                                        "entropy_chunk_size tokens at a time, recomputed in backward, so no "
+                                        "[tokens, vocabulary] logits tensor is ever held.")
     # --- data -----------------------------------------------------------------------
     dataset_path: Optional[str] = _f(None, "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory ('builtin:arithmetic' for the demo task).")
     prompt_column: str = _f("prompt", "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat template). Other columns reach the reward functions as keyword arguments.")
@@ -88,7 +91,8 @@ class GSPOConfig:
     target_kl: float = _f(0.01, "KL the adaptive controller steers towards.")
     adaptive_kl: bool = _f(True, "Adapt kl_coef (Ziegler et al. 2019): kl_coef *= 1 + clip(kl/target_kl - 1, -0.2, 0.2) * batch/horizon.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in samples.")
-    entropy_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs and entropy over the vocabulary, bounding peak memory.")
+    entropy_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs and entropy over the vocabulary, bounding peak memory "
+                                      "(the output head too, in no-grad passes and under gradient_checkpointing).")
     # --- generation -----------------------------------------------------------------
     max_new_tokens: int = _f(128, "Longest completion in tokens; a completion cut here counts as truncated.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")

@@ -284,12 +284,19 @@ class AdaptiveKLController(FixedKLController):
 # ----------------------------------------------------------------------------------
 # Token log-probs and entropy from logits, one chunk of the vocabulary at a time
 # ----------------------------------------------------------------------------------
-def _chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, V] logits, [C] labels -> ([C] log p(label), [C] entropy)."""
     logits = logits.float()  # [C, V] bf16 logits lose too much in log_softmax
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)  # [C]
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # [C] H = -sum p log p
     return logp, entropy
+
+
+def chunk_label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits, [C] labels -> [C] log p(label) = logit - logsumexp: no [C, V] probabilities kept."""
+    logits = logits.float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def logprobs_and_entropy(
@@ -310,13 +317,12 @@ def logprobs_and_entropy(
     for chunk, lab in zip(flat_logits.split(chunk_size), flat_labels.split(chunk_size)):
         if with_entropy:
             if torch.is_grad_enabled() and chunk.requires_grad:
-                lp, ent = checkpoint(_chunk_logprob_entropy, chunk, lab, use_reentrant=False)
+                lp, ent = checkpoint(chunk_logprob_entropy, chunk, lab, use_reentrant=False)
             else:
-                lp, ent = _chunk_logprob_entropy(chunk, lab)
+                lp, ent = chunk_logprob_entropy(chunk, lab)
             ents.append(ent)
         else:  # log p(label) = logit - logsumexp: no [C, V] probabilities at all
-            chunk = chunk.float()
-            lp = chunk.gather(-1, lab[:, None]).squeeze(-1) - torch.logsumexp(chunk, dim=-1)
+            lp = chunk_label_logprob(chunk, lab)
         lps.append(lp)
     logp = torch.cat(lps).view(n, t)
     return logp, (torch.cat(ents).view(n, t) if with_entropy else None)

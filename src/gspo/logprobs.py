@@ -1,9 +1,10 @@
 """Model forward -> per-token log-probs (and entropy) of the completion tokens.
 
-Memory and work are bounded three ways: padding columns that no row of the micro-batch
-uses are trimmed first; logits are computed only for the T completion positions
-(`logits_to_keep`, when the model supports it); log-softmax and entropy run a chunk
-of positions at a time (gspo.core.logprobs_and_entropy).
+Memory and work are bounded: padding columns that no row of the micro-batch uses are
+trimmed first; logits are computed only for the T completion positions (`logits_to_keep`,
+when the model supports it); log-softmax and entropy run a chunk of positions at a time
+(gspo.core.logprobs_and_entropy); with `bounded_head` the output head itself runs a chunk
+at a time, so memory is one [chunk, V] block whatever the length and vocabulary.
 Log-probs are of softmax(logits / temperature): the distribution rollouts were sampled
 from, so the importance ratio compares like with like.
 """
@@ -15,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gspo.core import logprobs_and_entropy
+from gspo.core import chunk_label_logprob, chunk_logprob_entropy, logprobs_and_entropy
 
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
+_HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
 
 
 def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -29,26 +31,93 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :end], completion_mask[:, :end]
 
 
-def _forward_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
+def _model_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
+    """The model's logits, asking for only the last `keep` positions where the model supports it."""
     # Position ids from the mask: left padding must not shift positions (generate does the same).
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     kind = type(model)
     if kind not in _NO_LOGITS_TO_KEEP:
         try:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        logits_to_keep=keep, use_cache=False)
-            if out.logits.shape[1] == keep:
-                return out.logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         logits_to_keep=keep, use_cache=False).logits
         except TypeError:
-            pass
-        _NO_LOGITS_TO_KEEP.add(kind)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.logits[:, -keep:]
+            _NO_LOGITS_TO_KEEP.add(kind)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
 
-def _chunk_label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _forward_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:  # [n, keep, V]
+    return _model_logits(model, input_ids, attention_mask, keep)[:, -keep:]
+
+
+def _output_head(model):
+    inner = getattr(model, "module", model)  # DDP wraps; PEFT forwards get_output_embeddings to its base
+    getter = getattr(inner, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def _final_hidden(model, input_ids, attention_mask, keep: int):
+    """(hidden [n, keep, H], head) where logits == head(hidden) exactly, computing the head at one
+    position only; None when the model does more after its head (soft-capping, scaling...).
+
+    A pre-hook on the output head records its input and narrows it to the last position, so the
+    model's own forward (and DDP's hooks around it) run unchanged while [n, keep, V] logits never exist.
+    """
+    head = _output_head(model)
+    if head is None or type(model) in _HEAD_NOT_FINAL:
+        return None
+    seen = {}
+
+    def narrow(module, args):
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return None  # an unexpected call shape: leave it alone, the check below falls back
+        seen["hidden"] = args[0]
+        return (args[0][:, -1:],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(narrow)
+    try:
+        logits = _model_logits(model, input_ids, attention_mask, keep)  # [n, 1, V]: the head saw one position
+    finally:
+        handle.remove()
+    hidden = seen.get("hidden")
+    if hidden is not None and hidden.dim() == 3 and hidden.shape[1] >= keep:
+        with torch.no_grad():
+            exact = torch.allclose(head(hidden[:, -1:]).float(), logits[:, -1:].float(), rtol=1e-4, atol=1e-5)
+        if exact:
+            return hidden[:, -keep:], head
+    _HEAD_NOT_FINAL.add(type(model))
+    return None
+
+
+def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]):
+    """[C, H] hidden, [C] labels -> ([C] log p, [C] entropy or None); entropy None | 'grad' | 'metric'."""
+    logits = head(hidden)  # [C, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    if entropy == "grad":
+        return chunk_logprob_entropy(logits, labels)
+    logp = chunk_label_logprob(logits, labels)
+    if entropy is None:
+        return logp, None
+    with torch.no_grad():
+        return logp, chunk_logprob_entropy(logits.detach(), labels)[1]
+
+
+def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, entropy: Optional[str]):
+    """[n, t, H] hidden -> ([n, t] log p, [n, t] entropy or None), the head applied `chunk_size` rows at a
+    time. Under autograd each chunk is checkpointed: backward recomputes that chunk's logits, so peak
+    memory is one [chunk_size, V] block whatever the length or the vocabulary (one more head matmul)."""
+    n, t, h = hidden.shape
+    lps, ents = [], []
+    for hid, lab in zip(hidden.reshape(n * t, h).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
+        if torch.is_grad_enabled() and hid.requires_grad:
+            lp, ent = checkpoint(_head_chunk, head, hid, lab, temperature, entropy, use_reentrant=False)
+        else:
+            lp, ent = _head_chunk(head, hid, lab, temperature, entropy)
+        lps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(lps).view(n, t)
+    return logp, (torch.cat(ents).view(n, t) if entropy is not None else None)
 
 
 def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -61,9 +130,9 @@ def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int)
     # chunk; split's backward concatenates the chunk gradients once.
     for chunk, lab in zip(logits.reshape(n * t, v).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
         if logits.dtype == torch.float32 or not chunk.requires_grad:
-            out.append(_chunk_label_logprob(chunk, lab))
+            out.append(chunk_label_logprob(chunk, lab))
         else:
-            out.append(checkpoint(_chunk_label_logprob, chunk, lab, use_reentrant=False))
+            out.append(checkpoint(chunk_label_logprob, chunk, lab, use_reentrant=False))
     return torch.cat(out).view(n, t)
 
 
@@ -77,6 +146,7 @@ def completion_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     entropy_grad: bool = True,
+    bounded_head: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
 
@@ -84,6 +154,9 @@ def completion_logprobs(
     `entropy_grad=False` (entropy only as a metric, e.g. entropy_coef == 0): the entropy is computed
     detached, so the graph holds only log p(label) = logit - logsumexp and backward recomputes no
     softmax (bench/bench_step.py: about 20% less CPU in this head at vocabulary 32768).
+    `bounded_head=True`: the output head itself runs a chunk at a time (recomputed in backward), so
+    no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
+    their logits after the head.
     """
     device = next(model.parameters()).device
     full_t = completion_ids.shape[1]
@@ -91,15 +164,21 @@ def completion_logprobs(
     input_ids = torch.cat([p_ids, c_ids], dim=1).to(device)
     attention_mask = torch.cat([p_mask, c_mask], dim=1).to(device)
     t = c_ids.shape[1]
-    logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
-    if temperature != 1.0:
-        logits = logits / temperature
     labels = c_ids.to(device)
-    if with_entropy and not entropy_grad and torch.is_grad_enabled():
-        logp = _label_logprobs(logits, labels, chunk_size)
-        with torch.no_grad():
-            _, entropy = logprobs_and_entropy(logits.detach(), labels, chunk_size, with_entropy=True)
+    entropy_mode = None if not with_entropy else ("grad" if entropy_grad else "metric")
+    found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if bounded_head else None
+    if found is not None:
+        hidden, head = found
+        logp, entropy = _head_logprobs(head, hidden[:, :-1], labels, temperature, chunk_size, entropy_mode)
     else:
-        logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy)
+        logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
+        if temperature != 1.0:
+            logits = logits / temperature
+        if entropy_mode == "metric" and torch.is_grad_enabled():
+            logp = _label_logprobs(logits, labels, chunk_size)
+            with torch.no_grad():
+                _, entropy = logprobs_and_entropy(logits.detach(), labels, chunk_size, with_entropy=True)
+        else:
+            logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy)
     pad = (0, full_t - t)
     return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)

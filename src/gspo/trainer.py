@@ -206,7 +206,8 @@ class GSPOTrainer:
         for idx in torch.arange(len(rollout)).split(micro):
             part = rollout.select(idx)
             lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                        part.completion_mask, cfg.temperature, cfg.entropy_chunk_size)
+                                        part.completion_mask, cfg.temperature, cfg.entropy_chunk_size,
+                                        bounded_head=True)  # no backward: bounding the head costs nothing
             out.append(lp.cpu())
         return torch.cat(out)
 
@@ -253,7 +254,8 @@ class GSPOTrainer:
             with sync:
                 logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                     part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True,
-                                                    entropy_grad=cfg.entropy_coef != 0)
+                                                    entropy_grad=cfg.entropy_coef != 0,
+                                                    bounded_head=cfg.gradient_checkpointing)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
                 if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()

@@ -1,0 +1,102 @@
+"""gspo.logprobs: the bounded output head gives the full-logits result, and never holds [n, T, V]."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from gspo.logprobs import _final_hidden, completion_logprobs
+from gspo.models import load_tokenizer
+from gspo.rollout import left_pad
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = ["12+3=", "7*8=", "100-1=", "5="]
+    completions = ["15", "56<eos>", "99", "5555"]
+    p_ids, p_mask = left_pad([tok.encode(p) for p in prompts], tok.pad_token_id)
+    c_list = [tok.encode(c) for c in completions]
+    width = max(len(c) for c in c_list)
+    c_ids = torch.full((4, width), tok.pad_token_id)
+    c_mask = torch.zeros((4, width), dtype=torch.long)
+    for i, c in enumerate(c_list):
+        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
+    return p_ids, p_mask, c_ids, c_mask
+
+
+def _run(model, batch, bounded: bool, entropy_mode):
+    model.zero_grad()
+    with_entropy, entropy_grad = entropy_mode is not None, entropy_mode == "grad"
+    logp, ent = completion_logprobs(model, *batch, temperature=0.7, chunk_size=5, with_entropy=with_entropy,
+                                    entropy_grad=entropy_grad, bounded_head=bounded)
+    loss = (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum()
+    if entropy_mode == "grad":
+        loss = loss + 0.3 * ent.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), (ent.detach() if ent is not None else None), grads
+
+
+@pytest.mark.parametrize("entropy_mode", [None, "metric", "grad"])
+def test_bounded_head_matches_full_logits_values_and_gradients(tiny_model_dir, batch, entropy_mode):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    p_ids, p_mask, c_ids, c_mask = batch
+    with torch.no_grad():  # the bounded path is really taken for this model, not a silent fallback
+        assert _final_hidden(model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), keep=3) is not None
+    lp_full, ent_full, g_full = _run(model, batch, False, entropy_mode)
+    lp_b, ent_b, g_b = _run(model, batch, True, entropy_mode)
+    assert torch.allclose(lp_b, lp_full, atol=1e-6, rtol=0)
+    if entropy_mode is not None:
+        assert torch.allclose(ent_b, ent_full, atol=1e-6, rtol=0)
+    assert g_b.keys() == g_full.keys() and len(g_b) > 0
+    for name in g_full:
+        assert torch.allclose(g_b[name], g_full[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_bounded_head_never_keeps_vocab_by_length_tensors(batch):
+    """Largest non-parameter storage autograd keeps for backward (a saved view keeps its whole base
+    alive), on a model whose vocabulary (4096) dwarfs its width (16): with the bounded head at most one
+    chunk of fp32 logits (5 tokens x V x 4 bytes); with full logits the [n, T, V] block (4 x 4 x V x 4)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    vocab, params = 4096, {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for bounded in (True, False):
+        biggest = [0]
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                biggest[0] = max(biggest[0], t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp, _ = completion_logprobs(model, *batch, chunk_size=5, bounded_head=bounded)
+        logp.sum().backward()
+        if bounded:
+            assert 0 < biggest[0] <= 5 * vocab * 4
+        else:
+            assert biggest[0] >= 4 * 4 * vocab * 4
+
+
+class _ScaledLogits(LlamaForCausalLM):
+    """Stands in for models that transform logits after the head (Gemma-2 soft-capping, Cohere scale)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_bounded_head_falls_back_when_logits_are_not_the_heads_output(tiny_model_dir, batch):
+    model = _ScaledLogits.from_pretrained(tiny_model_dir).eval()
+    p_ids, p_mask, c_ids, c_mask = batch
+    with torch.no_grad():
+        assert _final_hidden(model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), keep=3) is None
+        full, _ = completion_logprobs(model, *batch, bounded_head=False)
+        bounded, _ = completion_logprobs(model, *batch, bounded_head=True)
+    assert torch.allclose(bounded, full, atol=1e-6, rtol=0)
+    # the doubled logits really are used: log-probs differ from the plain model's
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(completion_logprobs(plain, *batch)[0], full, atol=1e-3)
