@@ -440,6 +440,31 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
             "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
 
 
+def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> dict:
+    """Peak RSS above weights + gradient buffers of the output head's forward+backward at the small
+    model's shape ([32 x new_tokens] hidden states of width 384, vocabulary 32768): bounded = the
+    chunked, recomputed head (gradient_checkpointing); otherwise full [32, T, V] logits then chunked log p."""
+    torch.set_num_threads(threads)
+    from gspo.logprobs import _head_logprobs, _label_logprobs
+
+    n, t, h, v = N_PROMPTS * GROUP, new_tokens, SMALL_ARCH["hidden_size"], SMALL_ARCH["vocab_size"]
+    torch.manual_seed(0)
+    head = torch.nn.Linear(h, v, bias=False)
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    labels = torch.randint(0, v, (n, t))
+    head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)
+    base = current_rss_mb()
+    assert peak_rss_mb() <= base + 64, "a higher peak earlier would hide this measurement"
+    t0 = time.perf_counter()
+    if bounded:
+        logp, _ = _head_logprobs(head, hidden, labels, 1.0, chunk, None)
+    else:
+        logp = _label_logprobs(head(hidden), labels, chunk)
+    logp.sum().backward()
+    return {"bounded": bounded, "chunk": chunk, "new_tokens": t, "full_logits_mb": n * t * v * 4 / 2**20,
+            "peak_above_weights_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
+
+
 # ---------------------------------------------------------------------------- parent
 def run_worker(args: list, timeout=900) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
@@ -475,7 +500,7 @@ def print_step(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem")
+    ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem,headmem")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps-tiny", type=int, default=10)
     ap.add_argument("--steps-small", type=int, default=3)
@@ -500,6 +525,8 @@ def main() -> None:
                                    spec.get("group", GROUP))
         elif a.worker == "epochs":
             res = worker_epochs(workdir, a.threads)
+        elif a.worker == "headmem":
+            res = worker_headmem(spec["chunk"], a.threads, spec["bounded"], spec["new_tokens"])
         elif a.worker == "chunkmem":
             res = worker_chunkmem(spec["chunk"], a.threads, spec.get("fn", "core"))
         else:
@@ -567,6 +594,17 @@ def main() -> None:
         for r in res:
             print(f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
                   f"({r['time_s']:.2f}s)")
+    if "headmem" in parts:
+        res = [run_worker(["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t})] + th)
+               for t in (64, 256) for b in (False, True) for c in (256, 1024)]
+        out["headmem"] = res
+        print("\n== output head forward+backward, hidden [32, T, 384] -> vocabulary 32768: peak RSS above weights and "
+              "gradient buffers\n   (full = [32, T, V] logits then chunked log p; bounded = head applied a chunk at a "
+              "time and recomputed in backward, the gradient_checkpointing path)")
+        for r in res:
+            kind = "bounded" if r["bounded"] else "full"
+            print(f"   T {r['new_tokens']:4d} {kind:8s} chunk {r['chunk']:5d}: {r['peak_above_weights_mb']:7.0f} MB  "
+                  f"(full logits would be {r['full_logits_mb']:.0f} MB; {r['time_s']:.2f}s)")
     out["total_s"] = time.perf_counter() - t_start
     out["loadavg_end"] = os.getloadavg()
     summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "total_s")}}

@@ -20,6 +20,14 @@ Scenarios (comma-separated in --scenarios):
                  rank with an empty share (it must still join the gradient all-reduce)
   resume         seq_offpolicy split as 2 steps + checkpoint, then a fresh trainer resuming to step 3
   fail_rank1     a reward function that raises on rank 1 only
+  fsdp_offpolicy, fsdp_token, fsdp_resume
+                 seq_offpolicy / token_mean / resume with fsdp=True (FSDP2 shards; a no-op in one process)
+  fsdp_sampled   fsdp=True with the REAL generate_rollout (weights gathered for sampling), a greedy
+                 evaluation every step and the final export; not comparable to one process (each rank
+                 samples from its own RNG stream), so it checks that ranks agree and the export is whole
+  fsdp_from_plain_ckpt   fsdp=True resuming step 3 from the 'resume' scenario's step-2 checkpoint (written
+                 without fsdp: optimizer state by index); run it after 'resume'
+  plain_from_ckpt        fsdp=False resuming step 3 from --resume_from (e.g. an fsdp checkpoint: by name)
 """
 from __future__ import annotations
 
@@ -87,10 +95,21 @@ SCENARIOS = {
 }
 
 
+SCENARIOS.update(
+    fsdp_offpolicy=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
+    fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
+    fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
+    fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=6),
+)
+SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
+                 plain_from_ckpt=SCENARIOS["seq_offpolicy"])
+RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy"}
+
+
 def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
     from gspo.config import GSPOConfig
 
-    base = SCENARIOS["seq_offpolicy" if scenario == "resume" else scenario]
+    base = SCENARIOS[scenario]
     settings = dict(policy_model_name=model_dir, batch_size=4, group_size=4, max_new_tokens=4, max_steps=STEPS,
                     learning_rate=1e-3, seed=7, kl_coef=0.1, adaptive_kl=True, target_kl=0.3, kl_horizon=100,
                     entropy_coef=0.01, output_dir=str(output_dir), progress_bar=False, log_completions_steps=0,
@@ -100,7 +119,7 @@ def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
     return GSPOConfig(**settings)
 
 
-def run(model_dir: str, out: Path, scenario: str) -> None:
+def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None:
     import gspo.trainer
     from gspo.trainer import GSPOTrainer
 
@@ -111,27 +130,51 @@ def run(model_dir: str, out: Path, scenario: str) -> None:
         local_tokens.append(int(rollout.completion_mask.sum()))
         return rollout
 
-    gspo.trainer.generate_rollout = rollout_hook
+    if scenario != "fsdp_sampled":
+        gspo.trainer.generate_rollout = rollout_hook
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario == "fail_rank1" else digit_reward
     rows = [{"prompt": p} for p in PROMPTS]
-    if scenario == "resume":  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
+    if scenario in RESUMES:  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
         first = GSPOTrainer(make_config(model_dir, out_dir, scenario, max_steps=STEPS, save_steps=2),
                             reward_funcs=[reward])
         _train_until(first, rows, stop_after=2)
         trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint="latest"),
                               reward_funcs=[reward])
+    elif scenario in ("fsdp_from_plain_ckpt", "plain_from_ckpt"):
+        source = str(out / "resume" / "checkpoint-2") if scenario == "fsdp_from_plain_ckpt" else resume_from
+        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint=source),
+                              reward_funcs=[reward])
     else:
         trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario), reward_funcs=[reward])
-    history = trainer.train(rows)
+    history = trainer.train(rows, eval_dataset=rows if scenario == "fsdp_sampled" else None)
     acc = trainer.accelerator
     rank = acc.process_index
-    params = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
+    params = full_params(acc.unwrap_model(trainer.model))
     torch.save(params, out_dir / f"params_rank{rank}.pt")
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
         "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
-        "local_tokens": local_tokens}))
+        "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model))}))
+
+
+def shard_info(model) -> dict:
+    """How many parameter elements this rank stores, against the model's full count."""
+    from gspo.parallel import is_sharded
+
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return {"sharded": is_sharded(model), "local_numel": local, "full_numel": sum(p.numel() for p in model.parameters())}
+
+
+def full_params(model) -> dict:
+    """Every parameter whole, on every rank (FSDP2: all-gathered, so each rank can be compared)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from gspo.parallel import is_sharded
+
+    state = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model)
+             else model.state_dict())
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def _train_until(trainer, rows, stop_after: int) -> None:
@@ -169,12 +212,13 @@ def main(argv=None) -> int:
     parser.add_argument("--build_model", action="store_true")
     parser.add_argument("--out", required=False)
     parser.add_argument("--scenarios", default="seq_offpolicy,token_mean")
+    parser.add_argument("--resume_from", default="", help="checkpoint for the plain_from_ckpt scenario")
     args = parser.parse_args(argv)
     if args.build_model:
         build_model_dir(Path(args.model_dir))
         return 0
     for scenario in args.scenarios.split(","):
-        run(args.model_dir, Path(args.out), scenario)
+        run(args.model_dir, Path(args.out), scenario, args.resume_from)
     return 0
 
 

@@ -20,6 +20,8 @@ Scenarios (3 steps each, tiny Llama, batch_size 4 x group_size 4, max_new_tokens
   uneven         2x2 rollout in 4 mini-batches of 1: one rank has an empty share each update
   resume         seq_offpolicy stopped after a step-2 checkpoint, resumed by a fresh trainer
   fail_rank1     a reward function raising on rank 1 only
+  fsdp_*         the same with fsdp=True (FSDP2 shards on gloo), resume and cross-resume with and
+                 without fsdp, and one run with real sampling + evaluation + export (see dist_worker.py)
 
 The 1-process run is plain `python`; the 2-process equivalence runs use `torchrun`, the failure
 run `accelerate launch --multi_gpu` (torchrun workers; on a machine without GPUs the trainer
@@ -41,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
 BIN = Path(sys.executable).parent
 EQUIV = ["seq_offpolicy", "token_mean", "uneven"]
+FSDP = {"fsdp_offpolicy": "seq_offpolicy", "fsdp_token": "token_mean"}  # 2-process FSDP2 run -> 1-process twin
+FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
 METRIC_ATOL = 1e-5  # measured: <= ~5e-7
@@ -87,12 +91,17 @@ def runs(tmp_path_factory):
     port = _free_port()
     two = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                             "--master_port", str(port), WORKER, "--model_dir", str(model_dir),
-                            "--out", str(root / "two"), "--scenarios", ",".join(EQUIV + ["resume"])],
+                            "--out", str(root / "two"),
+                            "--scenarios", ",".join(EQUIV + ["resume"] + list(FSDP) + FSDP_EXTRA)],
                            env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rc1, out1 = _finish(one, 600)
     rc2, out2 = _finish(two, 600)
     assert rc1 == 0, out1[-6000:]
     assert rc2 == 0, out2[-6000:]
+    # One process resuming from the 2-process FSDP run's step-2 checkpoint (optimizer state by name).
+    subprocess.run([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"), "--scenarios",
+                    "plain_from_ckpt", "--resume_from", str(root / "two" / "fsdp_resume" / "checkpoint-2")],
+                   check=True, env=_env(0), capture_output=True, timeout=300)
     return {"one": root / "one", "two": root / "two", "model_dir": model_dir, "root": root}
 
 
@@ -199,3 +208,68 @@ def test_error_on_one_rank_stops_the_whole_run(runs):
     assert "deliberate failure on rank 1" in out
     assert "fails_on_rank1" in out  # the reward error names the function
     assert elapsed < 240, elapsed
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def test_fsdp_really_shards(runs):
+    """Each rank stores about half of the parameter elements (uneven splits round per tensor)."""
+    for scenario in list(FSDP) + FSDP_EXTRA:
+        infos = [_rank(runs["two"], scenario, r) for r in (0, 1)]
+        assert all(i["sharded"] for i in infos), scenario
+        full = infos[0]["full_numel"]
+        assert sum(i["local_numel"] for i in infos) == full
+        assert all(i["local_numel"] < 0.55 * full for i in infos), [i["local_numel"] for i in infos]
+    assert not _rank(runs["two"], "seq_offpolicy", 0)["sharded"]  # fsdp=False stays DDP
+
+
+@pytest.mark.parametrize("scenario", list(FSDP) + FSDP_EXTRA)
+def test_fsdp_ranks_hold_identical_full_parameters(runs, scenario):
+    p0, p1 = _params(runs["two"], scenario, 0), _params(runs["two"], scenario, 1)
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+
+
+@pytest.mark.parametrize("scenario", list(FSDP))
+def test_fsdp_two_processes_match_one_process(runs, scenario):
+    """Same global batch and rollouts: FSDP2's reduce-scattered mean gradients give the 1-process weights."""
+    twin = FSDP[scenario]
+    one, two = _params(runs["one"], twin, 0), _params(runs["two"], scenario, 0)
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"{scenario}: max |fsdp 2-proc - 1-proc| {diff:.3e}")
+    assert diff < PARAM_ATOL
+    h1, h2 = _rank(runs["one"], twin, 0)["history"], _rank(runs["two"], scenario, 0)["history"]
+    for a, b in zip(h1, h2):
+        for k in ("loss", "kl_divergence", "grad_norm", "clip_fraction_seq", "kl_coef"):
+            assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL), (a["step"], k)
+
+
+def test_fsdp_resume_and_cross_resume_continue_exactly(runs):
+    """Resume under FSDP from an FSDP checkpoint, under FSDP from a DDP checkpoint, and in one process
+    from an FSDP checkpoint: all three end where the uninterrupted run ends."""
+    straight_fsdp = _params(runs["two"], "fsdp_offpolicy", 0)
+    resumed = _params(runs["two"], "fsdp_resume", 0)
+    assert max((resumed[k] - straight_fsdp[k]).abs().max().item() for k in resumed) < 1e-6
+    for run, scenario in ((runs["two"], "fsdp_from_plain_ckpt"), (runs["one"], "plain_from_ckpt")):
+        p = _params(run, scenario, 0)
+        assert _rank(run, scenario, 0)["start_step"] == 2
+        assert max((p[k] - straight_fsdp[k]).abs().max().item() for k in p) < PARAM_ATOL, scenario
+
+
+def test_fsdp_sampled_run_gathers_for_generation_and_exports_whole_weights(runs):
+    """Real sampling and greedy evaluation on the sharded model, then the final export: it holds every
+    weight, equal to the gathered parameters, and loads with from_pretrained."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = runs["two"] / "fsdp_sampled"
+    history = _rank(runs["two"], "fsdp_sampled", 0)["history"]
+    assert len(history) == STEPS and all(m["eval/num_samples"] == 6 for m in history)
+    assert all(m["completion_length_mean"] > 0 for m in history)
+    params = _params(runs["two"], "fsdp_sampled", 0)
+    exported = load_file(str(out / "model.safetensors"))
+    for k, v in exported.items():
+        assert torch.equal(v, params[k]), k
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k

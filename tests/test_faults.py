@@ -68,7 +68,7 @@ BAD_CONFIG = [
     ("lora_r", 0), ("reward_penalty_value", NAN), ("reward_model_weight", INF),
     ("max_steps", 0), ("max_steps", -2), ("save_steps", -1), ("save_total_limit", 0), ("save_total_limit", 2.5),
     ("max_consecutive_skipped_updates", 0), ("seed", -1), ("seed", "42"),
-    ("use_lora", "yes"), ("progress_bar", 1), ("reward_funcs", "exact_answer"), ("lora_target_modules", "q_proj"),
+    ("use_lora", "yes"), ("fsdp", "yes"), ("progress_bar", 1), ("reward_funcs", "exact_answer"), ("lora_target_modules", "q_proj"),
     ("report_to", ["mlflow"]), ("reward_weights", [1.0]), ("resume_from_checkpoint", 3), ("prompt_column", ""),
 ]
 
@@ -80,6 +80,11 @@ def test_bad_config_value_names_field_value_and_rule(field, value):
     msg = str(info.value)
     assert field in msg and repr(value) in msg, msg
     assert re.search(r"must|expected|contradicts|does not exist|no such|only|needs|entries", msg), msg
+
+
+def test_fsdp_with_lora_is_rejected_naming_both():
+    with pytest.raises(ConfigError, match=r"fsdp.*True.*use_lora=True"):
+        GSPOConfig(fsdp=True, use_lora=True)
 
 
 def test_good_config_edges_are_accepted():

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from gspo import parallel
+
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "complete"
 TMP_PREFIX = ".tmp-"
@@ -86,13 +88,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _save_weights(model, directory: Path) -> None:
+def _save_weights(model, directory: Path, state_dict: Optional[dict] = None) -> None:
     """save_pretrained in safetensors. transformers 5 always writes safetensors and has no
-    `safe_serialization` argument any more; peft still takes it (and defaults to True)."""
+    `safe_serialization` argument any more; peft still takes it (and defaults to True).
+    `state_dict`: full tensors gathered from a sharded model (gspo.parallel.full_state_dict)."""
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     if _is_peft(model):
-        model.save_pretrained(str(directory), safe_serialization=True)
+        model.save_pretrained(str(directory), safe_serialization=True, **extra)
     else:
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), **extra)
 
 
 def _remove_dir(path: Path) -> None:
@@ -145,14 +149,15 @@ def _set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------
-def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict) -> None:
+def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                    model_state: Optional[dict], optimizer_state: Optional[dict]) -> None:
     # Serialise the trainer state first: a non-JSON value should fail before anything big is written.
     state_json = json.dumps({"step": int(step), **trainer_state}, indent=2, allow_nan=False)
-    _save_weights(model, tmp)
+    _save_weights(model, tmp, model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if optimizer is not None or optimizer_state is not None:
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     (tmp / TRAINER_STATE_FILE).write_text(state_json + "\n", encoding="utf-8")
@@ -160,10 +165,13 @@ def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: Optional[int] = None) -> Path:
+                    save_total_limit: Optional[int] = None, model_state: Optional[dict] = None,
+                    optimizer_state: Optional[dict] = None) -> Path:
     """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
 
     Call on the main process only. Saving the same step twice replaces the earlier one.
+    `model_state` / `optimizer_state`: full states gathered from a sharded model, saved instead of the
+    live model's and optimizer's (which hold only this rank's shards).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +182,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_contents(tmp, step, _unwrap(model), tokenizer, optimizer, scheduler, trainer_state)
+        _write_contents(tmp, step, _unwrap(model), tokenizer, optimizer, scheduler, trainer_state, model_state,
+                        optimizer_state)
         _fsync_tree(tmp)  # data must be durable before the marker claims completeness
         with open(tmp / COMPLETE_MARKER, "w") as fh:
             fh.write(f"{int(step)}\n")
@@ -295,6 +304,19 @@ def _load_plain_weights(path: Path, model) -> None:
         raise RuntimeError(f"{path}: checkpoint lacks weights of the model: {truly_missing[:10]}")
 
 
+def _with_tied_duplicates(model, state: dict) -> dict:
+    """Add the names save_pretrained dropped as tied duplicates (lm_head.weight = embed_tokens.weight)."""
+    by_param: dict[int, list] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), []).append(name)
+    for names in by_param.values():
+        present = [n for n in names if n in state]
+        for n in names:
+            if n not in state and present:
+                state[n] = state[present[0]]
+    return state
+
+
 def _load_peft_weights(path: Path, model) -> None:
     from peft import set_peft_model_state_dict
 
@@ -311,7 +333,10 @@ def _load_peft_weights(path: Path, model) -> None:
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Restore weights (in place), optimizer, scheduler and RNG from a checkpoint; return trainer_state."""
+    """Restore weights (in place), optimizer, scheduler and RNG from a checkpoint; return trainer_state.
+
+    A model sharded with FSDP2 (gspo.parallel) loads the same full files; every rank keeps its shard.
+    """
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (missing '{COMPLETE_MARKER}' marker)")
@@ -320,8 +345,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
     if has_adapter != _is_peft(model):
         raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
                          f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
+    sharded = parallel.is_sharded(model)
     if _is_peft(model):
         _load_peft_weights(path, model)
+    elif sharded:
+        parallel.load_full_state(model, _with_tied_duplicates(model, _load_safetensors_dir(path, "model")))
     else:
         _load_plain_weights(path, model)
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
@@ -330,7 +358,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: no {name} to restore {type(obj).__name__} from")
         # map_location cpu: optimizers move their state to each parameter's device on load.
-        obj.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
+        state = torch.load(path / name, map_location="cpu", weights_only=True)
+        if obj is optimizer and (sharded or parallel.keyed_by_name(state)):
+            parallel.load_full_optimizer_state(model, getattr(optimizer, "optimizer", optimizer), state)
+        else:
+            obj.load_state_dict(state)
     if restore_rng and (path / RNG_FILE).is_file():
         _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
     return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
@@ -345,7 +377,7 @@ _MODEL_FILE_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safet
                         "adapter_model.safetensors", "adapter_config.json", "pytorch_model*.bin")
 
 
-def save_final_model(model, tokenizer, output_dir, merge_lora: bool = False) -> Path:
+def save_final_model(model, tokenizer, output_dir, merge_lora: bool = False, state_dict: Optional[dict] = None) -> Path:
     """Save the model (safetensors) and tokenizer into output_dir; returns output_dir.
 
     A PeftModel is saved as its adapter, or with merge_lora=True merged into the base
@@ -363,7 +395,7 @@ def save_final_model(model, tokenizer, output_dir, merge_lora: bool = False) -> 
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _save_weights(model, tmp)
+        _save_weights(model, tmp, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _fsync_tree(tmp)

@@ -53,6 +53,11 @@ class GSPOConfig:
                                         "layer activations are recomputed, and the output head runs "
                                         "entropy_chunk_size tokens at a time, recomputed in backward, so no "
                                         "[tokens, vocabulary] logits tensor is ever held.")
+    fsdp: bool = _f(False, "Shard parameters, gradients and optimizer state across processes with PyTorch FSDP2 "
+                          "(fully_shard on every decoder layer, then the root) instead of replicating them (DDP). "
+                          "Only when launched with more than one process; works with gloo (CPU) and NCCL. The "
+                          "rollout is generated with the full weights gathered once per step; the reference "
+                          "model stays replicated.")
     # --- data -----------------------------------------------------------------------
     dataset_path: Optional[str] = _f(None, "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory ('builtin:arithmetic' for the demo task).")
     prompt_column: str = _f("prompt", "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat template). Other columns reach the reward functions as keyword arguments.")
@@ -258,6 +263,9 @@ def _check_combinations(cfg: GSPOConfig) -> None:
     if mini % cfg.gradient_accumulation_steps:
         raise _err("gradient_accumulation_steps", cfg.gradient_accumulation_steps,
                    f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)")
+    if cfg.fsdp and cfg.use_lora:
+        raise _err("fsdp", cfg.fsdp, "must be False when use_lora=True (adapter checkpoints of sharded models are "
+                   "not implemented yet); LoRA runs use DDP")
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")

@@ -93,7 +93,7 @@ def generate_rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    synced_gpus: bool = False,
+    synced_gpus: Optional[bool] = None,
 ) -> Rollout:
     """Sample `group_size` completions for each row ({"prompt", "prompt_ids", **extra}).
 

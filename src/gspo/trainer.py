@@ -39,6 +39,7 @@ from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, Train
 from gspo.logprobs import completion_logprobs
 from gspo.models import apply_lora, load_causal_lm, load_tokenizer, reference_context
 from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
+from gspo.parallel import full_optimizer_state, full_state_dict, gathered, is_sharded, shard_model
 from gspo.rollout import Rollout, generate_rollout
 from gspo.tracking import MetricsLogger, Progress, print_samples
 
@@ -87,10 +88,7 @@ class GSPOTrainer:
         if not self.reward_funcs and self.reward_model is None:
             raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
                               "or pass reward_funcs=[...]")
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.model, self.optimizer = self._prepare_policy(policy)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
@@ -102,6 +100,18 @@ class GSPOTrainer:
             log.warning("gspo: importance_sampling_level=%s, clip eps low=%g high=%g%s", cfg.importance_sampling_level,
                         cfg.clip_low, cfg.clip_high, " (the level's recommended values)" if cfg.clip_range is None
                         and cfg.clip_range_low is None and cfg.clip_range_high is None else "")
+
+    def _prepare_policy(self, policy):
+        """DDP (accelerate's prepare) or, with fsdp and several processes, FSDP2 shards; then AdamW over
+        what this rank holds (after sharding: its parameters are the shards)."""
+        cfg, acc = self.config, self.accelerator
+        sharded = cfg.fsdp and acc.num_processes > 1
+        if sharded:  # accelerate would put DDP on top of it (and refuses FSDP on CPU): shard it ourselves
+            policy = shard_model(policy, acc.device, acc.num_processes)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        return (policy, acc.prepare(optimizer)) if sharded else acc.prepare(policy, optimizer)
 
     # ------------------------------------------------------------------ data
     def _as_dataset(self, data):
@@ -170,8 +180,9 @@ class GSPOTrainer:
         start = time.perf_counter()
         with self._timed(timings, "generation"):
             policy = self.accelerator.unwrap_model(self.model)
-            rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens,
-                                       True, cfg.temperature, cfg.top_p, cfg.top_k)
+            with gathered(policy):
+                rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens, True,
+                                           cfg.temperature, cfg.top_p, cfg.top_k, synced_gpus=self._synced_gpus)
         with self._timed(timings, "reward"):
             self._score(rollout)
         if self.ref_model is not None or (cfg.use_lora and cfg.uses_reference_model):
@@ -188,6 +199,12 @@ class GSPOTrainer:
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
         return metrics, rollout
+
+    @property
+    def _synced_gpus(self):
+        """False once `gathered` has made the weights whole (no per-token collectives needed); otherwise
+        transformers decides (True under DeepSpeed ZeRO-3, where every forward is collective)."""
+        return False if is_sharded(self.model) else None
 
     # ------------------------------------------------------------------ stages
     def _score(self, rollout: Rollout) -> None:
@@ -361,7 +378,9 @@ class GSPOTrainer:
         totals, lengths = [], []
         for start in range(0, len(shard), cfg.eval_batch_size):
             rows = [dataset[i] for i in shard[start:start + cfg.eval_batch_size]]
-            r = generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False)
+            with gathered(policy):
+                r = generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
+                                     synced_gpus=self._synced_gpus)
             res = compute_rewards(self.reward_funcs, r.prompts, r.completions, r.completion_id_lists, r.extra,
                                   self.reward_model, cfg.reward_model_weight, cfg.reward_error_policy,
                                   cfg.reward_penalty_value)
@@ -404,10 +423,12 @@ class GSPOTrainer:
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
         rng = self._rng_per_rank()  # a collective: every rank, before the main-only save
+        model_state, optim_state = self._gathered_states(with_optimizer=True)
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(cfg.output_dir, self.step, acc.unwrap_model(self.model), self.tokenizer,
-                                        self.optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit)
+                                        self.optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit,
+                                        model_state, optim_state)
         acc.wait_for_everyone()
         return path or Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
 
@@ -439,12 +460,20 @@ class GSPOTrainer:
             log.warning("gspo: resumed from %s at step %d", path, self.step)
         return True
 
+    def _gathered_states(self, with_optimizer: bool) -> tuple:
+        """(model, optimizer) full states when the policy is sharded (collectives: every rank), else (None, None)."""
+        if not is_sharded(self.model):
+            return None, None
+        optim = full_optimizer_state(self.model, self.optimizer.optimizer) if with_optimizer else None
+        return full_state_dict(self.model), optim
+
     def save_model(self, output_dir=None) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        model_state, _ = self._gathered_states(with_optimizer=False)
         if acc.is_main_process:
             ckpt.save_final_model(acc.unwrap_model(self.model), self.tokenizer, output_dir or self.config.output_dir,
-                                  merge_lora=self.config.merge_lora_on_save)
+                                  merge_lora=self.config.merge_lora_on_save, state_dict=model_state)
         acc.wait_for_everyone()
 
     def _finish(self) -> None:
