@@ -28,6 +28,8 @@ Scenarios (comma-separated in --scenarios):
   fsdp_from_plain_ckpt   fsdp=True resuming step 3 from the 'resume' scenario's step-2 checkpoint (written
                  without fsdp: optimizer state by index); run it after 'resume'
   plain_from_ckpt        fsdp=False resuming step 3 from --resume_from (e.g. an fsdp checkpoint: by name)
+  accelerate_fsdp        seq_offpolicy with fsdp=False, for `accelerate launch --config_file
+                 examples/accelerate/fsdp.yaml`: the sharding must come from the launch config
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ SCENARIOS.update(
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=6),
 )
+SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
                  plain_from_ckpt=SCENARIOS["seq_offpolicy"])
 RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy"}

@@ -273,3 +273,21 @@ def test_fsdp_sampled_run_gathers_for_generation_and_exports_whole_weights(runs)
     model = AutoModelForCausalLM.from_pretrained(str(out))
     for k, v in model.state_dict().items():
         assert torch.equal(v, params[k]), k
+
+
+def test_accelerate_launch_with_the_fsdp_example_config_shards_and_matches(runs):
+    """`accelerate launch --config_file examples/accelerate/fsdp.yaml` on CPU: accelerate cannot shard
+    here (it falls back to DDP), so the trainer shards with FSDP2 itself; the result is the 1-process one."""
+    port = _free_port()
+    config = HERE.parent / "examples" / "accelerate" / "fsdp.yaml"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(port), WORKER, "--model_dir", str(runs["model_dir"]),
+           "--out", str(runs["root"] / "acc"), "--scenarios", "accelerate_fsdp"]
+    rc, out = _finish(subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True), 300)
+    assert rc == 0, out[-4000:]
+    infos = [_rank(runs["root"] / "acc", "accelerate_fsdp", r) for r in (0, 1)]
+    assert all(i["world"] == 2 and i["sharded"] for i in infos)
+    assert all(i["local_numel"] < 0.55 * i["full_numel"] for i in infos)
+    one, two = _params(runs["one"], "seq_offpolicy", 0), _params(runs["root"] / "acc", "accelerate_fsdp", 0)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < PARAM_ATOL

@@ -31,7 +31,10 @@ def _fsdp_modules(model) -> list:
 
 
 def is_sharded(model) -> bool:
-    return bool(_fsdp_modules(model))
+    """FSDP2 modules (ours, or accelerate's fsdp_version 2) or an FSDP1 wrapper (accelerate's version 1)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return bool(_fsdp_modules(model)) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def _decoder_blocks(model) -> list:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from gspo import checkpoint as ckpt
@@ -53,6 +53,13 @@ def _make_accelerator() -> Accelerator:
     sets ACCELERATE_USE_CPU); under plain `torchrun` on a CPU-only machine, Accelerator() would run
     every worker as an independent single process: N unsynchronised copies racing over one output_dir.
     """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # accelerate's DeepSpeed engine steps the optimizer inside backward(), before gspo's clipping and
+        # non-finite checks, and divides the loss by its own accumulation count: the update would differ.
+        raise ConfigError("DeepSpeed launches are not supported yet (the engine steps inside backward, bypassing "
+                          "gspo's update checks); for ZeRO-3-style sharding of parameters, gradients and optimizer "
+                          "state set GSPOConfig.fsdp=True (--fsdp true) and launch with torchrun or a multi-GPU "
+                          "accelerate config")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
     acc = Accelerator(cpu=True) if world > 1 and not has_accelerator else Accelerator()
@@ -105,13 +112,26 @@ class GSPOTrainer:
         """DDP (accelerate's prepare) or, with fsdp and several processes, FSDP2 shards; then AdamW over
         what this rank holds (after sharding: its parameters are the shards)."""
         cfg, acc = self.config, self.accelerator
-        sharded = cfg.fsdp and acc.num_processes > 1
+        # An accelerate FSDP config on a backend where accelerate cannot shard (CPU: it falls back to DDP).
+        plugin_dropped = (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+                          and acc.distributed_type != DistributedType.FSDP)
+        sharded = (cfg.fsdp or plugin_dropped) and acc.num_processes > 1
+        if sharded and cfg.use_lora:
+            raise ConfigError("FSDP sharding with GSPOConfig.use_lora=True is not supported yet (adapter checkpoints "
+                              "of sharded models are not implemented); launch LoRA runs without FSDP (DDP)")
         if sharded:  # accelerate would put DDP on top of it (and refuses FSDP on CPU): shard it ourselves
+            if plugin_dropped and not cfg.fsdp and acc.is_main_process:
+                log.warning("gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with "
+                            "GSPOConfig.fsdp=True", acc.distributed_type)
             policy = shard_model(policy, acc.device, acc.num_processes)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
-        return (policy, acc.prepare(optimizer)) if sharded else acc.prepare(policy, optimizer)
+        policy, optimizer = (policy, acc.prepare(optimizer)) if sharded else acc.prepare(policy, optimizer)
+        if cfg.use_lora and is_sharded(policy):
+            raise ConfigError("accelerate sharded the model (FSDP) but GSPOConfig.use_lora=True: not supported yet; "
+                              "launch LoRA runs without FSDP (DDP)")
+        return policy, optimizer
 
     # ------------------------------------------------------------------ data
     def _as_dataset(self, data):
@@ -180,7 +200,7 @@ class GSPOTrainer:
         start = time.perf_counter()
         with self._timed(timings, "generation"):
             policy = self.accelerator.unwrap_model(self.model)
-            with gathered(policy):
+            with gathered(self.model):
                 rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens, True,
                                            cfg.temperature, cfg.top_p, cfg.top_k, synced_gpus=self._synced_gpus)
         with self._timed(timings, "reward"):
@@ -378,7 +398,7 @@ class GSPOTrainer:
         totals, lengths = [], []
         for start in range(0, len(shard), cfg.eval_batch_size):
             rows = [dataset[i] for i in shard[start:start + cfg.eval_batch_size]]
-            with gathered(policy):
+            with gathered(self.model):
                 r = generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
                                      synced_gpus=self._synced_gpus)
             res = compute_rewards(self.reward_funcs, r.prompts, r.completions, r.completion_id_lists, r.extra,
