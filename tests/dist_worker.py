@@ -22,6 +22,8 @@ Scenarios (comma-separated in --scenarios):
   fail_rank1     a reward function that raises on rank 1 only
   fsdp_offpolicy, fsdp_token, fsdp_resume
                  seq_offpolicy / token_mean / resume with fsdp=True (FSDP2 shards; a no-op in one process)
+  fsdp_ckpt      fsdp_offpolicy with gradient_checkpointing (layers recomputed, output head chunked by 5
+                 tokens and recomputed in backward inside FSDP's backward)
   fsdp_sampled   fsdp=True with the REAL generate_rollout (weights gathered for sampling), a greedy
                  evaluation every step and the final export; not comparable to one process (each rank
                  samples from its own RNG stream), so it checks that ranks agree and the export is whole
@@ -101,6 +103,7 @@ SCENARIOS.update(
     fsdp_offpolicy=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
+    fsdp_ckpt=dict(SCENARIOS["seq_offpolicy"], fsdp=True, gradient_checkpointing=True, entropy_chunk_size=5),
     fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=6),
 )
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config

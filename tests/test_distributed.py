@@ -43,7 +43,8 @@ HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
 BIN = Path(sys.executable).parent
 EQUIV = ["seq_offpolicy", "token_mean", "uneven"]
-FSDP = {"fsdp_offpolicy": "seq_offpolicy", "fsdp_token": "token_mean"}  # 2-process FSDP2 run -> 1-process twin
+FSDP = {"fsdp_offpolicy": "seq_offpolicy", "fsdp_token": "token_mean",  # 2-process FSDP2 run -> 1-process twin
+        "fsdp_ckpt": "seq_offpolicy"}
 FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
