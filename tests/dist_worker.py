@@ -25,8 +25,9 @@ Scenarios (comma-separated in --scenarios):
   fsdp_ckpt      fsdp_offpolicy with gradient_checkpointing (layers recomputed, output head chunked by 5
                  tokens and recomputed in backward inside FSDP's backward)
   fsdp_sampled   fsdp=True with the REAL generate_rollout (weights gathered for sampling), a greedy
-                 evaluation every step and the final export; not comparable to one process (each rank
-                 samples from its own RNG stream), so it checks that ranks agree and the export is whole
+                 evaluation every step (5 prompts in batches of 2: rank 0 runs 2 batches, rank 1 one)
+                 and the final export; not comparable to one process (each rank samples from its own
+                 RNG stream), so it checks that ranks agree and the export is whole
   fsdp_from_plain_ckpt   fsdp=True resuming step 3 from the 'resume' scenario's step-2 checkpoint (written
                  without fsdp: optimizer state by index); run it after 'resume'
   plain_from_ckpt        fsdp=False resuming step 3 from --resume_from (e.g. an fsdp checkpoint: by name)
@@ -104,7 +105,7 @@ SCENARIOS.update(
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_ckpt=dict(SCENARIOS["seq_offpolicy"], fsdp=True, gradient_checkpointing=True, entropy_chunk_size=5),
-    fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=6),
+    fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=5, eval_batch_size=2),
 )
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],

@@ -265,7 +265,7 @@ def test_fsdp_sampled_run_gathers_for_generation_and_exports_whole_weights(runs)
 
     out = runs["two"] / "fsdp_sampled"
     history = _rank(runs["two"], "fsdp_sampled", 0)["history"]
-    assert len(history) == STEPS and all(m["eval/num_samples"] == 6 for m in history)
+    assert len(history) == STEPS and all(m["eval/num_samples"] == 5 for m in history)  # uneven batches per rank
     assert all(m["completion_length_mean"] > 0 for m in history)
     params = _params(runs["two"], "fsdp_sampled", 0)
     exported = load_file(str(out / "model.safetensors"))

@@ -38,8 +38,8 @@ from gspo.data import GSPODataset, load_rows
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.logprobs import completion_logprobs
 from gspo.models import apply_lora, load_causal_lm, load_tokenizer, reference_context
-from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
 from gspo.parallel import full_optimizer_state, full_state_dict, gathered, is_sharded, shard_model
+from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
 from gspo.rollout import Rollout, generate_rollout
 from gspo.tracking import MetricsLogger, Progress, print_samples
 
@@ -222,8 +222,8 @@ class GSPOTrainer:
 
     @property
     def _synced_gpus(self):
-        """False once `gathered` has made the weights whole (no per-token collectives needed); otherwise
-        transformers decides (True under DeepSpeed ZeRO-3, where every forward is collective)."""
+        """False once `gathered` has made sharded weights whole (no per-token collectives needed);
+        otherwise None: transformers decides."""
         return False if is_sharded(self.model) else None
 
     # ------------------------------------------------------------------ stages
@@ -396,11 +396,12 @@ class GSPOTrainer:
         shard = list(range(acc.process_index, n, acc.num_processes))
         policy = acc.unwrap_model(self.model)
         totals, lengths = [], []
-        for start in range(0, len(shard), cfg.eval_batch_size):
-            rows = [dataset[i] for i in shard[start:start + cfg.eval_batch_size]]
-            with gathered(self.model):
-                r = generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
-                                     synced_gpus=self._synced_gpus)
+        size = cfg.eval_batch_size
+        batches = [[dataset[i] for i in shard[start:start + size]] for start in range(0, len(shard), size)]
+        with gathered(self.model):  # once: ranks may hold different numbers of eval batches
+            rollouts = [generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
+                                         synced_gpus=self._synced_gpus) for rows in batches]
+        for r in rollouts:
             res = compute_rewards(self.reward_funcs, r.prompts, r.completions, r.completion_id_lists, r.extra,
                                   self.reward_model, cfg.reward_model_weight, cfg.reward_error_policy,
                                   cfg.reward_penalty_value)
