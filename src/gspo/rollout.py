@@ -99,8 +99,9 @@ def generate_rollout(
 
     Each prompt is repeated G times (completions of one prompt are contiguous). Sampling draws from
     softmax(logits / temperature) after top-k / top-p and nothing else (`gspo.sampling`);
-    `do_sample=False` is plain greedy decoding. `synced_gpus` keeps ranks stepping together when
-    parameters are sharded (FSDP / ZeRO-3), where every forward is collective.
+    `do_sample=False` is plain greedy decoding. `synced_gpus` is passed to `generate`: None lets
+    transformers decide (True when parameters are sharded, every forward then being collective);
+    the trainer passes False after gathering sharded weights (gspo.parallel.gathered).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
