@@ -80,7 +80,8 @@ class GSPOTrainer:
         if cfg.use_lora:
             policy = apply_lora(policy, cfg)
         if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            # transformers >= 5.2x renamed it (the old name warns); older versions only have the old one
+            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
         self.ref_model = None
         if cfg.uses_reference_model and not cfg.use_lora:  # LoRA: the base model with adapters off
             self.ref_model = ref_model if ref_model is not None else load_causal_lm(cfg.policy_model_name, cfg)
