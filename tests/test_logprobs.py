@@ -100,3 +100,22 @@ def test_bounded_head_falls_back_when_logits_are_not_the_heads_output(tiny_model
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         assert not torch.allclose(completion_logprobs(plain, *batch)[0], full, atol=1e-3)
+
+
+@pytest.mark.parametrize("limit,expect_bounded", [(1 << 30, False), (1000, True)])
+def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, monkeypatch, limit, expect_bounded):
+    """bounded_head=None: the chunked head only when a micro-batch's fp32 logits would exceed the limit
+    (here 4 rows x 4 tokens x 19 symbols x 4 bytes = 1216 bytes)."""
+    import gspo.logprobs as lp_module
+
+    calls = []
+    real = lp_module._final_hidden
+    monkeypatch.setattr(lp_module, "AUTO_BOUND_BYTES", limit)
+    monkeypatch.setattr(lp_module, "_final_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert model.config.vocab_size == 19
+    with torch.no_grad():
+        auto, _ = completion_logprobs(model, *batch, bounded_head=None)
+        full, _ = completion_logprobs(model, *batch, bounded_head=False)
+    assert bool(calls) == expect_bounded
+    assert torch.allclose(auto, full, atol=1e-6, rtol=0)

@@ -52,7 +52,8 @@ class GSPOConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass: "
                                         "layer activations are recomputed, and the output head runs "
                                         "entropy_chunk_size tokens at a time, recomputed in backward, so no "
-                                        "[tokens, vocabulary] logits tensor is ever held.")
+                                        "[tokens, vocabulary] logits tensor is ever held (without it this happens "
+                                        "only when a micro-batch's fp32 logits would exceed 1 GiB).")
     fsdp: bool = _f(False, "Shard parameters, gradients and optimizer state across processes with PyTorch FSDP2 "
                           "(fully_shard on every decoder layer, then the root) instead of replicating them (DDP). "
                           "Only when launched with more than one process; works with gloo (CPU) and NCCL. The "

@@ -20,6 +20,9 @@ from gspo.core import chunk_label_logprob, chunk_logprob_entropy, logprobs_and_e
 
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
 _HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
+# bounded_head=None bounds the head when a micro-batch's fp32 logits would exceed this: above it the
+# memory matters more than the extra head matmul the backward recompute costs.
+AUTO_BOUND_BYTES = 1 << 30
 
 
 def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -146,7 +149,7 @@ def completion_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     entropy_grad: bool = True,
-    bounded_head: bool = False,
+    bounded_head: Optional[bool] = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
 
@@ -156,7 +159,8 @@ def completion_logprobs(
     softmax (bench/bench_step.py: about 20% less CPU in this head at vocabulary 32768).
     `bounded_head=True`: the output head itself runs a chunk at a time (recomputed in backward), so
     no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
-    their logits after the head.
+    their logits after the head. `bounded_head=None`: bound only when the fp32 logits would exceed
+    AUTO_BOUND_BYTES.
     """
     device = next(model.parameters()).device
     full_t = completion_ids.shape[1]
@@ -166,6 +170,10 @@ def completion_logprobs(
     t = c_ids.shape[1]
     labels = c_ids.to(device)
     entropy_mode = None if not with_entropy else ("grad" if entropy_grad else "metric")
+    if bounded_head is None:
+        head = _output_head(model)
+        vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+        bounded_head = labels.numel() * vocab * 4 > AUTO_BOUND_BYTES
     found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if bounded_head else None
     if found is not None:
         hidden, head = found

@@ -293,7 +293,7 @@ class GSPOTrainer:
                 logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                     part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True,
                                                     entropy_grad=cfg.entropy_coef != 0,
-                                                    bounded_head=cfg.gradient_checkpointing)
+                                                    bounded_head=True if cfg.gradient_checkpointing else None)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
                 if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()
