@@ -33,6 +33,9 @@ Scenarios (comma-separated in --scenarios):
   plain_from_ckpt        fsdp=False resuming step 3 from --resume_from (e.g. an fsdp checkpoint: by name)
   accelerate_fsdp        seq_offpolicy with fsdp=False, for `accelerate launch --config_file
                  examples/accelerate/fsdp.yaml`: the sharding must come from the launch config
+  lora, fsdp_lora, fsdp_lora_resume
+                 LoRA (q/v/gate projections, merged on export) in one process, under FSDP2, and resumed
+                 under FSDP2 from its step-2 adapter checkpoint
 """
 from __future__ import annotations
 
@@ -105,12 +108,17 @@ SCENARIOS.update(
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_ckpt=dict(SCENARIOS["seq_offpolicy"], fsdp=True, gradient_checkpointing=True, entropy_chunk_size=5),
+    lora=dict(SCENARIOS["seq_offpolicy"], use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+              lora_target_modules=["q_proj", "v_proj", "gate_proj"], merge_lora_on_save=True),
+    fsdp_lora=dict(SCENARIOS["seq_offpolicy"], fsdp=True, use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                   lora_target_modules=["q_proj", "v_proj", "gate_proj"], merge_lora_on_save=True),
     fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=5, eval_batch_size=2),
 )
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
                  plain_from_ckpt=SCENARIOS["seq_offpolicy"])
-RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy"}
+SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"])
+RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora"}
 
 
 def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):

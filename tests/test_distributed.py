@@ -45,7 +45,7 @@ BIN = Path(sys.executable).parent
 EQUIV = ["seq_offpolicy", "token_mean", "uneven"]
 FSDP = {"fsdp_offpolicy": "seq_offpolicy", "fsdp_token": "token_mean",  # 2-process FSDP2 run -> 1-process twin
         "fsdp_ckpt": "seq_offpolicy"}
-FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt"]
+FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
 METRIC_ATOL = 1e-5  # measured: <= ~5e-7
@@ -87,7 +87,7 @@ def runs(tmp_path_factory):
     subprocess.run([sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)], check=True,
                    env=_env(0), capture_output=True, timeout=300)
     one = subprocess.Popen([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"),
-                            "--scenarios", ",".join(EQUIV)], env=_env(0),
+                            "--scenarios", ",".join(EQUIV + ["lora"])], env=_env(0),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port = _free_port()
     two = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -292,3 +292,21 @@ def test_accelerate_launch_with_the_fsdp_example_config_shards_and_matches(runs)
     assert all(i["local_numel"] < 0.55 * i["full_numel"] for i in infos)
     one, two = _params(runs["one"], "seq_offpolicy", 0), _params(runs["root"] / "acc", "accelerate_fsdp", 0)
     assert max((one[k] - two[k]).abs().max().item() for k in one) < PARAM_ATOL
+
+
+def test_fsdp_lora_matches_one_process_and_resumes_exactly(runs):
+    """LoRA under FSDP2 (adapters initialised randomly: rank 0's values are broadcast before sharding),
+    merged on export from the gathered state: the merged weights equal the 1-process LoRA run's;
+    resuming from the adapter checkpoint of step 2 ends bit-identical to the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    one = load_file(str(runs["one"] / "lora" / "model.safetensors"))
+    two = load_file(str(runs["two"] / "fsdp_lora" / "model.safetensors"))
+    init = _params_initial(runs["model_dir"])
+    assert one.keys() == two.keys() == init.keys()  # merged: plain model weights, no adapter keys
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < PARAM_ATOL
+    assert (runs["two"] / "fsdp_lora_resume" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    straight, resumed = _params(runs["two"], "fsdp_lora", 0), _params(runs["two"], "fsdp_lora_resume", 0)
+    assert any("lora_A" in k for k in straight)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0

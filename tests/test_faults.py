@@ -82,11 +82,6 @@ def test_bad_config_value_names_field_value_and_rule(field, value):
     assert re.search(r"must|expected|contradicts|does not exist|no such|only|needs|entries", msg), msg
 
 
-def test_fsdp_with_lora_is_rejected_naming_both():
-    with pytest.raises(ConfigError, match=r"fsdp.*True.*use_lora=True"):
-        GSPOConfig(fsdp=True, use_lora=True)
-
-
 def test_good_config_edges_are_accepted():
     GSPOConfig(group_size=2, clip_range=0.2, clip_range_low=1e-4, clip_range_high=5.0, num_mini_batches=4,
                gradient_accumulation_steps=2, max_grad_norm=0.0, top_p=1.0, reward_weights=[2],

@@ -264,9 +264,6 @@ def _check_combinations(cfg: GSPOConfig) -> None:
     if mini % cfg.gradient_accumulation_steps:
         raise _err("gradient_accumulation_steps", cfg.gradient_accumulation_steps,
                    f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)")
-    if cfg.fsdp and cfg.use_lora:
-        raise _err("fsdp", cfg.fsdp, "must be False when use_lora=True (adapter checkpoints of sharded models are "
-                   "not implemented yet); LoRA runs use DDP")
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")

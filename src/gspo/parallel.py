@@ -54,6 +54,12 @@ def shard_model(model, device: torch.device, world_size: int):
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
+    # Rank 0's values everywhere first, as DDP does at construction: anything initialised randomly
+    # (LoRA's A matrices, weights missing from a checkpoint) differs per rank, and sharding would
+    # silently stitch rank 0's first shard to rank 1's second.
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
     mesh = init_device_mesh(device.type, (world_size,))
     for block in _decoder_blocks(model):
         fully_shard(block, mesh=mesh)

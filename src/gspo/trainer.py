@@ -117,9 +117,6 @@ class GSPOTrainer:
         plugin_dropped = (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
                           and acc.distributed_type != DistributedType.FSDP)
         sharded = (cfg.fsdp or plugin_dropped) and acc.num_processes > 1
-        if sharded and cfg.use_lora:
-            raise ConfigError("FSDP sharding with GSPOConfig.use_lora=True is not supported yet (adapter checkpoints "
-                              "of sharded models are not implemented); launch LoRA runs without FSDP (DDP)")
         if sharded:  # accelerate would put DDP on top of it (and refuses FSDP on CPU): shard it ourselves
             if plugin_dropped and not cfg.fsdp and acc.is_main_process:
                 log.warning("gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with "
@@ -129,9 +126,6 @@ class GSPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
         policy, optimizer = (policy, acc.prepare(optimizer)) if sharded else acc.prepare(policy, optimizer)
-        if cfg.use_lora and is_sharded(policy):
-            raise ConfigError("accelerate sharded the model (FSDP) but GSPOConfig.use_lora=True: not supported yet; "
-                              "launch LoRA runs without FSDP (DDP)")
         return policy, optimizer
 
     # ------------------------------------------------------------------ data
@@ -492,10 +486,17 @@ class GSPOTrainer:
     def save_model(self, output_dir=None) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        cfg = self.config
         model_state, _ = self._gathered_states(with_optimizer=False)
         if acc.is_main_process:
-            ckpt.save_final_model(acc.unwrap_model(self.model), self.tokenizer, output_dir or self.config.output_dir,
-                                  merge_lora=self.config.merge_lora_on_save, state_dict=model_state)
+            model = acc.unwrap_model(self.model)
+            if model_state is not None and cfg.use_lora and cfg.merge_lora_on_save:
+                # peft merges in place on whole tensors: do it on an unsharded replica holding the gathered state
+                model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
+                model.load_state_dict(model_state)
+                model_state = None
+            ckpt.save_final_model(model, self.tokenizer, output_dir or cfg.output_dir,
+                                  merge_lora=cfg.merge_lora_on_save, state_dict=model_state)
         acc.wait_for_everyone()
 
     def _finish(self) -> None:
