@@ -117,7 +117,7 @@ SCENARIOS.update(
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
                  plain_from_ckpt=SCENARIOS["seq_offpolicy"])
-SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"])
+SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"], fsdp_fail_rank1=dict(SCENARIOS["fail_rank1"], fsdp=True))
 RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora"}
 
 
@@ -148,7 +148,7 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
     if scenario != "fsdp_sampled":
         gspo.trainer.generate_rollout = rollout_hook
     out_dir = out / scenario
-    reward = fails_on_rank1 if scenario == "fail_rank1" else digit_reward
+    reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
     rows = [{"prompt": p} for p in PROMPTS]
     if scenario in RESUMES:  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
         first = GSPOTrainer(make_config(model_dir, out_dir, scenario, max_steps=STEPS, save_steps=2),

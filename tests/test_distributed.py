@@ -193,14 +193,16 @@ def test_every_rank_resumes_from_the_same_checkpoint(runs):
     assert r["final_kl_coef"] == pytest.approx(s["final_kl_coef"], rel=1e-9)
 
 
-def test_error_on_one_rank_stops_the_whole_run(runs):
-    """A reward function raising on rank 1 only: the launcher exits non-zero, promptly, showing the error."""
+@pytest.mark.parametrize("scenario", ["fail_rank1", "fsdp_fail_rank1"])
+def test_error_on_one_rank_stops_the_whole_run(runs, scenario):
+    """A reward function raising on rank 1 only (DDP, and FSDP2 where rank 0 then waits in a sharded
+    collective): the launcher exits non-zero, promptly, showing the error."""
     port = _free_port()
     # `accelerate launch --cpu` starts ONE process (multi-CPU there means mpirun); `--multi_gpu` starts
     # torchrun workers, which the trainer puts on gloo when the machine has no GPU.
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), WORKER,
-           "--model_dir", str(runs["model_dir"]), "--out", str(runs["root"] / "fail"), "--scenarios", "fail_rank1"]
+           "--model_dir", str(runs["model_dir"]), "--out", str(runs["root"] / "fail"), "--scenarios", scenario]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rc, out = _finish(proc, 300)
