@@ -136,6 +136,7 @@ def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
 
 def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None:
     import gspo.trainer
+    from gspo.parallel import is_sharded
     from gspo.trainer import GSPOTrainer
 
     local_tokens = []
@@ -170,7 +171,8 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
         "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
-        "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model))}))
+        "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model)),
+        "ref_sharded": trainer.ref_model is not None and is_sharded(trainer.ref_model)}))
 
 
 def shard_info(model) -> dict:

@@ -223,6 +223,9 @@ def test_fsdp_really_shards(runs):
         assert sum(i["local_numel"] for i in infos) == full
         assert all(i["local_numel"] < 0.55 * full for i in infos), [i["local_numel"] for i in infos]
     assert not _rank(runs["two"], "seq_offpolicy", 0)["sharded"]  # fsdp=False stays DDP
+    # the reference model (KL on, no LoRA) is sharded too; with LoRA there is none (adapters off instead)
+    assert all(_rank(runs["two"], s, r)["ref_sharded"] for s in FSDP for r in (0, 1))
+    assert not _rank(runs["two"], "seq_offpolicy", 0)["ref_sharded"]
 
 
 @pytest.mark.parametrize("scenario", list(FSDP) + FSDP_EXTRA)

@@ -58,7 +58,7 @@ class GSPOConfig:
                           "(fully_shard on every decoder layer, then the root) instead of replicating them (DDP). "
                           "Only when launched with more than one process; works with gloo (CPU) and NCCL. The "
                           "rollout is generated with the full weights gathered once per step; the reference "
-                          "model stays replicated.")
+                          "model is sharded too.")
     # --- data -----------------------------------------------------------------------
     dataset_path: Optional[str] = _f(None, "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory ('builtin:arithmetic' for the demo task).")
     prompt_column: str = _f("prompt", "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat template). Other columns reach the reward functions as keyword arguments.")

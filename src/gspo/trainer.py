@@ -122,6 +122,8 @@ class GSPOTrainer:
                 log.warning("gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with "
                             "GSPOConfig.fsdp=True", acc.distributed_type)
             policy = shard_model(policy, acc.device, acc.num_processes)
+            if self.ref_model is not None:  # frozen, no optimizer state, but as large as the policy
+                self.ref_model = shard_model(self.ref_model, acc.device, acc.num_processes)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
