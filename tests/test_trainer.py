@@ -26,7 +26,7 @@ def length_reward(completions, **kwargs):
 
 
 def params_of(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}  # CPU: comparable on a GPU run too
 
 
 def test_training_steps_produce_every_metric_and_change_weights(tiny_model_dir, arithmetic_rows, tmp_path):

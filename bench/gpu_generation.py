@@ -1,0 +1,72 @@
+"""GPU check of rollout generation: gspo's inverse-CDF sampler vs generate's own multinomial sampling.
+
+    PYTHONPATH=src python3 bench/gpu_generation.py      # needs CUDA; ~0.5B Qwen2 (random init, bf16)
+
+Prints per-call times of the samplers alone on [rows, vocab] logits, and whole generation times
+(gspo.rollout.generate_rollout vs model.generate(do_sample=True)) at the same shape. Last line: JSON.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
+
+from gspo.rollout import generate_rollout  # noqa: E402
+from gspo.sampling import sample_tokens  # noqa: E402
+
+ARCH = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, vocab_size=151936)
+PROMPTS, GROUP, NEW = int(os.environ.get("PROMPTS", 16)), int(os.environ.get("GROUP", 8)), int(os.environ.get("NEW_TOKENS", 256))
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return sorted(out)[len(out) // 2]
+
+
+def main():
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    res = {"device": torch.cuda.get_device_name()}
+    logits = torch.randn(PROMPTS * GROUP, ARCH["vocab_size"], device="cuda", dtype=torch.bfloat16) * 3
+    res["sampler_inverse_cdf_ms"] = 1e3 * timed(lambda: sample_tokens(logits), 20)
+    res["sampler_multinomial_ms"] = 1e3 * timed(lambda: torch.multinomial(logits.float().softmax(-1), 1), 20)
+    path = build_qwen2_dir(Path(tempfile.gettempdir()) / "gspo-gpu-qwen2-0.5b", ARCH, dtype=torch.bfloat16)
+    tok = load_word_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    rows = [{"prompt": p, "prompt_ids": tok.encode(p)} for p in word_prompts(PROMPTS, ARCH["vocab_size"])]
+    widths = []
+
+    def ours():
+        r = generate_rollout(model, tok, rows, GROUP, NEW)
+        widths.append(r.completion_ids.shape[1])
+
+    def hf():
+        ids = torch.tensor([r["prompt_ids"] for r in rows], device="cuda").repeat_interleave(GROUP, 0)
+        cfg = GenerationConfig(do_sample=True, max_new_tokens=NEW, min_new_tokens=NEW, top_k=None, top_p=None,
+                               temperature=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+
+    res["generate_gspo_s"] = timed(ours, 2)
+    res["generate_hf_multinomial_s"] = timed(hf, 2)
+    res["gspo_widths"] = widths
+    res["shape"] = [PROMPTS * GROUP, NEW, ARCH["vocab_size"]]
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
