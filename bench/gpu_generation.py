@@ -61,8 +61,18 @@ def main():
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
 
-    res["generate_gspo_s"] = timed(ours, 2)
-    res["generate_hf_multinomial_s"] = timed(hf, 2)
+    ours()  # warm-up both, then alternate so both see the same machine state
+    hf()
+    torch.cuda.synchronize()
+    times = {"gspo": [], "hf": []}
+    for _ in range(3):
+        for name, fn in (("gspo", ours), ("hf", hf)):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    res["generate_gspo_s"], res["generate_hf_multinomial_s"] = sorted(times["gspo"])[1], sorted(times["hf"])[1]
+    res["generate_times_s"] = times
     res["gspo_widths"] = widths
     res["shape"] = [PROMPTS * GROUP, NEW, ARCH["vocab_size"]]
     print(json.dumps(res))

@@ -62,14 +62,13 @@ def sample_tokens(
 ) -> torch.Tensor:  # [B] token ids
     """One draw per row by inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total)."""
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
-    cdf = probs.double().cumsum(dim=-1)  # float64: a 1e-6 token keeps its mass after 32k additions
+    cdf = probs.double().cumsum(dim=-1)  # float64: a 1e-6 token keeps its mass after 150k additions
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
-    u = u * cdf[:, -1:]  # [B, 1]
-    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # right: skips zero-mass tokens
-    # u rounding up to the total can land past the last kept token; fall back to the mode there.
-    bad = probs.gather(-1, idx) == 0
-    if bool(bad.any()):
-        idx = torch.where(bad, probs.argmax(dim=-1, keepdim=True), idx)
+    # u in [0, total) strictly (the factor keeps r * total from rounding up to total), so the first
+    # cdf entry above u always exists and belongs to a token of positive mass: no fallback, no host sync.
+    u = u * (cdf[:, -1:] * (1.0 - 2.0**-50))  # [B, 1]
+    idx = torch.searchsorted(cdf, u, right=True)  # right: ties skip zero-mass tokens
+    idx = idx.clamp_(max=probs.shape[-1] - 1)  # only NaN logits get here: keep the index valid
     return idx.squeeze(-1)
 
 
