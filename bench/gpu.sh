@@ -6,7 +6,8 @@
 #                                     # from the CUDA index on the GPU machine) and `pip install -e .`
 #   STEPS=4 PROMPTS=16 GROUP=8 NEW_TOKENS=256 bash bench/gpu.sh
 #
-# NOTE: written without a GPU; it has NOT been run as of 2026-11-27. Expect to fix small things on first use.
+# Run on an NVIDIA H200 on 2026-11-28 (torch 2.11.0+cu130, transformers 5.17.0) with the image's python and the
+# source tree on PYTHONPATH: `PYTHON=python3 PYTHONPATH=$PWD/src bash bench/gpu.sh`; figures in bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
