@@ -89,7 +89,8 @@ def gathered(model):
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: root keeps its params
+            # back to FSDP2's defaults (root keeps its params); a non-default setting is not remembered
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def _options(**kw):
