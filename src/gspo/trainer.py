@@ -303,14 +303,17 @@ class GSPOTrainer:
                 acc.backward(loss * 0.0 if empty else loss)
             if empty:
                 continue
-            tokens = float(mask.sum())
-            sums["policy_loss"] += pg.item()
-            sums["entropy"] += ent.item()
-            sums["kl_divergence"] += kl.item()
-            sums["loss"] += loss.item()
-            sums["clip_fraction_seq"] += m["clip_fraction_seq"].item() * len(mic) / n_seq
-            sums["clip_fraction_token"] += m["clip_fraction_token"].item() * tokens
-            sums["ratio_mean"] += m["ratio_mean"].item() * len(mic) / n_seq
+            # One device->host copy per micro-batch (each .item() would be a GPU sync).
+            values = torch.stack([pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"],
+                                  m["ratio_mean"], mask.sum()]).detach().double().tolist()
+            pg_v, ent_v, kl_v, loss_v, clip_seq, clip_tok, ratio, tokens = values
+            sums["policy_loss"] += pg_v
+            sums["entropy"] += ent_v
+            sums["kl_divergence"] += kl_v
+            sums["loss"] += loss_v
+            sums["clip_fraction_seq"] += clip_seq * len(mic) / n_seq
+            sums["clip_fraction_token"] += clip_tok * tokens
+            sums["ratio_mean"] += ratio * len(mic) / n_seq
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
