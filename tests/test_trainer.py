@@ -83,6 +83,20 @@ def test_one_reference_pass_and_no_old_pass_whatever_the_epochs(tiny_model_dir, 
     assert calls == {"no_grad": 2 * n, "grad": 3 * n}  # + one old-log-prob pass for the off-policy mini-batches
 
 
+def _sgd_step_params(cfg, rows) -> dict:
+    """Train with plain SGD instead of AdamW (Adam's 1/sqrt(v) would turn float rounding in a near-zero
+    gradient into a full step) and return the final parameters."""
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    trainer.train(rows)
+    return params_of(trainer.model)
+
+
+def _assert_same_params(a: dict, b: dict) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("level,aggregation", [("sequence", None), ("sequence_token", None), ("token", "token-mean"),
                                                ("token", "seq-mean-token-sum")])
 def test_gradient_accumulation_changes_nothing(tiny_model_dir, arithmetic_rows, tmp_path, level, aggregation):
@@ -91,17 +105,12 @@ def test_gradient_accumulation_changes_nothing(tiny_model_dir, arithmetic_rows, 
     Plain SGD replaces AdamW here: Adam divides by sqrt(v), which turns float rounding in a
     near-zero gradient into a full learning-rate-sized step, hiding what we test (the gradient).
     """
-    results = []
-    for accum in (1, 2):
-        cfg = small_config(tiny_model_dir, tmp_path / str(accum), group_size=4, max_steps=1, gspo_epochs=2,
-                           importance_sampling_level=level, loss_aggregation=aggregation,
-                           gradient_accumulation_steps=accum, max_grad_norm=0.0)
-        trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
-        trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
-        trainer.train(arithmetic_rows)
-        results.append(params_of(trainer.model))
-    for name in results[0]:
-        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=0)
+    results = [_sgd_step_params(small_config(tiny_model_dir, tmp_path / str(accum), group_size=4, max_steps=1,
+                                             gspo_epochs=2, importance_sampling_level=level,
+                                             loss_aggregation=aggregation, gradient_accumulation_steps=accum,
+                                             max_grad_norm=0.0), arithmetic_rows)
+               for accum in (1, 2)]
+    _assert_same_params(*results)
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
@@ -109,17 +118,12 @@ def test_gradient_checkpointing_and_bounded_head_change_nothing(tiny_model_dir, 
                                                                 entropy_coef):
     """gradient_checkpointing recomputes the layers and runs the output head a chunk at a time
     (entropy_chunk_size=3 here, so several chunks per micro-batch): same weights as without it."""
-    results = []
-    for ckpt in (False, True):
-        cfg = small_config(tiny_model_dir, tmp_path / str(ckpt), group_size=4, max_steps=1, gspo_epochs=2,
-                           num_mini_batches=2, gradient_checkpointing=ckpt, entropy_chunk_size=3,
-                           entropy_coef=entropy_coef, kl_coef=0.1, adaptive_kl=False, max_grad_norm=0.0)
-        trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
-        trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
-        trainer.train(arithmetic_rows)
-        results.append(params_of(trainer.model))
-    for name in results[0]:
-        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=0)
+    results = [_sgd_step_params(small_config(tiny_model_dir, tmp_path / str(ckpt), group_size=4, max_steps=1,
+                                             gspo_epochs=2, num_mini_batches=2, gradient_checkpointing=ckpt,
+                                             entropy_chunk_size=3, entropy_coef=entropy_coef, kl_coef=0.1,
+                                             adaptive_kl=False, max_grad_norm=0.0), arithmetic_rows)
+               for ckpt in (False, True)]
+    _assert_same_params(*results)
 
 
 def test_lora_trains_adapters_only_and_uses_base_as_reference(tiny_model_dir, arithmetic_rows, tmp_path):
