@@ -13,6 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # With DeepSpeed installed, transformers' save_pretrained imports it, and on a machine without GPU it
+    # prints "Setting accelerator to CPU" on stdout, where subprocess tests read their protocol lines.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(scope="session")

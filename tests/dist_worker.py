@@ -36,6 +36,10 @@ Scenarios (comma-separated in --scenarios):
   lora, fsdp_lora, fsdp_lora_resume
                  LoRA (q/v/gate projections, merged on export) in one process, under FSDP2, and resumed
                  under FSDP2 from its step-2 adapter checkpoint
+  zero2_*, zero3_*  under `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`:
+                 offpolicy / token / resume / lora as above, sampled (real sampling, evaluation, export),
+                 nan (rank 0's loss is NaN with a finite gradient at step 2: every rank must skip that
+                 update; 'nan' is its 1-process twin) and fail_rank1
 """
 from __future__ import annotations
 
@@ -52,6 +56,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # two ranks share two cores; oversubscription only slows things down
+if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    # DeepSpeed's CPU-only shared-memory collective is JIT-compiled with g++ on first use (~90 s);
+    # plain gloo does the same job here. GPU users never build it.
+    import deepspeed.ops  # noqa: E402
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (12, 7), (5, 5), (9, 0), (23, 41), (6, 8), (70, 3),
                                      (2, 2), (11, 11), (4, 9), (8, 1), (31, 5), (7, 7), (15, 6), (3, 30)]]
@@ -96,7 +106,7 @@ def fails_on_rank1(prompts, completions, **kwargs):
 SCENARIOS = {
     "seq_offpolicy": dict(importance_sampling_level="sequence", gspo_epochs=2, num_mini_batches=2),
     "token_mean": dict(importance_sampling_level="token", loss_aggregation="token-mean", gspo_epochs=2,
-                       gradient_accumulation_steps=2),
+                       gradient_accumulation_steps=2, lr_scheduler_type="linear", warmup_steps=1),
     "uneven": dict(importance_sampling_level="sequence", batch_size=2, group_size=2, gspo_epochs=1,
                    num_mini_batches=4),
     "fail_rank1": dict(importance_sampling_level="sequence", gspo_epochs=1),
@@ -118,7 +128,19 @@ SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: shar
 SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
                  plain_from_ckpt=SCENARIOS["seq_offpolicy"])
 SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"], fsdp_fail_rank1=dict(SCENARIOS["fail_rank1"], fsdp=True))
-RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora"}
+# DeepSpeed: launched with `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`;
+# the ZeRO stage comes from the launch, these are the GSPO settings.
+for _zero in ("zero2", "zero3"):
+    SCENARIOS.update({f"{_zero}_offpolicy": SCENARIOS["seq_offpolicy"], f"{_zero}_token": SCENARIOS["token_mean"],
+                      f"{_zero}_resume": SCENARIOS["seq_offpolicy"], f"{_zero}_lora": SCENARIOS["lora"],
+                      f"{_zero}_sampled": dict(SCENARIOS["seq_offpolicy"], eval_steps=1, eval_max_samples=5,
+                                               eval_batch_size=2),
+                      f"{_zero}_nan": dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1),
+                      f"{_zero}_fail_rank1": SCENARIOS["fail_rank1"]})
+SCENARIOS["nan"] = SCENARIOS["zero2_nan"]  # the 1-process twin
+RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora",
+           "zero2_resume": "zero2_offpolicy", "zero3_resume": "zero3_offpolicy"}
+SAMPLED = ("fsdp_sampled", "zero2_sampled", "zero3_sampled")
 
 
 def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
@@ -146,8 +168,10 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
         local_tokens.append(int(rollout.completion_mask.sum()))
         return rollout
 
-    if scenario != "fsdp_sampled":
+    if scenario not in SAMPLED:
         gspo.trainer.generate_rollout = rollout_hook
+    if scenario == "nan" or scenario.endswith("_nan"):
+        _nan_loss_at_step(2, rank=int(os.environ.get("RANK", "0")))
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
     rows = [{"prompt": p} for p in PROMPTS]
@@ -163,7 +187,7 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
                               reward_funcs=[reward])
     else:
         trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario), reward_funcs=[reward])
-    history = trainer.train(rows, eval_dataset=rows if scenario == "fsdp_sampled" else None)
+    history = trainer.train(rows, eval_dataset=rows if scenario in SAMPLED else None)
     acc = trainer.accelerator
     rank = acc.process_index
     params = full_params(acc.unwrap_model(trainer.model))
@@ -172,15 +196,44 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
         "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
         "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
         "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model)),
-        "ref_sharded": trainer.ref_model is not None and is_sharded(trainer.ref_model)}))
+        "ref_sharded": trainer.ref_model is not None and (is_sharded(trainer.ref_model) or any(
+            hasattr(p, "ds_tensor") for p in trainer.ref_model.parameters()))}))
+
+
+def _nan_loss_at_step(step: int, rank: int) -> None:
+    """Rank 0's policy loss VALUE is NaN during `step` (1-based) only, its gradient stays finite (the NaN
+    is added detached); the other rank's loss is finite. Only the loss check can catch it."""
+    import gspo.trainer
+
+    real = gspo.trainer.policy_loss
+    calls = {"n": 0}
+
+    def policy_loss(*args, **kwargs):
+        pg, metrics = real(*args, **kwargs)
+        calls["n"] += 1  # one call per micro-batch; one micro-batch and one update per step here
+        return (pg + pg.detach() * float("nan") if rank == 0 and calls["n"] == step else pg), metrics
+
+    gspo.trainer.policy_loss = policy_loss
 
 
 def shard_info(model) -> dict:
     """How many parameter elements this rank stores, against the model's full count."""
     from gspo.parallel import is_sharded
 
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
-    return {"sharded": is_sharded(model), "local_numel": local, "full_numel": sum(p.numel() for p in model.parameters())}
+    params = list(model.parameters())
+    zero3 = any(hasattr(p, "ds_tensor") for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p).numel()
+                for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    return {"sharded": is_sharded(model) or zero3, "local_numel": local, "full_numel": full}
+
+
+def _zero3_params(model) -> dict:
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {k: v.detach().cpu().clone() for k, v in params.items()}
 
 
 def full_params(model) -> dict:
@@ -189,6 +242,8 @@ def full_params(model) -> dict:
 
     from gspo.parallel import is_sharded
 
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions
+        return _zero3_params(model)
     state = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model)
              else model.state_dict())
     return {k: v.detach().cpu().clone() for k, v in state.items()}

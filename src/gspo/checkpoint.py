@@ -164,23 +164,43 @@ def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler
     torch.save(_rng_state(), tmp / RNG_FILE)
 
 
+def staging_dir(output_dir, step: int, pid: int) -> Path:
+    """Where checkpoint-<step> is assembled before its atomic rename (`pid`: the main process's)."""
+    return Path(output_dir) / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{int(step)}-{int(pid)}"
+
+
+def open_staging(output_dir, step: int) -> Path:
+    """Create an empty staging dir that other ranks may write into (DeepSpeed's partitioned state)
+    before the main process calls save_checkpoint(..., staged=it). Main process only."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
+    tmp = staging_dir(out, step, os.getpid())
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
                     save_total_limit: Optional[int] = None, model_state: Optional[dict] = None,
-                    optimizer_state: Optional[dict] = None) -> Path:
+                    optimizer_state: Optional[dict] = None, staged: Optional[Path] = None) -> Path:
     """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
 
     Call on the main process only. Saving the same step twice replaces the earlier one.
     `model_state` / `optimizer_state`: full states gathered from a sharded model, saved instead of the
     live model's and optimizer's (which hold only this rank's shards).
+    `staged`: the dir from open_staging, already holding files other ranks wrote; completed here.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out)
     final = out / f"{CHECKPOINT_PREFIX}{int(step)}"
-    tmp = out / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{int(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if staged is not None:
+        tmp = Path(staged)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale_tmp(out)
+        tmp = staging_dir(out, step, os.getpid())
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
         _write_contents(tmp, step, _unwrap(model), tokenizer, optimizer, scheduler, trainer_state, model_state,
                         optimizer_state)
@@ -340,23 +360,27 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (missing '{COMPLETE_MARKER}' marker)")
-    model = _unwrap(model)
-    has_adapter = (path / "adapter_config.json").is_file()
-    if has_adapter != _is_peft(model):
-        raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
-                         f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
-    sharded = parallel.is_sharded(model)
-    if _is_peft(model):
-        _load_peft_weights(path, model)
-    elif sharded:
-        parallel.load_full_state(model, _with_tied_duplicates(model, _load_safetensors_dir(path, "model")))
-    else:
-        _load_plain_weights(path, model)
+    sharded = False
+    if model is not None:  # None: the weights were restored elsewhere (DeepSpeed's engine state)
+        model = _unwrap(model)
+        has_adapter = (path / "adapter_config.json").is_file()
+        if has_adapter != _is_peft(model):
+            raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
+                             f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
+        sharded = parallel.is_sharded(model)
+        if _is_peft(model):
+            _load_peft_weights(path, model)
+        elif sharded:
+            parallel.load_full_state(model, _with_tied_duplicates(model, _load_safetensors_dir(path, "model")))
+        else:
+            _load_plain_weights(path, model)
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is None:
             continue
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: no {name} to restore {type(obj).__name__} from")
+            hint = " (written by a DeepSpeed run: resume it under the same DeepSpeed launch)" if (
+                path / "deepspeed").is_dir() else ""
+            raise FileNotFoundError(f"{path}: no {name} to restore {type(obj).__name__} from{hint}")
         # map_location cpu: optimizers move their state to each parameter's device on load.
         state = torch.load(path / name, map_location="cpu", weights_only=True)
         if obj is optimizer and (sharded or parallel.keyed_by_name(state)):

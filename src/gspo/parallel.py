@@ -72,9 +72,17 @@ def gathered(model):
     """Full parameters on every rank inside the block; forwards run without collectives.
 
     FSDP2: unshard every FSDP module (one all-gather each) and keep it unsharded across
-    forwards. FSDP1 (accelerate's fsdp_version 1): summon_full_params. Otherwise a no-op.
+    forwards. FSDP1 (accelerate's fsdp_version 1): summon_full_params. DeepSpeed ZeRO-3: gathered,
+    its per-module hooks removed (gspo.zero). Otherwise a no-op.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from gspo import zero
+
+    if zero.is_engine(model):
+        with zero.gathered_for_generation(model):
+            yield
+        return
 
     if isinstance(model, FullyShardedDataParallel):  # not exercised on CPU: accelerate's FSDP needs a GPU
         with FullyShardedDataParallel.summon_full_params(model, writeback=False):

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from gspo import checkpoint as ckpt
+from gspo import zero
 from gspo.config import ConfigError, GSPOConfig
 from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss, zero_std_groups
 from gspo.data import GSPODataset, load_rows
@@ -53,16 +55,12 @@ def _make_accelerator() -> Accelerator:
     sets ACCELERATE_USE_CPU); under plain `torchrun` on a CPU-only machine, Accelerator() would run
     every worker as an independent single process: N unsynchronised copies racing over one output_dir.
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        # accelerate's DeepSpeed engine steps the optimizer inside backward(), before gspo's clipping and
-        # non-finite checks, and divides the loss by its own accumulation count: the update would differ.
-        raise ConfigError("DeepSpeed launches are not supported yet (the engine steps inside backward, bypassing "
-                          "gspo's update checks); for ZeRO-3-style sharding of parameters, gradients and optimizer "
-                          "state set GSPOConfig.fsdp=True (--fsdp true) and launch with torchrun or a multi-GPU "
-                          "accelerate config")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
-    acc = Accelerator(cpu=True) if world > 1 and not has_accelerator else Accelerator()
+    if zero.launched_with_deepspeed():
+        acc = Accelerator(**zero.accelerator_kwargs(has_accelerator))
+    else:
+        acc = Accelerator(cpu=True) if world > 1 and not has_accelerator else Accelerator()
     if acc.num_processes != world:
         raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
                            f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies")
@@ -91,8 +89,9 @@ class GSPOTrainer:
             list(cfg.reward_weights or [None] * len(cfg.reward_funcs)) + [None] * len(reward_funcs or []))
         self.reward_model = reward_model
         if self.reward_model is None and cfg.reward_model_name:
-            self.reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
-                                                  trust_remote_code=cfg.trust_remote_code)
+            with zero.whole_models_context(self.accelerator):  # a whole scorer per rank, even under ZeRO-3
+                self.reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
+                                                      trust_remote_code=cfg.trust_remote_code)
         if not self.reward_funcs and self.reward_model is None:
             raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
                               "or pass reward_funcs=[...]")
@@ -110,9 +109,16 @@ class GSPOTrainer:
                         and cfg.clip_range_low is None and cfg.clip_range_high is None else "")
 
     def _prepare_policy(self, policy):
-        """DDP (accelerate's prepare) or, with fsdp and several processes, FSDP2 shards; then AdamW over
-        what this rank holds (after sharding: its parameters are the shards)."""
+        """DDP or DeepSpeed (accelerate's prepare) or, with fsdp and several processes, FSDP2 shards; then
+        AdamW over what this rank holds (after sharding: its parameters are the shards)."""
         cfg, acc = self.config, self.accelerator
+        self._zero_stage = zero.stage(acc)
+        if self._zero_stage >= 0:
+            zero.configure(acc, cfg)
+            if cfg.fsdp:
+                raise ConfigError("GSPOConfig.fsdp=True under a DeepSpeed launch: pick one (fsdp=False to use ZeRO)")
+            if self._zero_stage == 3 and self.ref_model is not None:  # partitioned like the policy
+                self.ref_model = zero.reference_engine(acc, self.ref_model)
         # An accelerate FSDP config on a backend where accelerate cannot shard (CPU: it falls back to DDP).
         plugin_dropped = (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
                           and acc.distributed_type != DistributedType.FSDP)
@@ -221,7 +227,20 @@ class GSPOTrainer:
     def _synced_gpus(self):
         """False once `gathered` has made sharded weights whole (no per-token collectives needed);
         otherwise None: transformers decides."""
-        return False if is_sharded(self.model) else None
+        return False if is_sharded(self.model) or self._zero_stage == 3 else None
+
+    @property
+    def _head_bound_ok(self) -> bool:
+        """Under ZeRO-3 every call of the output head gathers its weight: a chunked head would make the
+        number of gathers depend on this rank's completion lengths, and ranks would wait on each other."""
+        return self._zero_stage != 3
+
+    @property
+    def _train_head_bound(self):
+        """Chunk the head in the training pass under gradient checkpointing; else when logits are large."""
+        if not self._head_bound_ok:
+            return False
+        return True if self.config.gradient_checkpointing else None
 
     # ------------------------------------------------------------------ stages
     def _score(self, rollout: Rollout) -> None:
@@ -241,7 +260,7 @@ class GSPOTrainer:
             part = rollout.select(idx)
             lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                         part.completion_mask, cfg.temperature, cfg.entropy_chunk_size,
-                                        bounded_head=True)  # no backward: bounding the head costs nothing
+                                        bounded_head=self._head_bound_ok)  # no backward: bounding costs nothing
             out.append(lp.cpu())
         return torch.cat(out)
 
@@ -284,12 +303,13 @@ class GSPOTrainer:
             empty = len(mic) == 0
             part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
             mask = part.completion_mask.to(acc.device)
-            sync = acc.no_sync(self.model) if j < len(micro_batches) - 1 else contextlib.nullcontext()
+            last = j == len(micro_batches) - 1
+            sync = acc.no_sync(self.model) if not last and self._zero_stage < 0 else contextlib.nullcontext()
             with sync:
                 logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                     part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True,
                                                     entropy_grad=cfg.entropy_coef != 0,
-                                                    bounded_head=True if cfg.gradient_checkpointing else None)
+                                                    bounded_head=self._train_head_bound)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
                 if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()
@@ -300,7 +320,7 @@ class GSPOTrainer:
                 kl = (kl_penalty(logp, part.ref_logprobs.to(acc.device), mask, cfg.kl_estimator, num_tokens=n_tok)
                       if part.ref_logprobs is not None else torch.zeros((), device=acc.device))
                 loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl  # seed §4.1
-                acc.backward(loss * 0.0 if empty else loss)
+                self._backward(loss * 0.0 if empty else loss, last, empty, sums["loss"])
             if empty:
                 continue
             # One device->host copy per micro-batch (each .item() would be a GPU sync).
@@ -318,17 +338,36 @@ class GSPOTrainer:
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
 
+    def _backward(self, loss: torch.Tensor, last: bool, empty: bool, loss_so_far: float) -> None:
+        """accelerate's backward; under DeepSpeed the engine's, gradients reduced on the last micro-batch."""
+        if self._zero_stage < 0:
+            self.accelerator.backward(loss)
+            return
+        if last:  # the mini-batch's loss summed over ranks, known before the update: all ranks agree
+            mine = loss_so_far + (0.0 if empty else loss.item())
+            total = self.accelerator.reduce(torch.tensor(mine, device=loss.device, dtype=torch.float64), "sum")
+            loss = zero.poison(loss, total.item())
+        zero.backward(self.model, loss, boundary=last)
+
     def _optimizer_step(self, loss: float = 0.0) -> float:
         cfg, acc = self.config, self.accelerator
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        # A non-finite loss skips the update even when its gradient happens to be finite. The loss is
-        # this rank's share: sum it over ranks so that all ranks skip together (else weights diverge).
-        loss = acc.reduce(torch.tensor(float(loss), device=acc.device, dtype=torch.float64), "sum").item()
-        if self.skips.record(grad_norm if math.isfinite(loss) else float("nan"), f"step {self.step + 1}"):
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        where = f"step {self.step + 1}"
+        if self._zero_stage >= 0:  # DeepSpeed clips, and skips a non-finite step itself (gspo.zero)
+            grad_norm, _ = zero.step(self.model)  # NaN when it skipped
+            if self.skips.record(grad_norm, where):
+                with warnings.catch_warnings():  # torch cannot see the engine's optimizer step: a false alarm
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    self.scheduler.step()
+        else:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+            # A non-finite loss skips the update even when its gradient happens to be finite. The loss is
+            # this rank's share: sum it over ranks so that all ranks skip together (else weights diverge).
+            loss = acc.reduce(torch.tensor(float(loss), device=acc.device, dtype=torch.float64), "sum").item()
+            if self.skips.record(grad_norm if math.isfinite(loss) else float("nan"), where):
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.skips.exhausted:
             # Never replace a clean checkpoint of this step with this mid-step state.
             # Decided on the main process and shared, so every rank takes the same branch (the save waits for all).
@@ -445,13 +484,26 @@ class GSPOTrainer:
         acc.wait_for_everyone()
         rng = self._rng_per_rank()  # a collective: every rank, before the main-only save
         model_state, optim_state = self._gathered_states(with_optimizer=True)
+        staged = self._stage_engine_state() if self._zero_stage >= 0 else None
         path = None
         if acc.is_main_process:
+            optimizer = None if self._zero_stage >= 0 else self.optimizer  # DeepSpeed's is in staged/deepspeed
             path = ckpt.save_checkpoint(cfg.output_dir, self.step, acc.unwrap_model(self.model), self.tokenizer,
-                                        self.optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit,
-                                        model_state, optim_state)
+                                        optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit,
+                                        model_state, optim_state, staged)
         acc.wait_for_everyone()
         return path or Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
+
+    def _stage_engine_state(self) -> Path:
+        """DeepSpeed: every rank writes its partition into the main process's staging dir (collective)."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        holder = [ckpt.open_staging(self.config.output_dir, self.step) if acc.is_main_process else None]
+        broadcast_object_list(holder)
+        zero.save_engine_state(self.model, holder[0])
+        acc.wait_for_everyone()
+        return holder[0]
 
     def _checkpoint_if_due(self, total: int, guard: InterruptGuard) -> None:
         cfg, acc = self.config, self.accelerator
@@ -471,7 +523,12 @@ class GSPOTrainer:
         if not cfg.resume_from_checkpoint:
             return False
         path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-        state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        if self._zero_stage >= 0:  # weights, fp32 master partitions and optimizer state: DeepSpeed's own files
+            zero.load_engine_state(self.model, path)
+            state = ckpt.load_checkpoint(path, None, None, self.scheduler)
+        else:
+            state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                         self.scheduler)
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates, **state["skips"])
@@ -482,7 +539,10 @@ class GSPOTrainer:
         return True
 
     def _gathered_states(self, with_optimizer: bool) -> tuple:
-        """(model, optimizer) full states when the policy is sharded (collectives: every rank), else (None, None)."""
+        """(model, optimizer) full states when the policy is sharded (collectives: every rank), else (None, None).
+        DeepSpeed ZeRO-3: the gathered weights (its optimizer state stays in its own files)."""
+        if self._zero_stage == 3:
+            return self.accelerator.get_state_dict(self.model), None
         if not is_sharded(self.model):
             return None, None
         optim = full_optimizer_state(self.model, self.optimizer.optimizer) if with_optimizer else None
@@ -497,7 +557,8 @@ class GSPOTrainer:
             model = acc.unwrap_model(self.model)
             if model_state is not None and cfg.use_lora and cfg.merge_lora_on_save:
                 # peft merges in place on whole tensors: do it on an unsharded replica holding the gathered state
-                model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
+                with zero.whole_models_context(acc):  # main process only: no ZeRO-3 partitioning here
+                    model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
                 model.load_state_dict(model_state)
                 model_state = None
             ckpt.save_final_model(model, self.tokenizer, output_dir or cfg.output_dir,
