@@ -59,12 +59,13 @@ def _loop_sample(probs_row: list, u01: float) -> int:
     return max(range(len(probs_row)), key=lambda i: probs_row[i])
 
 
-def test_sample_tokens_matches_loop_oracle():
+@pytest.mark.parametrize("vocab, top_k", [(30, 10), (1000, 0), (1000, 40), (32768, 0)])  # 1 block; 4, some empty; 128
+def test_sample_tokens_matches_loop_oracle(vocab, top_k):
     torch.manual_seed(1)
-    logits = torch.randn(64, 30) * 2
-    got = sample_tokens(logits, top_k=10, generator=torch.Generator().manual_seed(5))
+    logits = torch.randn(64, vocab) * 2
+    got = sample_tokens(logits, top_k=top_k, generator=torch.Generator().manual_seed(5))
     u = torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    probs = filter_logits(logits, top_k=10).softmax(-1).double()
+    probs = filter_logits(logits, top_k=top_k).softmax(-1).double()
     expected = [_loop_sample(probs[i].tolist(), float(u[i])) for i in range(64)]
     assert got.tolist() == expected
 

@@ -53,6 +53,9 @@ def filter_logits(
     return scores
 
 
+_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
+
+
 def sample_tokens(
     logits: torch.Tensor,  # [B, V]
     temperature: float = 1.0,
@@ -60,16 +63,33 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # [B] token ids
-    """One draw per row by inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total)."""
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # [B, V]
-    cdf = probs.double().cumsum(dim=-1)  # float64: a 1e-6 token keeps its mass after 150k additions
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    """One draw per row by inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total).
+
+    Two levels over the unnormalised softmax numerators exp(z - max): the block of _BLOCK tokens holding
+    u, then the token inside it. Block sums are float32 sums of 256 terms; both running sums (over
+    blocks, and inside the chosen block) are float64, so a 1e-6 token keeps its mass next to 150k
+    others. This reads the [B, V] scores twice instead of building a float64 [B, V] running sum
+    (inside `generate` at [32, 32768], one CPU thread: 2.9 ms a step instead of 13.5 ms)."""
+    z = filter_logits(logits, temperature, top_k, top_p).float()  # [B, V]
+    rows, vocab = z.shape
+    weights = (z - z.amax(dim=-1, keepdim=True)).exp_()  # [B, V] softmax numerators: no division needed
+    full = vocab // _BLOCK * _BLOCK
+    sums = [weights[:, :full].view(rows, -1, _BLOCK).sum(dim=-1)] + ([weights[:, full:].sum(-1, keepdim=True)]
+                                                                    if full < vocab else [])
+    block_cdf = torch.cat(sums, dim=-1).double().cumsum(dim=-1)  # [B, nb]
+    u = torch.rand(rows, 1, dtype=torch.float64, device=z.device, generator=generator)
     # u in [0, total) strictly (the factor keeps r * total from rounding up to total), so the first
-    # cdf entry above u always exists and belongs to a token of positive mass: no fallback, no host sync.
-    u = u * (cdf[:, -1:] * (1.0 - 2.0**-50))  # [B, 1]
-    idx = torch.searchsorted(cdf, u, right=True)  # right: ties skip zero-mass tokens
-    idx = idx.clamp_(max=probs.shape[-1] - 1)  # only NaN logits get here: keep the index valid
-    return idx.squeeze(-1)
+    # entry above u exists and has positive mass: no fallback, no host sync.
+    u = u * (block_cdf[:, -1:] * (1.0 - 2.0**-50))  # [B, 1]
+    b = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [B, 1]; skips empty blocks
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))  # [B, 1]
+    cols = b * _BLOCK + torch.arange(_BLOCK, device=z.device)  # [B, K] the block's token ids
+    inner = weights.gather(1, cols.clamp(max=vocab - 1)) * (cols < vocab)  # [B, K]
+    j = torch.searchsorted(inner.double().cumsum(dim=-1), u - before, right=True)  # [B, 1]
+    # The block's sum and its running sum may round apart: never step past the block's last real token.
+    last = (torch.arange(_BLOCK, device=z.device) * (inner > 0)).amax(dim=-1, keepdim=True)  # [B, 1]
+    idx = b * _BLOCK + torch.minimum(j, last)
+    return idx.clamp_(max=vocab - 1).squeeze(-1)  # clamp: only NaN logits get here; keep the index valid
 
 
 class PolicySampler(LogitsProcessor):
