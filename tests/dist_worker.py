@@ -194,6 +194,7 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
     torch.save(params, out_dir / f"params_rank{rank}.pt")
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
+        "zero_stage": trainer._zero_stage,
         "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
         "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model)),
         "ref_sharded": trainer.ref_model is not None and (is_sharded(trainer.ref_model) or any(

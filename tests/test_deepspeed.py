@@ -76,6 +76,7 @@ def test_launch_is_deepspeed_and_zero3_partitions(runs, stage):
     for scenario in TWINS:
         infos = [_rank(runs["two"], f"{stage}_{scenario}", r) for r in (0, 1)]
         assert all(i["world"] == 2 and i["distributed_type"].endswith("DEEPSPEED") for i in infos)
+        assert all(i["zero_stage"] == int(stage[-1]) for i in infos)
         if stage == "zero3":  # each rank stores about half of every parameter
             assert sum(i["local_numel"] for i in infos) >= infos[0]["full_numel"]
             assert all(i["local_numel"] < 0.55 * i["full_numel"] for i in infos), [i["local_numel"] for i in infos]
