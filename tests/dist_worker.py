@@ -39,7 +39,8 @@ Scenarios (comma-separated in --scenarios):
   zero2_*, zero3_*  under `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`:
                  offpolicy / token / resume / lora as above, sampled (real sampling, evaluation, export),
                  nan (rank 0's loss is NaN with a finite gradient at step 2: every rank must skip that
-                 update; 'nan' is its 1-process twin) and fail_rank1
+                 update; 'nan' is its 1-process twin), fail_rank1, and zero3_rm (a reward model beside the
+                 reward function: it must be loaded whole, not partitioned; 'rm' is its twin)
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ for _zero in ("zero2", "zero3"):
                       f"{_zero}_nan": dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1),
                       f"{_zero}_fail_rank1": SCENARIOS["fail_rank1"]})
 SCENARIOS["nan"] = SCENARIOS["zero2_nan"]  # the 1-process twin
+# A reward model (--reward_model, built by the test) next to the digit reward: under ZeRO-3 it must stay whole.
+SCENARIOS["rm"] = SCENARIOS["zero3_rm"] = dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1,
+                                               reward_model_weight=0.5)
 RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora",
            "zero2_resume": "zero2_offpolicy", "zero3_resume": "zero3_offpolicy"}
 SAMPLED = ("fsdp_sampled", "zero2_sampled", "zero3_sampled")
@@ -156,7 +160,7 @@ def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
     return GSPOConfig(**settings)
 
 
-def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None:
+def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_model: str = "") -> None:
     import gspo.trainer
     from gspo.parallel import is_sharded
     from gspo.trainer import GSPOTrainer
@@ -186,7 +190,8 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "") -> None
         trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint=source),
                               reward_funcs=[reward])
     else:
-        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario), reward_funcs=[reward])
+        extra = {"reward_model_name": reward_model} if scenario.endswith("rm") else {}
+        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, **extra), reward_funcs=[reward])
     history = trainer.train(rows, eval_dataset=rows if scenario in SAMPLED else None)
     acc = trainer.accelerator
     rank = acc.process_index
@@ -286,12 +291,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=False)
     parser.add_argument("--scenarios", default="seq_offpolicy,token_mean")
     parser.add_argument("--resume_from", default="", help="checkpoint for the plain_from_ckpt scenario")
+    parser.add_argument("--reward_model", default="", help="reward model directory for the *rm scenarios")
     args = parser.parse_args(argv)
     if args.build_model:
         build_model_dir(Path(args.model_dir))
         return 0
     for scenario in args.scenarios.split(","):
-        run(args.model_dir, Path(args.out), scenario, args.resume_from)
+        run(args.model_dir, Path(args.out), scenario, args.resume_from, args.reward_model)
     return 0
 
 

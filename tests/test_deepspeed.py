@@ -22,18 +22,19 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 
 from test_distributed import BIN, HERE, METRIC_ATOL, PARAM_ATOL, STEPS, WORKER, _env, _finish, _free_port  # noqa: E402
+from helpers_data import save_tiny_reward_model  # noqa: E402
 
 TWINS = {"offpolicy": "seq_offpolicy", "token": "token_mean", "nan": "nan", "lora": "lora"}
 EXTRA = ["resume", "sampled"]
 STAGES = ("zero2", "zero3")
 
 
-def _launch(stage: str, model_dir: Path, out: Path, scenarios: list) -> subprocess.Popen:
+def _launch(stage: str, model_dir: Path, out: Path, scenarios: list, reward_model: str = "") -> subprocess.Popen:
     port = _free_port()
     config = HERE.parent / "examples" / "accelerate" / f"deepspeed_{stage}.yaml"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(port), WORKER, "--model_dir", str(model_dir), "--out", str(out),
-           "--scenarios", ",".join(scenarios)]
+           "--scenarios", ",".join(scenarios), "--reward_model", reward_model]
     return subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -43,13 +44,14 @@ def runs(tmp_path_factory):
     model_dir = root / "model"
     subprocess.run([sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)], check=True,
                    env=_env(0), capture_output=True, timeout=300)
+    reward_model = save_tiny_reward_model(root / "rm")
     one = subprocess.Popen([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"),
-                            "--scenarios", ",".join(TWINS.values())], env=_env(0),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            "--scenarios", ",".join(list(TWINS.values()) + ["rm"]), "--reward_model", reward_model],
+                           env=_env(0), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = []
     for stage in STAGES:  # one 2-process launch at a time: two cores
-        scenarios = [f"{stage}_{s}" for s in list(TWINS) + EXTRA]
-        results.append(_finish(_launch(stage, model_dir, root / "two", scenarios), 900))
+        scenarios = [f"{stage}_{s}" for s in list(TWINS) + EXTRA] + (["zero3_rm"] if stage == "zero3" else [])
+        results.append(_finish(_launch(stage, model_dir, root / "two", scenarios, reward_model), 900))
     results.append(_finish(one, 600))
     for rc, out in results:
         assert rc == 0, out[-6000:]
@@ -181,6 +183,15 @@ def test_zero_sampled_run_generates_evaluates_and_exports_whole_weights(runs, st
     for k, v in model.state_dict().items():
         if k in params:
             assert torch.equal(v, params[k]), k
+
+
+def test_zero3_reward_model_is_whole_and_scores_like_one_process(runs):
+    """A reward model loaded after the ZeRO-3 launch (transformers would build it partitioned): whole on
+    every rank, so rewards, hence the trained weights, are the 1-process run's."""
+    h1, h2 = _rank(runs["one"], "rm", 0)["history"], _rank(runs["two"], "zero3_rm", 0)["history"]
+    assert [m["raw_reward_mean"] for m in h2] == pytest.approx([m["raw_reward_mean"] for m in h1], abs=1e-6)
+    assert len({round(m["raw_reward_mean"], 6) for m in h1}) > 1  # the rewards are not constant
+    assert _max_diff(_params(runs["one"], "rm", 0), _params(runs["two"], "zero3_rm", 0)) < PARAM_ATOL
 
 
 def test_error_on_one_rank_stops_a_zero3_run(runs):
