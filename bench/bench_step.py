@@ -435,7 +435,7 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
         lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
         (lp.sum() + ent.sum()).backward()
     else:
-        _label_logprobs(logits, labels, chunk if chunk > 0 else n * t).sum().backward()
+        _label_logprobs(logits, labels, chunk if chunk > 0 else n * t)[0].sum().backward()
     return {"fn": fn, "chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
             "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
 
@@ -459,7 +459,7 @@ def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> 
     if bounded:
         logp, _ = _head_logprobs(head, hidden, labels, 1.0, chunk, None)
     else:
-        logp = _label_logprobs(head(hidden), labels, chunk)
+        logp = _label_logprobs(head(hidden), labels, chunk)[0]
     logp.sum().backward()
     return {"bounded": bounded, "chunk": chunk, "new_tokens": t, "full_logits_mb": n * t * v * 4 / 2**20,
             "peak_above_weights_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}

@@ -293,10 +293,41 @@ def chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return logp, entropy
 
 
-def chunk_label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[C, V] logits, [C] labels -> [C] log p(label) = logit - logsumexp: no [C, V] probabilities kept."""
-    logits = logits.float()
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _LabelLogprob(torch.autograd.Function):
+    """log p(label) with the entropy as a by-product; backward recomputes the softmax from the saved
+    logits (a view: no [C, V] tensor is stored) and writes the gradient in place, without the
+    zero-filled [C, V] buffer that gather's backward allocates."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, with_entropy: bool):  # [C, V], [C]
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # [C, V]
+        m = z.amax(dim=-1, keepdim=True)  # [C, 1]
+        centered = z - m  # [C, V] <= 0
+        e = centered.exp()  # [C, V] softmax numerators
+        s = e.sum(dim=-1, keepdim=True)  # [C, 1]
+        lse = m + s.log()  # [C, 1]
+        logp = z.gather(-1, labels[:, None]) - lse  # [C, 1]  log p(label) = z_y - logsumexp z
+        entropy = None
+        if with_entropy:  # H = log s - sum_v e_v (z_v - m) / s: centred, so no cancellation against m
+            dot = torch.bmm(e.unsqueeze(1), centered.unsqueeze(2)).view(-1, 1)  # [C, 1] as C small matmuls
+            entropy = (s.log() - dot / s).squeeze(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(*([entropy] if entropy is not None else []))
+        return logp.squeeze(-1), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):  # [C]
+        logits, labels, lse = ctx.saved_tensors
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        grad = (z - lse).exp_().mul_(-grad_logp[:, None])  # d log p_y / d z_v = 1[v = y] - p_v
+        grad.scatter_add_(1, labels[:, None], grad_logp[:, None].to(grad.dtype))
+        return grad.to(logits.dtype), None, None
+
+
+def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False):
+    """[C, V] logits, [C] labels -> ([C] log p(label) with grad, [C] entropy without grad, or None).
+    Low-precision logits are computed in float32. For the entropy's gradient use chunk_logprob_entropy."""
+    return _LabelLogprob.apply(logits, labels, with_entropy)
 
 
 def logprobs_and_entropy(
@@ -321,8 +352,8 @@ def logprobs_and_entropy(
             else:
                 lp, ent = chunk_logprob_entropy(chunk, lab)
             ents.append(ent)
-        else:  # log p(label) = logit - logsumexp: no [C, V] probabilities at all
-            lp = chunk_label_logprob(chunk, lab)
+        else:  # log p(label) = logit - logsumexp: no [C, V] probabilities kept
+            lp, _ = label_logprob(chunk, lab)
         lps.append(lp)
     logp = torch.cat(lps).view(n, t)
     return logp, (torch.cat(ents).view(n, t) if with_entropy else None)

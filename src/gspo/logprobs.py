@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gspo.core import chunk_label_logprob, chunk_logprob_entropy, logprobs_and_entropy
+from gspo.core import chunk_logprob_entropy, label_logprob, logprobs_and_entropy
 
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
 _HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
@@ -85,9 +85,12 @@ def _final_hidden(model, input_ids, attention_mask, keep: int):
     hidden = seen.get("hidden")
     if hidden is not None and hidden.dim() == 3 and hidden.shape[1] >= keep:
         with torch.no_grad():
-            exact = torch.allclose(head(hidden[:, -1:]).float(), logits[:, -1:].float(), rtol=1e-4, atol=1e-5)
+            again, seen_logits = head(hidden[:, -1:]).float(), logits[:, -1:].float()
+            exact = torch.allclose(again, seen_logits, rtol=1e-4, atol=1e-5, equal_nan=True)
         if exact:
             return hidden[:, -keep:], head
+        if not (again.isfinite().all() and seen_logits.isfinite().all()):
+            return None  # non-finite values prove nothing about the model: fall back this once, remember nothing
     _HEAD_NOT_FINAL.add(type(model))
     return None
 
@@ -99,21 +102,21 @@ def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]
         logits = logits / temperature
     if entropy == "grad":
         return chunk_logprob_entropy(logits, labels)
-    logp = chunk_label_logprob(logits, labels)
-    if entropy is None:
-        return logp, None
-    with torch.no_grad():
-        return logp, chunk_logprob_entropy(logits.detach(), labels)[1]
+    return label_logprob(logits, labels, with_entropy=entropy == "metric")
 
 
-def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, entropy: Optional[str]):
+def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, entropy: Optional[str],
+                   recompute: bool = True):
     """[n, t, H] hidden -> ([n, t] log p, [n, t] entropy or None), the head applied `chunk_size` rows at a
-    time. Under autograd each chunk is checkpointed: backward recomputes that chunk's logits, so peak
-    memory is one [chunk_size, V] block whatever the length or the vocabulary (one more head matmul)."""
+    time. `recompute` (and always for the entropy's gradient): under autograd each chunk is checkpointed,
+    backward recomputes its logits, so peak memory is one [chunk_size, V] block whatever the length or
+    the vocabulary (one more head matmul). Otherwise autograd keeps each chunk's logits, as many as full
+    logits would hold, but no [n, T+1, V] tensor is ever sliced, copied or zero-filled in backward."""
     n, t, h = hidden.shape
     lps, ents = [], []
+    recompute = recompute or entropy == "grad"
     for hid, lab in zip(hidden.reshape(n * t, h).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
-        if torch.is_grad_enabled() and hid.requires_grad:
+        if recompute and torch.is_grad_enabled() and hid.requires_grad:
             lp, ent = checkpoint(_head_chunk, head, hid, lab, temperature, entropy, use_reentrant=False)
         else:
             lp, ent = _head_chunk(head, hid, lab, temperature, entropy)
@@ -123,20 +126,17 @@ def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, en
     return logp, (torch.cat(ents).view(n, t) if entropy is not None else None)
 
 
-def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[N, T, V] logits, [N, T] labels -> [N, T] log p(label), with grad, a chunk of positions at a time.
-    fp32 logits: autograd keeps only views of them. Other dtypes: each chunk is checkpointed, so the
-    fp32 copies are never all alive at once (backward recomputes one chunk's logsumexp)."""
+def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_entropy: bool = False):
+    """[N, T, V] logits, [N, T] labels -> ([N, T] log p(label) with grad, [N, T] entropy without grad or
+    None), a chunk of positions at a time. Autograd keeps only the logits (views) and one logsumexp per
+    position (gspo.core.label_logprob), whatever their dtype."""
     n, t, v = logits.shape
-    out = []
     # split, not slicing: the backward of each slice would allocate a zero-filled [N*T, V] gradient per
     # chunk; split's backward concatenates the chunk gradients once.
-    for chunk, lab in zip(logits.reshape(n * t, v).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
-        if logits.dtype == torch.float32 or not chunk.requires_grad:
-            out.append(chunk_label_logprob(chunk, lab))
-        else:
-            out.append(checkpoint(chunk_label_logprob, chunk, lab, use_reentrant=False))
-    return torch.cat(out).view(n, t)
+    parts = [label_logprob(chunk, lab, with_entropy)
+             for chunk, lab in zip(logits.reshape(n * t, v).split(chunk_size), labels.reshape(n * t).split(chunk_size))]
+    logp = torch.cat([lp for lp, _ in parts]).view(n, t)
+    return logp, (torch.cat([ent for _, ent in parts]).view(n, t) if with_entropy else None)
 
 
 def completion_logprobs(
@@ -159,8 +159,10 @@ def completion_logprobs(
     softmax (bench/bench_step.py: about 20% less CPU in this head at vocabulary 32768).
     `bounded_head=True`: the output head itself runs a chunk at a time (recomputed in backward), so
     no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
-    their logits after the head. `bounded_head=None`: bound only when the fp32 logits would exceed
-    AUTO_BOUND_BYTES.
+    their logits after the head. `bounded_head=None`: the head runs a chunk at a time too, recomputed
+    only when the fp32 logits would exceed AUTO_BOUND_BYTES (else kept: no extra matmul, and no
+    full-size slice, copy or concatenation of logits gradients). `bounded_head=False`: one head call
+    over all positions (for ZeRO-3, where each head call gathers its weight).
     """
     device = next(model.parameters()).device
     full_t = completion_ids.shape[1]
@@ -170,23 +172,22 @@ def completion_logprobs(
     t = c_ids.shape[1]
     labels = c_ids.to(device)
     entropy_mode = None if not with_entropy else ("grad" if entropy_grad else "metric")
+    recompute = bounded_head
     if bounded_head is None:
         head = _output_head(model)
         vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        bounded_head = labels.numel() * vocab * 4 > AUTO_BOUND_BYTES
-    found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if bounded_head else None
+        recompute = labels.numel() * vocab * 4 > AUTO_BOUND_BYTES
+    found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if bounded_head is not False else None
     if found is not None:
         hidden, head = found
-        logp, entropy = _head_logprobs(head, hidden[:, :-1], labels, temperature, chunk_size, entropy_mode)
+        logp, entropy = _head_logprobs(head, hidden[:, :-1], labels, temperature, chunk_size, entropy_mode, recompute)
     else:
         logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
         if temperature != 1.0:
             logits = logits / temperature
-        if entropy_mode == "metric" and torch.is_grad_enabled():
-            logp = _label_logprobs(logits, labels, chunk_size)
-            with torch.no_grad():
-                _, entropy = logprobs_and_entropy(logits.detach(), labels, chunk_size, with_entropy=True)
+        if entropy_mode == "grad":
+            logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy=True)
         else:
-            logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy)
+            logp, entropy = _label_logprobs(logits, labels, chunk_size, with_entropy=entropy_mode == "metric")
     pad = (0, full_t - t)
     return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)
