@@ -237,7 +237,8 @@ class GSPOTrainer:
 
     @property
     def _train_head_bound(self):
-        """Chunk the head in the training pass under gradient checkpointing; else when logits are large."""
+        """Training pass: head chunks recomputed under gradient checkpointing (True), else only when the
+        logits are large (None); under ZeRO-3 one head call (False)."""
         if not self._head_bound_ok:
             return False
         return True if self.config.gradient_checkpointing else None
@@ -353,7 +354,7 @@ class GSPOTrainer:
         cfg, acc = self.config, self.accelerator
         where = f"step {self.step + 1}"
         if self._zero_stage >= 0:  # DeepSpeed clips, and skips a non-finite step itself (gspo.zero)
-            grad_norm, _ = zero.step(self.model)  # NaN when it skipped
+            grad_norm = zero.step(self.model)  # NaN when it skipped
             if self.skips.record(grad_norm, where):
                 with warnings.catch_warnings():  # torch cannot see the engine's optimizer step: a false alarm
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")

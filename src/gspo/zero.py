@@ -157,14 +157,14 @@ def backward(engine, loss: torch.Tensor, boundary: bool) -> None:
     engine.backward(loss, scale_wrt_gas=False)  # the loss already holds the mini-batch normaliser
 
 
-def step(engine) -> tuple[float, bool]:
-    """Clip, check and apply the update: (pre-clip global gradient norm, applied?)."""
+def step(engine) -> float:
+    """Clip, check and apply the update; the pre-clip global gradient norm, NaN when DeepSpeed skipped it."""
     skipped = engine.skipped_steps
     engine.step()
-    applied = engine.skipped_steps == skipped
     norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else float("nan")
-    return (norm if applied else float("nan")), applied
+    if engine.skipped_steps != skipped or norm is None:
+        return float("nan")
+    return float(norm)
 
 
 def save_engine_state(engine, staging: Path) -> None:
