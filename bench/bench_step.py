@@ -48,11 +48,22 @@ SMALL_ARCH = dict(hidden_size=384, intermediate_size=1280, num_hidden_layers=8, 
 SCALE_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=8192)
 PROMPT_WORDS = 16
+MIXED_PRECISION = "no"  # --mixed-precision: gspo's GSPOConfig.mixed_precision, and autocast around the raw ops
 
 
 # ---------------------------------------------------------------------------- helpers
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def record_linear_dtypes(model) -> set:
+    """A set that collects the output dtype of every nn.Linear call of `model` (evidence of what
+    precision the matmuls really ran in: bf16 under autocast)."""
+    seen: set = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, a, out: seen.add(str(out.dtype).replace("torch.", "")))
+    return seen
 
 
 def current_rss_mb() -> float:
@@ -159,7 +170,8 @@ def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1,
                      max_new_tokens=new_tokens, gspo_epochs=epochs, num_mini_batches=mini, kl_coef=0.04,
                      adaptive_kl=False, entropy_coef=0.0, learning_rate=1e-6, max_steps=1000,
                      output_dir=str(out_dir or tempfile.mkdtemp(prefix="gspo-bench-")), progress_bar=False,
-                     log_completions_steps=0, max_prompt_length=256, top_k=0, top_p=1.0, temperature=1.0)
+                     log_completions_steps=0, max_prompt_length=256, top_k=0, top_p=1.0, temperature=1.0,
+                     mixed_precision=MIXED_PRECISION)
     trainer = GSPOTrainer(cfg, reward_funcs=[diversity_reward], tokenizer=tok)
     trainer.scheduler = get_scheduler(cfg.lr_scheduler_type, trainer.optimizer, 0, 10**6)  # what train() sets up
     return trainer
@@ -203,6 +215,16 @@ class RawOps:
 
     def run(self, rollout, group: int, pad_id: int) -> tuple[dict, dict]:
         """(wall seconds, CPU seconds) per op."""
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=MIXED_PRECISION == "bf16")
+        with amp:
+            t, c = self._model_ops(rollout, group, pad_id)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t["optimizer"], c["optimizer"] = time.perf_counter() - t0, time.process_time() - c0
+        return t, c
+
+    def _model_ops(self, rollout, group: int, pad_id: int) -> tuple[dict, dict]:
         from gspo.logprobs import trim_padding
 
         t, c = {}, {}
@@ -231,10 +253,6 @@ class RawOps:
         loss = -((logp * cm).sum(1) / cm.sum(1).clamp(min=1) * adv).mean()
         loss.backward()
         t["fwd_bwd"], c["fwd_bwd"] = time.perf_counter() - t0, time.process_time() - c0
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        t["optimizer"], c["optimizer"] = time.perf_counter() - t0, time.process_time() - c0
         return t, c
 
 
@@ -350,6 +368,7 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
     ds = GSPODataset(rows, tok, max_prompt_length=256)
     batch = [ds[i] for i in range(len(ds))]
     rss_before = current_rss_mb()
+    matmul_dtypes = record_linear_dtypes(trainer.accelerator.unwrap_model(trainer.model))
     times, cpus, tokens = [], [], []
     for step in range(steps + 1):
         torch.manual_seed(1000 + step)
@@ -365,7 +384,7 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
     return {"step_median_s": median(times), "step_times_s": [round(x, 4) for x in times], "spread_pct": spread(times),
             "step_cpu_median_s": median(cpus), "step_cpu_s": [round(x, 4) for x in cpus],
             "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "completion_tokens": median(tokens),
-            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6}
+            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6, "linear_output_dtypes": sorted(matmul_dtypes)}
 
 
 def worker_epochs(workdir: Path, threads: int) -> list:
@@ -502,6 +521,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem,headmem")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                    help="bf16: GSPOConfig.mixed_precision='bf16' and bf16 autocast around the raw ops")
     ap.add_argument("--steps-tiny", type=int, default=10)
     ap.add_argument("--steps-small", type=int, default=3)
     ap.add_argument("--steps-scaling", type=int, default=2)
@@ -510,6 +531,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global MIXED_PRECISION
+    MIXED_PRECISION = a.mixed_precision
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.loads(a.spec)
@@ -536,10 +559,12 @@ def main() -> None:
 
     parts = a.only.split(",")
     out = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cpu_count": os.cpu_count(),
+           "mixed_precision": a.mixed_precision,
            "torch": torch.__version__, "loadavg_start": os.getloadavg()}
     t_start = time.perf_counter()
-    th = ["--threads", str(a.threads), "--workdir", str(workdir)]
+    th = ["--threads", str(a.threads), "--workdir", str(workdir), "--mixed-precision", a.mixed_precision]
     print(f"gspo bench: torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
+          f"mixed precision {a.mixed_precision}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     for size in ("tiny", "small"):
         if size in parts:
@@ -607,7 +632,7 @@ def main() -> None:
                   f"(full logits would be {r['full_logits_mb']:.0f} MB; {r['time_s']:.2f}s)")
     out["total_s"] = time.perf_counter() - t_start
     out["loadavg_end"] = os.getloadavg()
-    summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "total_s")}}
+    summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "mixed_precision", "total_s")}}
     for size in ("tiny", "small"):
         if size in out:
             summary[f"{size}_overhead_ratio_cpu"] = round(out[size]["overhead_ratio_cpu_median"], 4)

@@ -49,6 +49,12 @@ class GSPOConfig:
     reward_penalty_value: float = _f(0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless you trust the source.")
     torch_dtype: str = _f("float32", "Dtype the models are loaded in.", choices=("float32", "bfloat16", "float16"))
+    mixed_precision: str = _f("no", "'bf16': forward passes (rollouts, reference, training) run under bfloat16 autocast "
+                                 "while weights, gradients, AdamW state and the loss math stay float32, like "
+                                 "TrainingArguments(bf16=True). Matmuls run ~3x faster on GPUs and on CPUs with AMX "
+                                 "(bench/README.md); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
+                                 "Under DeepSpeed, set mixed_precision in the accelerate config instead.",
+                              choices=("no", "bf16"))
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass: "
                                         "layer activations are recomputed, and the output head runs "
                                         "entropy_chunk_size tokens at a time, recomputed in backward, so no "
@@ -264,6 +270,9 @@ def _check_combinations(cfg: GSPOConfig) -> None:
     if mini % cfg.gradient_accumulation_steps:
         raise _err("gradient_accumulation_steps", cfg.gradient_accumulation_steps,
                    f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)")
+    if cfg.mixed_precision == "bf16" and cfg.torch_dtype == "float16":
+        raise _err("mixed_precision", cfg.mixed_precision, "bf16 autocast over float16 weights mixes two half "
+                   "precisions: use torch_dtype='float32' (master weights) or 'bfloat16'")
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")

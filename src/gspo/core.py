@@ -285,11 +285,12 @@ class AdaptiveKLController(FixedKLController):
 # Token log-probs and entropy from logits, one chunk of the vocabulary at a time
 # ----------------------------------------------------------------------------------
 def chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[C, V] logits, [C] labels -> ([C] log p(label), [C] entropy)."""
-    logits = logits.float()  # [C, V] bf16 logits lose too much in log_softmax
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)  # [C]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [C] H = -sum p log p
+    """[C, V] logits, [C] labels -> ([C] log p(label), [C] entropy), in float32 even under autocast."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()  # [C, V] bf16 logits lose too much in log_softmax
+        logp_all = F.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)  # [C]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [C] H = -sum p log p
     return logp, entropy
 
 
@@ -300,6 +301,11 @@ class _LabelLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, with_entropy: bool):  # [C, V], [C]
+        with torch.autocast(logits.device.type, enabled=False):  # float32 math even under bf16 autocast
+            return _LabelLogprob._forward(ctx, logits, labels, with_entropy)
+
+    @staticmethod
+    def _forward(ctx, logits, labels, with_entropy: bool):
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # [C, V]
         m = z.amax(dim=-1, keepdim=True)  # [C, 1]
         centered = z - m  # [C, V] <= 0

@@ -97,9 +97,9 @@ def _final_hidden(model, input_ids, attention_mask, keep: int):
 
 def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]):
     """[C, H] hidden, [C] labels -> ([C] log p, [C] entropy or None); entropy None | 'grad' | 'metric'."""
-    logits = head(hidden)  # [C, V]
+    logits = head(hidden)  # [C, V]; bfloat16 under autocast
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # before dividing: bf16 would round the scaled logits again
     if entropy == "grad":
         return chunk_logprob_entropy(logits, labels)
     return label_logprob(logits, labels, with_entropy=entropy == "metric")

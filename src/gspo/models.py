@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gspo.config import BUILTIN_MODEL_PREFIX, GSPOConfig
+from gspo.config import BUILTIN_MODEL_PREFIX, ConfigError, GSPOConfig
+
+log = logging.getLogger("gspo")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,3 +65,31 @@ def reference_context(policy, ref_model):
     if ref_model is None and hasattr(policy, "disable_adapter"):
         return policy.disable_adapter()
     return contextlib.nullcontext()
+
+
+def mixed_precision_mode(config: GSPOConfig, deepspeed: bool) -> str:
+    """'bf16' or 'no': GSPOConfig.mixed_precision, or the launcher's `--mixed_precision` when the
+    config leaves it at 'no' (accelerate's ACCELERATE_MIXED_PRECISION). gspo applies the autocast
+    itself (accelerate's would miss the output head, which gspo runs outside the model's forward);
+    under DeepSpeed the engine owns precision, so the config field is refused there."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if deepspeed:
+        if config.mixed_precision != "no":
+            raise ConfigError(f"GSPOConfig.mixed_precision={config.mixed_precision!r} under DeepSpeed: set "
+                              f"mixed_precision: bf16 in the accelerate config instead (DeepSpeed's own bf16)")
+        return "no"
+    if launcher == "fp16":
+        raise ConfigError("accelerate launch --mixed_precision fp16 is not supported (no loss scaling): use "
+                          "bf16, i.e. --mixed_precision bf16 or GSPOConfig.mixed_precision='bf16'")
+    if config.mixed_precision == "no" and launcher == "bf16":
+        log.warning("gspo: bf16 autocast from the launcher's --mixed_precision bf16")
+        return "bf16"
+    return config.mixed_precision
+
+
+def autocast(device: torch.device, mode: str):
+    """bfloat16 autocast on `device` when mode == 'bf16', else a no-op. Within one block, autocast
+    casts each trainable weight once (its cast cache), e.g. once per rollout, not once per token."""
+    if mode != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -39,7 +39,7 @@ from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_
 from gspo.data import GSPODataset, load_rows
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.logprobs import completion_logprobs
-from gspo.models import apply_lora, load_causal_lm, load_tokenizer, reference_context
+from gspo.models import apply_lora, autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, reference_context
 from gspo.parallel import full_optimizer_state, full_state_dict, gathered, is_sharded, shard_model
 from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
 from gspo.rollout import Rollout, generate_rollout
@@ -60,7 +60,8 @@ def _make_accelerator() -> Accelerator:
     if zero.launched_with_deepspeed():
         acc = Accelerator(**zero.accelerator_kwargs(has_accelerator))
     else:
-        acc = Accelerator(cpu=True) if world > 1 and not has_accelerator else Accelerator()
+        # gspo autocasts itself (GSPOConfig.mixed_precision): accelerate's would wrap only model.forward
+        acc = Accelerator(cpu=world > 1 and not has_accelerator, mixed_precision="no")
     if acc.num_processes != world:
         raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
                            f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies")
@@ -72,6 +73,7 @@ class GSPOTrainer:
                  ref_model=None, reward_model=None, eval_dataset=None):
         self.config = cfg = config
         self.accelerator = _make_accelerator()
+        self.mixed_precision = mixed_precision_mode(cfg, zero.launched_with_deepspeed())
         set_seed(cfg.seed + self.accelerator.process_index)  # ranks sample different completions
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
         policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
@@ -203,7 +205,7 @@ class GSPOTrainer:
         start = time.perf_counter()
         with self._timed(timings, "generation"):
             policy = self.accelerator.unwrap_model(self.model)
-            with gathered(self.model):
+            with gathered(self.model), self._autocast():
                 rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens, True,
                                            cfg.temperature, cfg.top_p, cfg.top_k, synced_gpus=self._synced_gpus)
         with self._timed(timings, "reward"):
@@ -222,6 +224,10 @@ class GSPOTrainer:
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
         return metrics, rollout
+
+    def _autocast(self):
+        """bfloat16 autocast for a forward pass under mixed_precision='bf16', else a no-op."""
+        return autocast(self.accelerator.device, self.mixed_precision)
 
     @property
     def _synced_gpus(self):
@@ -259,9 +265,10 @@ class GSPOTrainer:
         micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
         for idx in torch.arange(len(rollout)).split(micro):
             part = rollout.select(idx)
-            lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                        part.completion_mask, cfg.temperature, cfg.entropy_chunk_size,
-                                        bounded_head=self._head_bound_ok)  # no backward: bounding costs nothing
+            with self._autocast():
+                lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                            part.completion_mask, cfg.temperature, cfg.entropy_chunk_size,
+                                            bounded_head=self._head_bound_ok)  # no backward: bounding costs nothing
             out.append(lp.cpu())
         return torch.cat(out)
 
@@ -307,10 +314,11 @@ class GSPOTrainer:
             last = j == len(micro_batches) - 1
             sync = acc.no_sync(self.model) if not last and self._zero_stage < 0 else contextlib.nullcontext()
             with sync:
-                logp, entropy = completion_logprobs(self.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                                    part.completion_mask, cfg.temperature, cfg.entropy_chunk_size, True,
-                                                    entropy_grad=cfg.entropy_coef != 0,
-                                                    bounded_head=self._train_head_bound)
+                with self._autocast():  # the loss math below stays float32
+                    logp, entropy = completion_logprobs(
+                        self.model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
+                        cfg.temperature, cfg.entropy_chunk_size, True, entropy_grad=cfg.entropy_coef != 0,
+                        bounded_head=self._train_head_bound)
                 old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
                 if keep_old and on_policy and not empty:
                     rollout.old_logprobs[mic] = logp.detach().cpu()
@@ -438,7 +446,7 @@ class GSPOTrainer:
         totals, lengths = [], []
         size = cfg.eval_batch_size
         batches = [[dataset[i] for i in shard[start:start + size]] for start in range(0, len(shard), size)]
-        with gathered(self.model):  # once: ranks may hold different numbers of eval batches
+        with gathered(self.model), self._autocast():  # once: ranks may hold different numbers of eval batches
             rollouts = [generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
                                          synced_gpus=self._synced_gpus) for rows in batches]
         for r in rollouts:
