@@ -170,6 +170,32 @@ def test_label_logprob_matches_log_softmax_oracle_and_gradcheck():
     assert (chunk_logprob_entropy(z, lab)[0] - lp32).abs().max() < 1e-5  # the entropy-gradient path agrees
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_label_logprob_row_blocks_match_the_oracle_and_leave_the_logits_alone(dtype, monkeypatch):
+    """On CPU the Function works a block of rows at a time; a ragged last block, every dtype."""
+    import gspo.core as core
+
+    torch.manual_seed(2)
+    vocab = 1000
+    monkeypatch.setattr(core, "_BLOCK_BYTES", 3 * 4 * vocab)  # 3 rows per block: 11 rows -> 3, 3, 3, 2
+    x = (torch.randn(11, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    before = x.detach().clone()
+    labels = torch.randint(0, vocab, (11,))
+    weights = torch.randn(11, dtype=torch.float64)
+    assert [r.stop - r.start for r in core._row_blocks(x)] == [3, 3, 3, 2]
+    logp, entropy = core.label_logprob(x, labels, with_entropy=True)
+    (logp.double() * weights).sum().backward()
+    assert torch.equal(x.detach(), before)  # in-place work only on the Function's own copies
+    ref = x.detach().double().requires_grad_()  # float64 oracle on the same (rounded) logits
+    ls = torch.log_softmax(ref, -1)
+    (ls.gather(-1, labels[:, None]).squeeze(-1) * weights).sum().backward()
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6}[dtype]  # math in >= float32
+    torch.testing.assert_close(logp.double(), ls.gather(-1, labels[:, None]).squeeze(-1).detach(), atol=tol, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(ls.exp() * ls).sum(-1).detach(), atol=10 * tol, rtol=0)
+    grad_tol = 1e-12 if dtype == torch.float64 else (1e-6 if dtype == torch.float32 else 8e-3)  # bf16 gradient
+    torch.testing.assert_close(x.grad.double(), ref.grad, atol=grad_tol, rtol=0)
+
+
 def test_label_logprob_bf16_logits_get_a_bf16_gradient_from_float32_math():
     from gspo.core import label_logprob
 
