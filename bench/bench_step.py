@@ -435,10 +435,10 @@ def worker_epochs(workdir: Path, threads: int) -> list:
 def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
     """Peak RSS above the live logits (+ their gradient) of a chunked log-prob forward+backward:
     fn='core': gspo.core.logprobs_and_entropy (entropy with grad, entropy_coef != 0);
-    fn='label': gspo.logprobs._label_logprobs (log p only; the trainer's path when entropy_coef == 0)."""
+    fn='label': gspo.core.logprobs_and_entropy(with_entropy=False) (log p only)."""
     torch.set_num_threads(threads)
     from gspo.core import logprobs_and_entropy
-    from gspo.logprobs import _label_logprobs
+    from gspo.core import logprobs_and_entropy
 
     n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
     logits = torch.randn(n, t, v, requires_grad=True)
@@ -454,7 +454,7 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
         lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
         (lp.sum() + ent.sum()).backward()
     else:
-        _label_logprobs(logits, labels, chunk if chunk > 0 else n * t)[0].sum().backward()
+        logprobs_and_entropy(logits, labels, chunk if chunk > 0 else n * t, with_entropy=False)[0].sum().backward()
     return {"fn": fn, "chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
             "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
 
@@ -464,7 +464,8 @@ def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> 
     model's shape ([32 x new_tokens] hidden states of width 384, vocabulary 32768): bounded = the
     chunked, recomputed head (gradient_checkpointing); otherwise full [32, T, V] logits then chunked log p."""
     torch.set_num_threads(threads)
-    from gspo.logprobs import _head_logprobs, _label_logprobs
+    from gspo.core import logprobs_and_entropy
+    from gspo.logprobs import _head_logprobs
 
     n, t, h, v = N_PROMPTS * GROUP, new_tokens, SMALL_ARCH["hidden_size"], SMALL_ARCH["vocab_size"]
     torch.manual_seed(0)
@@ -478,7 +479,7 @@ def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> 
     if bounded:
         logp, _ = _head_logprobs(head, hidden, labels, 1.0, chunk, None)
     else:
-        logp = _label_logprobs(head(hidden), labels, chunk)[0]
+        logp = logprobs_and_entropy(head(hidden), labels, chunk, with_entropy=False)[0]
     logp.sum().backward()
     return {"bounded": bounded, "chunk": chunk, "new_tokens": t, "full_logits_mb": n * t * v * 4 / 2**20,
             "peak_above_weights_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
@@ -615,7 +616,7 @@ def main() -> None:
         print("\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
               "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; core = "
               "the same with entropy grad, forward+backward; label = "
-              "gspo.logprobs._label_logprobs, the entropy_coef == 0 path)")
+              "gspo.core.logprobs_and_entropy(with_entropy=False), log p only)")
         for r in res:
             print(f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
                   f"({r['time_s']:.2f}s)")

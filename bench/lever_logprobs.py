@@ -34,7 +34,6 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from gspo.core import chunk_logprob_entropy
     from gspo.logprobs import completion_logprobs
     from gspo.rollout import left_pad
 
@@ -60,8 +59,9 @@ def main() -> None:
         out = []
         for chunk, y in zip(flat.split(1024), lab.split(1024)):
             out.append(chunk.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
-            with torch.no_grad():
-                chunk_logprob_entropy(chunk.detach(), y)
+            with torch.no_grad():  # the entropy metric from a second log_softmax pass
+                ls = torch.log_softmax(chunk.detach().float(), -1)
+                -(ls.exp() * ls).sum(-1)
         return torch.cat(out).view(32, 64)
 
     def gspo():

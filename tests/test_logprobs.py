@@ -144,12 +144,13 @@ def test_label_logprob_hand_values():
 
 
 def test_label_logprob_matches_log_softmax_oracle_and_gradcheck():
-    from gspo.core import chunk_logprob_entropy, label_logprob
+    from gspo.core import label_logprob
 
     torch.manual_seed(0)
     x = (torch.randn(16, 300, dtype=torch.float64) * 3).requires_grad_()
     labels = torch.randint(0, 300, (16,))
     assert torch.autograd.gradcheck(lambda z: label_logprob(z, labels)[0], (x,))
+    assert torch.autograd.gradcheck(lambda z: label_logprob(z, labels, entropy_grad=True), (x,))
     weights = torch.randn(16, dtype=torch.float64)
     logp, entropy = label_logprob(x, labels, with_entropy=True)
     (logp * weights).sum().backward()
@@ -167,7 +168,7 @@ def test_label_logprob_matches_log_softmax_oracle_and_gradcheck():
     ls64 = torch.log_softmax(z.double(), -1)
     assert (lp32.double() - ls64.gather(-1, lab[:, None]).squeeze(-1)).abs().max() < 1e-5
     assert (h32.double() + (ls64.exp() * ls64).sum(-1)).abs().max() < 1e-4
-    assert (chunk_logprob_entropy(z, lab)[0] - lp32).abs().max() < 1e-5  # the entropy-gradient path agrees
+    assert (label_logprob(z, lab, entropy_grad=True)[0] - lp32).abs().max() == 0  # the entropy-gradient path agrees
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -181,14 +182,14 @@ def test_label_logprob_row_blocks_match_the_oracle_and_leave_the_logits_alone(dt
     x = (torch.randn(11, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_()
     before = x.detach().clone()
     labels = torch.randint(0, vocab, (11,))
-    weights = torch.randn(11, dtype=torch.float64)
+    weights, entropy_weights = torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
     assert [r.stop - r.start for r in core._row_blocks(x)] == [3, 3, 3, 2]
-    logp, entropy = core.label_logprob(x, labels, with_entropy=True)
-    (logp.double() * weights).sum().backward()
+    logp, entropy = core.label_logprob(x, labels, entropy_grad=True)  # gradients through both outputs
+    (logp.double() * weights + entropy.double() * entropy_weights).sum().backward()
     assert torch.equal(x.detach(), before)  # in-place work only on the Function's own copies
     ref = x.detach().double().requires_grad_()  # float64 oracle on the same (rounded) logits
     ls = torch.log_softmax(ref, -1)
-    (ls.gather(-1, labels[:, None]).squeeze(-1) * weights).sum().backward()
+    (ls.gather(-1, labels[:, None]).squeeze(-1) * weights - (ls.exp() * ls).sum(-1) * entropy_weights).sum().backward()
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6}[dtype]  # math in >= float32
     torch.testing.assert_close(logp.double(), ls.gather(-1, labels[:, None]).squeeze(-1).detach(), atol=tol, rtol=0)
     torch.testing.assert_close(entropy.double(), -(ls.exp() * ls).sum(-1).detach(), atol=10 * tol, rtol=0)

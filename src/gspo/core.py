@@ -18,8 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IMPORTANCE_LEVELS = ("sequence", "sequence_token", "token")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
@@ -284,65 +282,63 @@ class AdaptiveKLController(FixedKLController):
 # ----------------------------------------------------------------------------------
 # Token log-probs and entropy from logits, one chunk of the vocabulary at a time
 # ----------------------------------------------------------------------------------
-def chunk_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[C, V] logits, [C] labels -> ([C] log p(label), [C] entropy), in float32 even under autocast."""
-    with torch.autocast(logits.device.type, enabled=False):
-        logits = logits.float()  # [C, V] bf16 logits lose too much in log_softmax
-        logp_all = F.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)  # [C]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [C] H = -sum p log p
-    return logp, entropy
-
-
 class _LabelLogprob(torch.autograd.Function):
     """log p(label) with the entropy as a by-product; backward recomputes the softmax from the saved
     logits (a view: no [C, V] tensor is stored) and writes the gradient in place, without the
-    zero-filled [C, V] buffer that gather's backward allocates."""
+    zero-filled [C, V] buffer that gather's backward allocates. The entropy gets a gradient only
+    when asked (entropy_grad): then H is saved too, one value per row."""
 
     @staticmethod
-    def forward(ctx, logits, labels, with_entropy: bool):  # [C, V], [C]
+    def forward(ctx, logits, labels, with_entropy: bool, entropy_grad: bool):  # [C, V], [C]
         with torch.autocast(logits.device.type, enabled=False):  # float32 math even under bf16 autocast
-            return _LabelLogprob._forward(ctx, logits, labels, with_entropy)
-
-    @staticmethod
-    def _forward(ctx, logits, labels, with_entropy: bool):
-        # A block of rows at a time: the float32 temporaries of one block stay in cache and are reused,
-        # where whole-chunk [C, V] buffers each cost a pass through memory plus page faults on first touch.
-        upcast = logits.dtype in (torch.float16, torch.bfloat16)
-        dtype = torch.float32 if upcast else logits.dtype  # float64 stays float64 (gradcheck)
-        z_label = logits.gather(-1, labels[:, None]).to(dtype)  # [C, 1]
-        lse, entropy = torch.empty_like(z_label), (torch.empty_like(z_label) if with_entropy else None)
-        for rows in _row_blocks(logits):
-            z = logits[rows].to(dtype)  # [b, V]: our copy when upcast, else a view of the caller's logits
-            m = z.amax(dim=-1, keepdim=True)  # [b, 1]
-            centered = z.sub_(m) if upcast else z - m  # [b, V] <= 0
-            e = centered.exp() if with_entropy else centered.exp_()  # [b, V] softmax numerators
-            s = e.sum(dim=-1, keepdim=True)  # [b, 1]
-            lse[rows] = m + s.log()  # logsumexp z
-            if with_entropy:  # H = log s - sum_v e_v (z_v - m) / s: centred, so no cancellation against m
-                dot = e.mul_(centered).sum(dim=-1, keepdim=True)  # [b, 1] (e is not needed after s)
-                entropy[rows] = s.log() - dot / s
-        logp = z_label - lse  # [C, 1]  log p(label) = z_y - logsumexp z
-        ctx.save_for_backward(logits, labels, lse)
-        if entropy is not None:
-            entropy = entropy.squeeze(-1)
+            logp, lse, entropy = _logsumexp_pass(logits, labels, with_entropy)
+        ctx.save_for_backward(logits, labels, lse, entropy if entropy_grad else None)
+        if entropy is not None and not entropy_grad:
             ctx.mark_non_differentiable(entropy)
-        return logp.squeeze(-1), entropy
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):  # [C]
-        logits, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):  # [C], [C] or None
+        logits, labels, lse, entropy = ctx.saved_tensors
         upcast = logits.dtype in (torch.float16, torch.bfloat16)
         dtype = torch.float32 if upcast else logits.dtype
         grad = torch.empty_like(logits)  # [C, V] in the logits' dtype
         g = grad_logp[:, None].to(dtype)  # [C, 1]
+        gh = grad_entropy[:, None].to(dtype) if entropy is not None and grad_entropy is not None else None
         for rows in _row_blocks(logits):
             z = logits[rows].to(dtype)  # [b, V]
-            block = (z.sub_(lse[rows]) if upcast else z - lse[rows]).exp_()  # [b, V] p_v
-            block.mul_(-g[rows])  # d log p_y / d z_v = 1[v = y] - p_v
+            logp_all = z.sub_(lse[rows]) if upcast else z - lse[rows]  # [b, V] log p_v
+            if gh is None:
+                block = logp_all.exp_().mul_(-g[rows])  # d log p_y / d z_v = 1[v = y] - p_v
+            else:  # d H / d z_v = -p_v (log p_v + H)
+                p = logp_all.exp()
+                block = logp_all.add_(entropy[rows, None]).mul_(gh[rows]).add_(g[rows]).mul_(p).neg_()
             block.scatter_add_(1, labels[rows, None], g[rows])
             grad[rows] = block
-        return grad, None, None
+        return grad, None, None, None
+
+
+def _logsumexp_pass(logits, labels, with_entropy: bool):
+    """[C, V] -> ([C] log p(label), [C, 1] logsumexp, [C] entropy or None), float32 math or better.
+
+    A block of rows at a time: the float32 temporaries of one block stay in cache and are reused,
+    where whole-chunk [C, V] buffers each cost a pass through memory plus page faults on first touch."""
+    upcast = logits.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if upcast else logits.dtype  # float64 stays float64 (gradcheck)
+    z_label = logits.gather(-1, labels[:, None]).to(dtype)  # [C, 1]
+    lse, entropy = torch.empty_like(z_label), (torch.empty_like(z_label) if with_entropy else None)
+    for rows in _row_blocks(logits):
+        z = logits[rows].to(dtype)  # [b, V]: our copy when upcast, else a view of the caller's logits
+        m = z.amax(dim=-1, keepdim=True)  # [b, 1]
+        centered = z.sub_(m) if upcast else z - m  # [b, V] <= 0
+        e = centered.exp() if with_entropy else centered.exp_()  # [b, V] softmax numerators
+        s = e.sum(dim=-1, keepdim=True)  # [b, 1]
+        lse[rows] = m + s.log()  # logsumexp z
+        if with_entropy:  # H = log s - sum_v e_v (z_v - m) / s: centred, so no cancellation against m
+            dot = e.mul_(centered).sum(dim=-1, keepdim=True)  # [b, 1] (e is not needed after s)
+            entropy[rows] = s.log() - dot / s
+    logp = (z_label - lse).squeeze(-1)  # [C]  log p(label) = z_y - logsumexp z
+    return logp, lse, (entropy.squeeze(-1) if entropy is not None else None)
 
 
 _BLOCK_BYTES = 1 << 20  # float32 bytes per row block on CPU: 8 rows at V = 32768, cache-resident
@@ -350,17 +346,20 @@ _BLOCK_BYTES = 1 << 20  # float32 bytes per row block on CPU: 8 rows at V = 3276
 
 def _row_blocks(logits: torch.Tensor) -> list:
     """Row slices of [C, V] logits. On CPU, blocks of ~1 MiB of float32 (at least 2 rows): measured
-    4x faster than whole-chunk temporaries at [1024, 32768] (bench/lever_logprobs.py). Elsewhere one
-    block: a GPU has the bandwidth, and each block would cost kernel launches."""
+    4x faster than whole-chunk temporaries at [1024, 32768]. Elsewhere one block: a GPU has the
+    bandwidth, and each block would cost kernel launches."""
     n, vocab = logits.shape
     rows = n if logits.device.type != "cpu" else max(2, _BLOCK_BYTES // (4 * max(vocab, 1)))
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False):
-    """[C, V] logits, [C] labels -> ([C] log p(label) with grad, [C] entropy without grad, or None).
-    Low-precision logits are computed in float32. For the entropy's gradient use chunk_logprob_entropy."""
-    return _LabelLogprob.apply(logits, labels, with_entropy)
+def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False,
+                  entropy_grad: bool = False):
+    """[C, V] logits, [C] labels -> ([C] log p(label) with grad, [C] entropy or None).
+
+    The entropy (with_entropy) has no gradient unless entropy_grad. Low-precision logits are computed
+    in float32. Autograd keeps only the logits (a view) and one or two values per row."""
+    return _LabelLogprob.apply(logits, labels, with_entropy or entropy_grad, entropy_grad)
 
 
 def logprobs_and_entropy(
@@ -368,25 +367,18 @@ def logprobs_and_entropy(
     labels: torch.Tensor,  # [N, T] token ids
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token log p(label) [N, T] and entropy [N, T], computed `chunk_size` rows at a time.
-
-    Under autograd each chunk is checkpointed: backward recomputes its softmax, so at most
-    one chunk of [chunk_size, V] probabilities is alive at once, forward or backward.
-    """
+    """Per-token log p(label) [N, T] and entropy [N, T] or None, `chunk_size` rows at a time; the entropy
+    has a gradient when entropy_grad. Autograd keeps the logits (views) and one logsumexp (and entropy)
+    per position: backward recomputes each chunk's softmax, never holding [N*T, V] probabilities."""
     n, t, v = logits.shape
     flat_logits, flat_labels = logits.reshape(n * t, v), labels.reshape(n * t)
     lps, ents = [], []
     # split, not slicing: a slice's backward zero-fills a full-size gradient per chunk.
     for chunk, lab in zip(flat_logits.split(chunk_size), flat_labels.split(chunk_size)):
-        if with_entropy:
-            if torch.is_grad_enabled() and chunk.requires_grad:
-                lp, ent = checkpoint(chunk_logprob_entropy, chunk, lab, use_reentrant=False)
-            else:
-                lp, ent = chunk_logprob_entropy(chunk, lab)
-            ents.append(ent)
-        else:  # log p(label) = logit - logsumexp: no [C, V] probabilities kept
-            lp, _ = label_logprob(chunk, lab)
+        lp, ent = label_logprob(chunk, lab, with_entropy=with_entropy, entropy_grad=with_entropy and entropy_grad)
         lps.append(lp)
+        ents.append(ent)
     logp = torch.cat(lps).view(n, t)
     return logp, (torch.cat(ents).view(n, t) if with_entropy else None)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gspo.core import chunk_logprob_entropy, label_logprob, logprobs_and_entropy
+from gspo.core import label_logprob, logprobs_and_entropy
 
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
 _HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
@@ -100,21 +100,18 @@ def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]
     logits = head(hidden)  # [C, V]; bfloat16 under autocast
     if temperature != 1.0:
         logits = logits.float() / temperature  # before dividing: bf16 would round the scaled logits again
-    if entropy == "grad":
-        return chunk_logprob_entropy(logits, labels)
-    return label_logprob(logits, labels, with_entropy=entropy == "metric")
+    return label_logprob(logits, labels, with_entropy=entropy == "metric", entropy_grad=entropy == "grad")
 
 
 def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, entropy: Optional[str],
                    recompute: bool = True):
     """[n, t, H] hidden -> ([n, t] log p, [n, t] entropy or None), the head applied `chunk_size` rows at a
-    time. `recompute` (and always for the entropy's gradient): under autograd each chunk is checkpointed,
-    backward recomputes its logits, so peak memory is one [chunk_size, V] block whatever the length or
-    the vocabulary (one more head matmul). Otherwise autograd keeps each chunk's logits, as many as full
-    logits would hold, but no [n, T+1, V] tensor is ever sliced, copied or zero-filled in backward."""
+    time. `recompute`: under autograd each chunk is checkpointed, backward recomputes its logits, so
+    peak memory is one [chunk_size, V] block whatever the length or the vocabulary (one more head
+    matmul). Otherwise autograd keeps each chunk's logits, as many as full logits would hold, but no
+    [n, T+1, V] tensor is ever sliced, copied or zero-filled in backward."""
     n, t, h = hidden.shape
     lps, ents = [], []
-    recompute = recompute or entropy == "grad"
     for hid, lab in zip(hidden.reshape(n * t, h).split(chunk_size), labels.reshape(n * t).split(chunk_size)):
         if recompute and torch.is_grad_enabled() and hid.requires_grad:
             lp, ent = checkpoint(_head_chunk, head, hid, lab, temperature, entropy, use_reentrant=False)
@@ -124,19 +121,6 @@ def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, en
         ents.append(ent)
     logp = torch.cat(lps).view(n, t)
     return logp, (torch.cat(ents).view(n, t) if entropy is not None else None)
-
-
-def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_entropy: bool = False):
-    """[N, T, V] logits, [N, T] labels -> ([N, T] log p(label) with grad, [N, T] entropy without grad or
-    None), a chunk of positions at a time. Autograd keeps only the logits (views) and one logsumexp per
-    position (gspo.core.label_logprob), whatever their dtype."""
-    n, t, v = logits.shape
-    # split, not slicing: the backward of each slice would allocate a zero-filled [N*T, V] gradient per
-    # chunk; split's backward concatenates the chunk gradients once.
-    parts = [label_logprob(chunk, lab, with_entropy)
-             for chunk, lab in zip(logits.reshape(n * t, v).split(chunk_size), labels.reshape(n * t).split(chunk_size))]
-    logp = torch.cat([lp for lp, _ in parts]).view(n, t)
-    return logp, (torch.cat([ent for _, ent in parts]).view(n, t) if with_entropy else None)
 
 
 def completion_logprobs(
@@ -185,9 +169,7 @@ def completion_logprobs(
         logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
         if temperature != 1.0:
             logits = logits / temperature
-        if entropy_mode == "grad":
-            logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy=True)
-        else:
-            logp, entropy = _label_logprobs(logits, labels, chunk_size, with_entropy=entropy_mode == "metric")
+        logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy=entropy_mode is not None,
+                                             entropy_grad=entropy_mode == "grad")
     pad = (0, full_t - t)
     return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)
