@@ -103,3 +103,18 @@ def test_bf16_training_keeps_float32_master_weights(tiny_model_dir, arithmetic_r
     # the same rows: the KL is exactly 0, not bfloat16 noise.
     assert history[0]["kl_divergence"] == 0.0
     assert history[1]["kl_divergence"] > 0.0
+
+
+def test_bf16_with_lora_trains_the_adapters_only(tiny_model_dir, arithmetic_rows, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path, mixed_precision="bf16", use_lora=True, lora_r=4,
+                       lora_target_modules=["q_proj", "v_proj"], batch_size=2, group_size=4, kl_coef=0.1,
+                       adaptive_kl=False, max_steps=2, learning_rate=1e-2)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    history = trainer.train(arithmetic_rows)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed), changed
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    # LoRA's B starts at 0: the policy equals its adapter-free reference until the first update.
+    assert history[0]["kl_divergence"] == 0.0
+    assert all(math.isfinite(m["loss"]) for m in history)
