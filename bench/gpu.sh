@@ -5,13 +5,15 @@
 #   bash bench/gpu.sh                 # needs the project venv with a CUDA torch (pip install torch==2.13.0
 #                                     # from the CUDA index on the GPU machine) and `pip install -e .`
 #   STEPS=4 PROMPTS=16 GROUP=8 NEW_TOKENS=256 bash bench/gpu.sh
+#   MIXED=1 bash bench/gpu.sh         # float32 weights + bf16 autocast (mixed_precision="bf16"), as
+#                                     # TRL's default; without it the weights themselves are bf16
 #
 # Run on an NVIDIA H200 on 2026-11-28 (torch 2.11.0+cu130, transformers 5.17.0) with the image's python and the
 # source tree on PYTHONPATH: `PYTHON=python3 PYTHONPATH=$PWD/src bash bench/gpu.sh`; figures in bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-export STEPS=${STEPS:-4} PROMPTS=${PROMPTS:-16} GROUP=${GROUP:-8} NEW_TOKENS=${NEW_TOKENS:-256}
+export STEPS=${STEPS:-4} PROMPTS=${PROMPTS:-16} GROUP=${GROUP:-8} NEW_TOKENS=${NEW_TOKENS:-256} MIXED=${MIXED:-0}
 export TOKENIZERS_PARALLELISM=false
 "$PY" - <<'EOF'
 import json, os, statistics, sys, tempfile, time
@@ -30,6 +32,7 @@ ARCH = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_a
 if DRY:
     ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=1024)
+MIXED = os.environ.get("MIXED") == "1"  # float32 master weights + bf16 autocast instead of bf16 weights
 model_dir = build_qwen2_dir(Path(tempfile.gettempdir()) / f"gspo-gpu-qwen2-{'dry' if DRY else '0.5b'}", ARCH,
                             dtype=torch.bfloat16)
 tok = load_word_tokenizer(model_dir)
@@ -39,7 +42,8 @@ from gspo.data import GSPODataset
 from gspo.trainer import GSPOTrainer
 from transformers import get_scheduler
 
-cfg = GSPOConfig(policy_model_name=str(model_dir), torch_dtype="bfloat16", batch_size=prompts, group_size=group,
+cfg = GSPOConfig(policy_model_name=str(model_dir), torch_dtype="float32" if MIXED else "bfloat16",
+                 mixed_precision="bf16" if MIXED else "no", batch_size=prompts, group_size=group,
                  max_new_tokens=new_tokens, gspo_epochs=1, num_mini_batches=1, kl_coef=0.04, adaptive_kl=False,
                  entropy_coef=0.0, learning_rate=1e-6, max_steps=1000, output_dir=tempfile.mkdtemp(),
                  progress_bar=False, log_completions_steps=0, top_k=0)
@@ -52,7 +56,7 @@ ds = GSPODataset([{"prompt": p} for p in word_prompts(prompts, ARCH["vocab_size"
 batch = [ds[i] for i in range(len(ds))]
 name = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
 peak = 989e12  # dense bf16 tensor-core peak of H100 SXM and H200 (no sparsity)
-print(f"device {name}; model {n_params / 1e6:.0f}M params ({n_nonembed / 1e6:.0f}M non-embedding), bf16; "
+print(f"device {name}; model {n_params / 1e6:.0f}M params ({n_nonembed / 1e6:.0f}M non-embedding), {'fp32 weights + bf16 autocast' if MIXED else 'bf16 weights'}; "
       f"{prompts}x{group}, {new_tokens} new tokens; {steps} timed steps after 1 warm-up", flush=True)
 rows = []
 if not DRY:
@@ -79,7 +83,7 @@ train_tps = med("seq_tokens") / med("upd_s")
 mfu_train = med("upd_flops") / med("upd_s") / peak
 mfu_ref = med("ref_flops") / med("ref_s") / peak if med("ref_s") else 0.0
 mfu_step = (med("gen_flops") + med("ref_flops") + med("upd_flops")) / med("step_s") / peak
-out = {"device": name, "params_M": n_params / 1e6, "step_s": med("step_s"), "generation_tokens_per_s": gen_tps,
+out = {"device": name, "precision": "fp32 weights + bf16 autocast" if MIXED else "bf16 weights", "params_M": n_params / 1e6, "step_s": med("step_s"), "generation_tokens_per_s": gen_tps,
        "training_tokens_per_s": train_tps, "mfu_update": mfu_train, "mfu_reference": mfu_ref, "mfu_step": mfu_step,
        "peak_gpu_mem_gb": 0.0 if DRY else torch.cuda.max_memory_allocated() / 2**30}
 print(f"generation: {gen_tps:,.0f} completion tokens/s; training (fwd+bwd+AdamW): {train_tps:,.0f} tokens/s; "
