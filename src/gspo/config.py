@@ -51,8 +51,8 @@ class GSPOConfig:
     torch_dtype: str = _f("float32", "Dtype the models are loaded in.", choices=("float32", "bfloat16", "float16"))
     mixed_precision: str = _f("no", "'bf16': forward passes (rollouts, reference, training) run under bfloat16 autocast "
                                  "while weights, gradients, AdamW state and the loss math stay float32, like "
-                                 "TrainingArguments(bf16=True). Matmuls run ~3x faster on GPUs and on CPUs with AMX "
-                                 "(bench/README.md); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
+                                 "TrainingArguments(bf16=True). Measured ~3x faster matmuls on a CPU with AMX (bench/README.md; not "
+                                 "measured on GPUs); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
                                  "Under DeepSpeed, set mixed_precision in the accelerate config instead.",
                               choices=("no", "bf16"))
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass: "
