@@ -20,6 +20,7 @@ Scenarios (comma-separated in --scenarios):
                  rank with an empty share (it must still join the gradient all-reduce)
   resume         seq_offpolicy split as 2 steps + checkpoint, then a fresh trainer resuming to step 3
   fail_rank1     a reward function that raises on rank 1 only
+  bf16_offpolicy seq_offpolicy under mixed_precision='bf16' (fsdp_bf16: the same with fsdp=True)
   fsdp_offpolicy, fsdp_token, fsdp_resume
                  seq_offpolicy / token_mean / resume with fsdp=True (FSDP2 shards; a no-op in one process)
   fsdp_ckpt      fsdp_offpolicy with gradient_checkpointing (layers recomputed, output head chunked by 5
@@ -115,6 +116,8 @@ SCENARIOS = {
 
 
 SCENARIOS.update(
+    bf16_offpolicy=dict(SCENARIOS["seq_offpolicy"], mixed_precision="bf16"),
+    fsdp_bf16=dict(SCENARIOS["seq_offpolicy"], mixed_precision="bf16", fsdp=True),
     fsdp_offpolicy=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
