@@ -73,6 +73,11 @@ def sample_tokens(
     z = filter_logits(logits, temperature, top_k, top_p).float()  # [B, V]
     rows, vocab = z.shape
     weights = (z - z.amax(dim=-1, keepdim=True)).exp_()  # [B, V] softmax numerators: no division needed
+    if vocab <= _BLOCK:  # one block: one float64 running sum, a third of the ops (small vocabularies)
+        cdf = weights.double().cumsum(dim=-1)  # [B, V]
+        u = torch.rand(rows, 1, dtype=torch.float64, device=z.device, generator=generator)
+        u = u * (cdf[:, -1:] * (1.0 - 2.0**-50))  # [0, total): the first entry above u has positive mass
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).squeeze(-1)
     full = vocab // _BLOCK * _BLOCK
     sums = [weights[:, :full].view(rows, -1, _BLOCK).sum(dim=-1)] + ([weights[:, full:].sum(-1, keepdim=True)]
                                                                     if full < vocab else [])
