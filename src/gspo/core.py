@@ -300,8 +300,8 @@ class _LabelLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # [C], [C] or None
         logits, labels, lse, entropy = ctx.saved_tensors
-        upcast = logits.dtype in (torch.float16, torch.bfloat16)
-        dtype = torch.float32 if upcast else logits.dtype
+        dtype = _math_dtype(logits)
+        upcast = dtype != logits.dtype  # then logits[rows].to(dtype) is our own copy: work on it in place
         grad = torch.empty_like(logits)  # [C, V] in the logits' dtype
         g = grad_logp[:, None].to(dtype)  # [C, 1]
         gh = grad_entropy[:, None].to(dtype) if entropy is not None and grad_entropy is not None else None
@@ -323,8 +323,8 @@ def _logsumexp_pass(logits, labels, with_entropy: bool):
 
     A block of rows at a time: the float32 temporaries of one block stay in cache and are reused,
     where whole-chunk [C, V] buffers each cost a pass through memory plus page faults on first touch."""
-    upcast = logits.dtype in (torch.float16, torch.bfloat16)
-    dtype = torch.float32 if upcast else logits.dtype  # float64 stays float64 (gradcheck)
+    dtype = _math_dtype(logits)
+    upcast = dtype != logits.dtype  # then logits[rows].to(dtype) is our own copy: work on it in place
     z_label = logits.gather(-1, labels[:, None]).to(dtype)  # [C, 1]
     lse, entropy = torch.empty_like(z_label), (torch.empty_like(z_label) if with_entropy else None)
     for rows in _row_blocks(logits):
@@ -339,6 +339,11 @@ def _logsumexp_pass(logits, labels, with_entropy: bool):
             entropy[rows] = s.log() - dot / s
     logp = (z_label - lse).squeeze(-1)  # [C]  log p(label) = z_y - logsumexp z
     return logp, lse, (entropy.squeeze(-1) if entropy is not None else None)
+
+
+def _math_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision logits; float32 and float64 (gradcheck) stay as they are."""
+    return torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
 
 
 _BLOCK_BYTES = 1 << 20  # float32 bytes per row block on CPU: 8 rows at V = 32768, cache-resident

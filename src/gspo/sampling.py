@@ -75,17 +75,13 @@ def sample_tokens(
     weights = (z - z.amax(dim=-1, keepdim=True)).exp_()  # [B, V] softmax numerators: no division needed
     if vocab <= _BLOCK:  # one block: one float64 running sum, a third of the ops (small vocabularies)
         cdf = weights.double().cumsum(dim=-1)  # [B, V]
-        u = torch.rand(rows, 1, dtype=torch.float64, device=z.device, generator=generator)
-        u = u * (cdf[:, -1:] * (1.0 - 2.0**-50))  # [0, total): the first entry above u has positive mass
+        u = _uniform_below(cdf[:, -1:], generator)  # [B, 1]
         return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).squeeze(-1)
     full = vocab // _BLOCK * _BLOCK
     sums = [weights[:, :full].view(rows, -1, _BLOCK).sum(dim=-1)] + ([weights[:, full:].sum(-1, keepdim=True)]
                                                                     if full < vocab else [])
     block_cdf = torch.cat(sums, dim=-1).double().cumsum(dim=-1)  # [B, nb]
-    u = torch.rand(rows, 1, dtype=torch.float64, device=z.device, generator=generator)
-    # u in [0, total) strictly (the factor keeps r * total from rounding up to total), so the first
-    # entry above u exists and has positive mass: no fallback, no host sync.
-    u = u * (block_cdf[:, -1:] * (1.0 - 2.0**-50))  # [B, 1]
+    u = _uniform_below(block_cdf[:, -1:], generator)  # [B, 1]
     b = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [B, 1]; skips empty blocks
     before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))  # [B, 1]
     cols = b * _BLOCK + torch.arange(_BLOCK, device=z.device)  # [B, K] the block's token ids
@@ -95,6 +91,13 @@ def sample_tokens(
     last = (torch.arange(_BLOCK, device=z.device) * (inner > 0)).amax(dim=-1, keepdim=True)  # [B, 1]
     idx = b * _BLOCK + torch.minimum(j, last)
     return idx.clamp_(max=vocab - 1).squeeze(-1)  # clamp: only NaN logits get here; keep the index valid
+
+
+def _uniform_below(total: torch.Tensor, generator) -> torch.Tensor:  # [B, 1] float64 -> [B, 1]
+    """u ~ U[0, total) strictly (the factor keeps r * total from rounding up to total), so the first
+    running-sum entry above u exists and has positive mass: no fallback, no host sync."""
+    u = torch.rand(total.shape, dtype=torch.float64, device=total.device, generator=generator)
+    return u * (total * (1.0 - 2.0**-50))
 
 
 class PolicySampler(LogitsProcessor):
