@@ -438,7 +438,6 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
     fn='label': gspo.core.logprobs_and_entropy(with_entropy=False) (log p only)."""
     torch.set_num_threads(threads)
     from gspo.core import logprobs_and_entropy
-    from gspo.core import logprobs_and_entropy
 
     n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
     logits = torch.randn(n, t, v, requires_grad=True)

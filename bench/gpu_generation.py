@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
 
-from gspo.rollout import generate_rollout  # noqa: E402
+from gspo.engines import generate_rollout  # noqa: E402
 from gspo.sampling import sample_tokens  # noqa: E402
 
 ARCH = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -51,7 +51,7 @@ def main():
     widths = []
 
     def ours():
-        r = generate_rollout(model, tok, rows, GROUP, NEW)
+        r = generate_rollout(model, tok, rows, group_size=GROUP, max_new_tokens=NEW)
         widths.append(r.completion_ids.shape[1])
 
     def hf():

@@ -61,7 +61,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     import gspo.sampling as sampling
-    from gspo.rollout import generate_rollout
+    from gspo.engines import generate_rollout
     from transformers import AutoModelForCausalLM
 
     path, tok, rows = model_setup("small", Path(a.workdir))
@@ -84,7 +84,7 @@ def main() -> None:
         for name, fn in (("one_level", one_level_sample), ("two_level", two_level)):
             sampling.sample_tokens = timed(name, fn)  # PolicySampler looks the function up at call time
             start = time.process_time()
-            generate_rollout(model, tok, rows, 4, 64)
+            generate_rollout(model, tok, rows, group_size=4, max_new_tokens=64)
             gen[name].append(time.process_time() - start)
         sampling.sample_tokens = two_level
         start = time.process_time()

@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from gspo.logprobs import completion_logprobs
+    from gspo.logprobs import HeadMode, completion_logprobs
     from gspo.rollout import left_pad
 
     path, tok, rows = model_setup("small", Path(a.workdir))
@@ -65,8 +65,8 @@ def main() -> None:
         return torch.cat(out).view(32, 64)
 
     def gspo():
-        return completion_logprobs(model, pids, pmask, cids, cmask, 1.0, 1024, True, entropy_grad=False,
-                                   bounded_head=None)[0]
+        return completion_logprobs(model, pids, pmask, cids, cmask, temperature=1.0, chunk_size=1024, with_entropy=True,
+                                   entropy_grad=False, head=HeadMode.CHUNKED)[0]
 
     times = {"raw": [], "before": [], "gspo": []}
     for _ in range(a.reps):

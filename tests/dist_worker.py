@@ -5,8 +5,8 @@ Run it with plain `python` (one process) or under a launcher (`torchrun --nproc_
 tiny model and writes, per rank, `<out>/<scenario>/rank<R>.json` (metric history, kl_coef
 trajectory) and `<out>/<scenario>/params_rank<R>.pt` (final parameters).
 
-Rollouts are made world-size independent on purpose: `gspo.trainer.generate_rollout` is
-replaced by `deterministic_rollout`, whose completions depend only on the prompt's token ids
+Rollouts are made world-size independent on purpose: the trainer is given a `DeterministicEngine`
+(GSPOTrainer(rollout_engine=...)), whose completions depend only on the prompt's token ids
 and the completion's index in its group (a torch.Generator seeded from a hash of both), not
 on any process-wide RNG stream. Completion lengths vary (1..max_new_tokens, EOS-terminated),
 so ranks see unequal token counts, which is what the global token normaliser must handle.
@@ -46,6 +46,7 @@ Scenarios (comma-separated in --scenarios):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from gspo.backends.fsdp import is_sharded  # noqa: E402
+from gspo.engines import RolloutEngine  # noqa: E402
+from gspo.rewards import RewardError  # noqa: E402
 
 torch.set_num_threads(1)  # two ranks share two cores; oversubscription only slows things down
 if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -70,28 +75,36 @@ PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (12, 7), (5, 5), (9, 0), (23
 STEPS = 3
 
 
-def deterministic_rollout(model, tokenizer, rows, group_size, max_new_tokens, do_sample=True, *args, **kwargs):
-    """Drop-in for gspo.rollout.generate_rollout whose completions are a pure function of
-    (prompt ids, index in group): identical whether the prompt is handled by rank 0, rank 1 or
-    a single process. Same Rollout layout and masking as the real function."""
-    from gspo.rollout import assemble_rollout, eos_ids, left_pad
+class DeterministicEngine(RolloutEngine):
+    """A rollout engine whose completions are a pure function of (prompt ids, index in group):
+    identical whether the prompt is handled by rank 0, rank 1 or a single process. Same Rollout
+    layout and masking as the real engine. Records each rollout's completion-token count."""
 
-    pad_id = tokenizer.pad_token_id
-    eos = eos_ids(model, tokenizer)
-    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
-    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
-    completions = []
-    for r in rows:
-        for j in range(group_size):
-            key = hashlib.sha256(f"{r['prompt_ids']}|{j}".encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
-            length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=g))
-            ids = [digits[int(i)] for i in torch.randint(0, 10, (max_new_tokens,), generator=g)]
-            if length < max_new_tokens:
-                ids[length - 1] = eos[0]  # EOS-terminated: `length` tokens count, the rest is padding
-            completions.append(ids)
-    completion_ids = torch.tensor(completions, dtype=torch.long)
-    return assemble_rollout(tokenizer, rows, prompt_ids, prompt_mask, completion_ids, group_size, eos, pad_id)
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.local_tokens = tokenizer, []
+
+    def generate(self, rows, *, group_size, sampling):
+        from gspo.rollout import assemble_rollout, left_pad
+
+        tok, new = self.tokenizer, sampling.max_new_tokens
+        eos = [tok.eos_token_id]
+        digits = tok.convert_tokens_to_ids(list("0123456789"))
+        prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], tok.pad_token_id)
+        completions = []
+        for r in rows:
+            for j in range(group_size):
+                key = hashlib.sha256(f"{r['prompt_ids']}|{j}".encode()).digest()
+                g = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
+                length = int(torch.randint(1, new + 1, (1,), generator=g))
+                ids = [digits[int(i)] for i in torch.randint(0, 10, (new,), generator=g)]
+                if length < new:
+                    ids[length - 1] = eos[0]  # EOS-terminated: `length` tokens count, the rest is padding
+                completions.append(ids)
+        rollout = assemble_rollout(tok, rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                                   completion_ids=torch.tensor(completions, dtype=torch.long), group_size=group_size,
+                                   eos=eos, pad_id=tok.pad_token_id)
+        self.local_tokens.append(int(rollout.completion_mask.sum()))
+        return rollout
 
 
 def digit_reward(prompts, completions, **kwargs):
@@ -164,47 +177,38 @@ def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
 
 
 def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_model: str = "") -> None:
-    import gspo.trainer
-    from gspo.parallel import is_sharded
+    from gspo.models import load_tokenizer
     from gspo.trainer import GSPOTrainer
 
-    local_tokens = []
+    engine = None if scenario in SAMPLED else DeterministicEngine(load_tokenizer(model_dir))
 
-    def rollout_hook(*args, **kwargs):  # test-only hook, see the module docstring
-        rollout = deterministic_rollout(*args, **kwargs)
-        local_tokens.append(int(rollout.completion_mask.sum()))
-        return rollout
+    def trainer_for(reward_fn=None, **config):
+        return GSPOTrainer(make_config(model_dir, out_dir, scenario, **config), reward_funcs=[reward_fn or reward],
+                           rollout_engine=engine)
 
-    if scenario not in SAMPLED:
-        gspo.trainer.generate_rollout = rollout_hook
     if scenario == "nan" or scenario.endswith("_nan"):
         _nan_loss_at_step(2, rank=int(os.environ.get("RANK", "0")))
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
     rows = [{"prompt": p} for p in PROMPTS]
     if scenario in RESUMES:  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
-        first = GSPOTrainer(make_config(model_dir, out_dir, scenario, max_steps=STEPS, save_steps=2),
-                            reward_funcs=[reward])
-        _train_until(first, rows, stop_after=2)
-        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint="latest"),
-                              reward_funcs=[reward])
+        _train_until(trainer_for, reward, rows, stop_after=2)
+        trainer = trainer_for(resume_from_checkpoint="latest")
     elif scenario in ("fsdp_from_plain_ckpt", "plain_from_ckpt"):
         source = str(out / "resume" / "checkpoint-2") if scenario == "fsdp_from_plain_ckpt" else resume_from
-        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, resume_from_checkpoint=source),
-                              reward_funcs=[reward])
+        trainer = trainer_for(resume_from_checkpoint=source)
     else:
-        extra = {"reward_model_name": reward_model} if scenario.endswith("rm") else {}
-        trainer = GSPOTrainer(make_config(model_dir, out_dir, scenario, **extra), reward_funcs=[reward])
+        trainer = trainer_for(**({"reward_model_name": reward_model} if scenario.endswith("rm") else {}))
     history = trainer.train(rows, eval_dataset=rows if scenario in SAMPLED else None)
     acc = trainer.accelerator
     rank = acc.process_index
-    params = full_params(acc.unwrap_model(trainer.model))
+    params = full_params(trainer.policy.unwrapped())
     torch.save(params, out_dir / f"params_rank{rank}.pt")
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
-        "zero_stage": trainer._zero_stage,
+        "backend": trainer.backend.name, "zero_stage": getattr(trainer.backend, "stage", -1),
         "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
-        "local_tokens": local_tokens, **shard_info(acc.unwrap_model(trainer.model)),
+        "local_tokens": engine.local_tokens if engine is not None else [], **shard_info(trainer.policy.unwrapped()),
         "ref_sharded": trainer.ref_model is not None and (is_sharded(trainer.ref_model) or any(
             hasattr(p, "ds_tensor") for p in trainer.ref_model.parameters()))}))
 
@@ -227,8 +231,6 @@ def _nan_loss_at_step(step: int, rank: int) -> None:
 
 def shard_info(model) -> dict:
     """How many parameter elements this rank stores, against the model's full count."""
-    from gspo.parallel import is_sharded
-
     params = list(model.parameters())
     zero3 = any(hasattr(p, "ds_tensor") for p in params)
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p).numel()
@@ -249,8 +251,6 @@ def full_params(model) -> dict:
     """Every parameter whole, on every rank (FSDP2: all-gathered, so each rank can be compared)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from gspo.parallel import is_sharded
-
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions
         return _zero3_params(model)
     state = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model)
@@ -258,22 +258,21 @@ def full_params(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _train_until(trainer, rows, stop_after: int) -> None:
-    """Run the real train() but stop (as a crash would) right after step `stop_after`'s checkpoint."""
-    class Stop(Exception):
-        pass
+def _train_until(make_trainer, reward, rows, stop_after: int) -> None:
+    """Run the real train() but crash (an exception from the reward function) in step `stop_after + 1`,
+    after step `stop_after`'s checkpoint."""
+    calls = {"n": 0}
 
-    original = trainer._checkpoint_if_due
+    @functools.wraps(reward)
+    def crashing(prompts, completions, **kwargs):
+        calls["n"] += 1  # once per step (no evaluation in these scenarios)
+        if calls["n"] > stop_after:
+            raise RuntimeError("simulated crash")
+        return reward(prompts, completions, **kwargs)
 
-    def checkpoint_then_stop(total, guard):
-        original(total, guard)
-        if trainer.step >= stop_after:
-            raise Stop
-
-    trainer._checkpoint_if_due = checkpoint_then_stop
     try:
-        trainer.train(rows)
-    except Stop:
+        make_trainer(crashing, max_steps=STEPS, save_steps=2).train(rows)
+    except RewardError:
         pass
 
 

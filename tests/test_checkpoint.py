@@ -74,7 +74,7 @@ def test_save_load_round_trip_is_exact(tmp_path, tie):
     opt, sched = make_optim(model)
     train_step(model, opt, sched)
     state = {"kl_controller": {"kl_coef": 0.21}, "skips": {"consecutive": 0}}
-    path = ckpt.save_checkpoint(tmp_path, 3, model, tok, opt, sched, state)
+    path = ckpt.save_checkpoint(tmp_path, 3, model, tokenizer=tok, optimizer=opt, scheduler=sched, trainer_state=state)
     assert path == tmp_path / "checkpoint-3" and (path / "complete").is_file()
     expected_rand = (torch.rand(4), random.random(), np.random.rand(3))
 
@@ -107,7 +107,7 @@ def test_load_unwraps_module_and_skips_rng_when_asked(tmp_path):
             self.module = m
 
     model = make_model()
-    path = ckpt.save_checkpoint(tmp_path, 1, Wrapper(model), None, None, None, {})
+    path = ckpt.save_checkpoint(tmp_path, 1, Wrapper(model), trainer_state={})
     assert not (path / "optimizer.pt").exists() and not (path / "tokenizer.json").exists()
     torch.manual_seed(5)
     expected = torch.rand(2)
@@ -121,7 +121,7 @@ def test_load_unwraps_module_and_skips_rng_when_asked(tmp_path):
 
 def test_missing_optimizer_file_and_bad_weights_are_clear_errors(tmp_path):
     model = make_model()
-    path = ckpt.save_checkpoint(tmp_path, 1, model, None, None, None, {})
+    path = ckpt.save_checkpoint(tmp_path, 1, model, trainer_state={})
     opt, _ = make_optim(model)
     with pytest.raises(FileNotFoundError, match="optimizer.pt"):
         ckpt.load_checkpoint(path, model, optimizer=opt)
@@ -131,7 +131,7 @@ def test_missing_optimizer_file_and_bad_weights_are_clear_errors(tmp_path):
 
 def test_trainer_state_must_be_json(tmp_path):
     with pytest.raises(TypeError):
-        ckpt.save_checkpoint(tmp_path, 1, make_model(), None, None, None, {"bad": object()})
+        ckpt.save_checkpoint(tmp_path, 1, make_model(), trainer_state={"bad": object()})
     assert ckpt.find_latest_checkpoint(tmp_path) is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -139,11 +139,11 @@ def test_trainer_state_must_be_json(tmp_path):
 def test_save_total_limit_prunes_oldest(tmp_path):
     model = make_model()
     for step in (5, 10, 15, 20):
-        ckpt.save_checkpoint(tmp_path, step, model, None, None, None, {}, save_total_limit=2)
+        ckpt.save_checkpoint(tmp_path, step, model, trainer_state={}, save_total_limit=2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint-15", "checkpoint-20"]
     # Re-saving an existing step replaces it in place.
-    ckpt.save_checkpoint(tmp_path, 20, model, None, None, None, {"again": True}, save_total_limit=2)
+    ckpt.save_checkpoint(tmp_path, 20, model, trainer_state={"again": True}, save_total_limit=2)
     assert json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())["again"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-15", "checkpoint-20"]
 
@@ -153,7 +153,7 @@ def test_incomplete_dirs_are_ignored_and_resolve(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete"):
         ckpt.resolve_checkpoint(tmp_path, "latest")
     model = make_model()
-    good = ckpt.save_checkpoint(tmp_path, 2, model, None, None, None, {})
+    good = ckpt.save_checkpoint(tmp_path, 2, model, trainer_state={})
     (tmp_path / "checkpoint-9").mkdir()  # no marker: an interrupted save from another tool
     (tmp_path / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / ".tmp-checkpoint-7-999999").mkdir()
@@ -182,7 +182,7 @@ _CHILD = textwrap.dedent("""
     opt, sched = make_optim(model)
     train_step(model, opt, sched)  # non-empty optimizer state; then the loop is all saving
     for step in range(1, 10_000):
-        ckpt.save_checkpoint({out!r}, step, model, tok, opt, sched, {{"step": step}}, save_total_limit=3)
+        ckpt.save_checkpoint({out!r}, step, model, tokenizer=tok, optimizer=opt, scheduler=sched, trainer_state={{"step": step}}, save_total_limit=3)
         print(step, flush=True)
 """)
 
@@ -222,7 +222,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     assert state["step"] == int(latest.name.split("-")[1])
     assert opt.state_dict()["state"]
     # The next save from a new process cleans the dead process's temp dir.
-    ckpt.save_checkpoint(out, state["step"] + 1, model, None, opt, sched, {})
+    ckpt.save_checkpoint(out, state["step"] + 1, model, optimizer=opt, scheduler=sched, trainer_state={})
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -263,7 +263,7 @@ def test_peft_adapter_round_trip(tmp_path):
     model = _lora(make_model(seed=0))
     opt, sched = make_optim(model)
     train_step(model, opt, sched)  # lora_B starts at zero; one step makes it non-trivial
-    path = ckpt.save_checkpoint(tmp_path, 4, model, make_tokenizer(), opt, sched, {"k": 1})
+    path = ckpt.save_checkpoint(tmp_path, 4, model, tokenizer=make_tokenizer(), optimizer=opt, scheduler=sched, trainer_state={"k": 1})
     assert (path / "adapter_model.safetensors").is_file() and not (path / "model.safetensors").exists()
 
     fresh = _lora(make_model(seed=0))  # same base weights, fresh adapters
@@ -280,13 +280,13 @@ def test_peft_mismatches_are_clear_errors(tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    path = ckpt.save_checkpoint(tmp_path, 1, _lora(make_model()), None, None, None, {})
+    path = ckpt.save_checkpoint(tmp_path, 1, _lora(make_model()), trainer_state={})
     other = get_peft_model(make_model(), LoraConfig(r=4, target_modules=["k_proj"]))
     with pytest.raises(RuntimeError, match="adapter weights do not fit"):
         ckpt.load_checkpoint(path, other)
     with pytest.raises(ValueError, match="same use_lora"):
         ckpt.load_checkpoint(path, make_model())
-    plain = ckpt.save_checkpoint(tmp_path, 2, make_model(), None, None, None, {})
+    plain = ckpt.save_checkpoint(tmp_path, 2, make_model(), trainer_state={})
     with pytest.raises(ValueError, match="same use_lora"):
         ckpt.load_checkpoint(plain, _lora(make_model()))
 

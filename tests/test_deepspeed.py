@@ -225,10 +225,10 @@ def _config(**kw):
 
 
 def test_configure_fills_geometry_and_clipping():
-    from gspo import zero
+    from gspo.backends import deepspeed as ds_backend
 
     ds = {"zero_optimization": {"stage": 3}, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    zero.configure(_fake_accelerator(ds), _config())
+    ds_backend.configure(_fake_accelerator(ds), _config())
     # per rank: 8 prompts / 2 ranks x 4 completions = 16 rows, in 2 mini-batches x 2 micro-batches -> 4 rows
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4 * 2 * 2
@@ -243,16 +243,16 @@ def test_configure_fills_geometry_and_clipping():
     ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, r"gradient_clipping=1.0 but GSPOConfig.max_grad_norm=0.5"),
 ])
 def test_configure_refuses_what_gspo_cannot_honour(ds, message):
-    from gspo import zero
+    from gspo.backends import deepspeed as ds_backend
     from gspo.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        zero.configure(_fake_accelerator(ds), _config())
+        ds_backend.configure(_fake_accelerator(ds), _config())
 
 
 def test_resuming_a_checkpoint_without_deepspeed_state_under_deepspeed_says_so(tmp_path):
-    from gspo import zero
+    from gspo.backends import deepspeed as ds_backend
     from gspo.config import ConfigError
 
     with pytest.raises(ConfigError, match="not written by a DeepSpeed run"):
-        zero.load_engine_state(None, tmp_path)
+        ds_backend.load_engine_state(None, tmp_path)

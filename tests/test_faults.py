@@ -11,7 +11,6 @@ import json
 import math
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -377,8 +376,7 @@ def _saved_checkpoint(env, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(env["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    path = ckpt.save_checkpoint(tmp_path / "out", 1, model, None, opt, sched,
-                                {"kl_controller": {}, "skips": {"total": 0, "in_a_row": 0}})
+    path = ckpt.save_checkpoint(tmp_path / "out", 1, model, optimizer=opt, scheduler=sched, trainer_state={"kl_controller": {}, "skips": {"total": 0, "in_a_row": 0}})
     return path, model, opt, sched
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from gspo.logprobs import _final_hidden, completion_logprobs
+from gspo.logprobs import HeadMode, _final_hidden, completion_logprobs
 from gspo.models import load_tokenizer
 from gspo.rollout import left_pad
 
@@ -29,7 +29,7 @@ def _run(model, batch, bounded: bool, entropy_mode):
     model.zero_grad()
     with_entropy, entropy_grad = entropy_mode is not None, entropy_mode == "grad"
     logp, ent = completion_logprobs(model, *batch, temperature=0.7, chunk_size=5, with_entropy=with_entropy,
-                                    entropy_grad=entropy_grad, bounded_head=bounded)
+                                    entropy_grad=entropy_grad, head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE)
     loss = (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum()
     if entropy_mode == "grad":
         loss = loss + 0.3 * ent.sum()
@@ -71,7 +71,7 @@ def test_bounded_head_never_keeps_vocab_by_length_tensors(batch):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logp, _ = completion_logprobs(model, *batch, chunk_size=5, bounded_head=bounded)
+            logp, _ = completion_logprobs(model, *batch, chunk_size=5, head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE)
         logp.sum().backward()
         if bounded:
             assert 0 < biggest[0] <= 5 * vocab * 4
@@ -93,8 +93,8 @@ def test_bounded_head_falls_back_when_logits_are_not_the_heads_output(tiny_model
     p_ids, p_mask, c_ids, c_mask = batch
     with torch.no_grad():
         assert _final_hidden(model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), keep=3) is None
-        full, _ = completion_logprobs(model, *batch, bounded_head=False)
-        bounded, _ = completion_logprobs(model, *batch, bounded_head=True)
+        full, _ = completion_logprobs(model, *batch, head=HeadMode.WHOLE)
+        bounded, _ = completion_logprobs(model, *batch, head=HeadMode.RECOMPUTED)
     assert torch.allclose(bounded, full, atol=1e-6, rtol=0)
     # the doubled logits really are used: log-probs differ from the plain model's
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -104,7 +104,7 @@ def test_bounded_head_falls_back_when_logits_are_not_the_heads_output(tiny_model
 
 @pytest.mark.parametrize("limit,expect_recompute", [(1 << 30, False), (1000, True)])
 def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, monkeypatch, limit, expect_recompute):
-    """bounded_head=None: the head runs chunk by chunk from the final hidden states; its chunks are
+    """head=HeadMode.CHUNKED: the head runs chunk by chunk from the final hidden states; its chunks are
     recomputed in backward only when a micro-batch's fp32 logits would exceed the limit (here 4 rows x
     4 tokens x 19 symbols x 4 bytes = 1216 bytes). Values and gradients equal the one-call head's."""
     import gspo.logprobs as lp_module
@@ -112,14 +112,14 @@ def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, monkeypatch, 
     calls = []
     real = lp_module._head_logprobs
     monkeypatch.setattr(lp_module, "AUTO_BOUND_BYTES", limit)
-    monkeypatch.setattr(lp_module, "_head_logprobs", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lp_module, "_head_logprobs", lambda *a, **kw: calls.append(kw['recompute']) or real(*a, **kw))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.config.vocab_size == 19
-    auto, _ = completion_logprobs(model, *batch, bounded_head=None)
+    auto, _ = completion_logprobs(model, *batch, head=HeadMode.CHUNKED)
     auto.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    full, _ = completion_logprobs(model, *batch, bounded_head=False)
+    full, _ = completion_logprobs(model, *batch, head=HeadMode.WHOLE)
     full.sum().backward()
     assert calls == [expect_recompute]
     assert torch.allclose(auto, full, atol=1e-6, rtol=0)

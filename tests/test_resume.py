@@ -116,6 +116,19 @@ def test_interrupted_run_resumes_exactly(env, variant):
     assert_same_run(env, variant, _final_params(resumed), out)
 
 
+def test_a_finished_run_continues_to_a_larger_max_steps_exactly(env):
+    """A run that reached max_steps=3 with save_steps=5 still leaves checkpoint-3 (the last step is always
+    checkpointed when save_steps > 0); continuing it with max_steps=6 and resume 'latest' gives the
+    uninterrupted 6-step run bit for bit (constant LR: a linear schedule spans max_steps by design)."""
+    out = env["root"] / "continued"
+    first = GSPOTrainer(fw.make_config(out, env["model"], max_steps=3, save_steps=5), reward_funcs=[fw.digit_reward])
+    first.train(env["data"])
+    assert first.step == 3 and ckpt.find_latest_checkpoint(out).name == "checkpoint-3"
+    continued = _run(env, out, resume="latest", save_steps=5)
+    assert continued.step == STEPS and ckpt.find_latest_checkpoint(out).name == f"checkpoint-{STEPS}"
+    assert_same_run(env, "constant-lr", _final_params(continued), out)
+
+
 def _worker(env, out, *args, slow=0.0):
     cmd = [sys.executable, WORKER, str(out), env["model"], env["data"], "--steps", str(STEPS), *args]
     if slow:

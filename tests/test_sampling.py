@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gspo.models import load_tokenizer
-from gspo.rollout import generate_rollout
+from gspo.engines import generate_rollout
 from gspo.sampling import filter_logits, plain_generation, sample_tokens
 
 P4 = torch.tensor([[0.1, 0.2, 0.3, 0.4]])

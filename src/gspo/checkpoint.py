@@ -11,6 +11,9 @@ one directory is atomic on POSIX). So a process killed at any moment leaves eith
 `checkpoint-<step>` or a complete one; older checkpoints are pruned only after the new one
 exists, and are renamed away before deletion so a half-deleted one never looks valid.
 
+Sharded back-ends (gspo.backends) read the same files with `read_full_model_state` /
+`read_state_file` and set them on their shards; this module knows nothing of them.
+
 Security: weights only through safetensors, other state only through
 `torch.load(weights_only=True)`, so loading a checkpoint cannot execute code.
 """
@@ -22,13 +25,11 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-
-from gspo import parallel
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "complete"
@@ -91,7 +92,7 @@ def _pid_alive(pid: int) -> bool:
 def _save_weights(model, directory: Path, state_dict: Optional[dict] = None) -> None:
     """save_pretrained in safetensors. transformers 5 always writes safetensors and has no
     `safe_serialization` argument any more; peft still takes it (and defaults to True).
-    `state_dict`: full tensors gathered from a sharded model (gspo.parallel.full_state_dict)."""
+    `state_dict`: full tensors gathered from a sharded model (a sharded back-end's full_states)."""
     extra = {"state_dict": state_dict} if state_dict is not None else {}
     if _is_peft(model):
         model.save_pretrained(str(directory), safe_serialization=True, **extra)
@@ -149,7 +150,7 @@ def _set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------
-def _write_contents(tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+def _write_contents(tmp: Path, step: int, model, *, tokenizer, optimizer, scheduler, trainer_state: dict,
                     model_state: Optional[dict], optimizer_state: Optional[dict]) -> None:
     # Serialise the trainer state first: a non-JSON value should fail before anything big is written.
     state_json = json.dumps({"step": int(step), **trainer_state}, indent=2, allow_nan=False)
@@ -180,9 +181,10 @@ def open_staging(output_dir, step: int) -> Path:
     return tmp
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: Optional[int] = None, model_state: Optional[dict] = None,
-                    optimizer_state: Optional[dict] = None, staged: Optional[Path] = None) -> Path:
+def save_checkpoint(output_dir, step: int, model, *, tokenizer=None, optimizer=None, scheduler=None,
+                    trainer_state: Optional[dict] = None, save_total_limit: Optional[int] = None,
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                    staged: Optional[Path] = None) -> Path:
     """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
 
     Call on the main process only. Saving the same step twice replaces the earlier one.
@@ -202,8 +204,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
             shutil.rmtree(tmp)
         tmp.mkdir()
     try:
-        _write_contents(tmp, step, _unwrap(model), tokenizer, optimizer, scheduler, trainer_state, model_state,
-                        optimizer_state)
+        _write_contents(tmp, step, _unwrap(model), tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state=trainer_state or {}, model_state=model_state, optimizer_state=optimizer_state)
         _fsync_tree(tmp)  # data must be durable before the marker claims completeness
         with open(tmp / COMPLETE_MARKER, "w") as fh:
             fh.write(f"{int(step)}\n")
@@ -352,41 +354,71 @@ def _load_peft_weights(path: Path, model) -> None:
         raise RuntimeError(f"{path}: adapter checkpoint lacks LoRA weights: {missing[:10]}")
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Restore weights (in place), optimizer, scheduler and RNG from a checkpoint; return trainer_state.
+def holds_adapter(path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
 
-    A model sharded with FSDP2 (gspo.parallel) loads the same full files; every rank keeps its shard.
+
+def _check_same_kind(path: Path, model) -> None:
+    has_adapter = holds_adapter(path)
+    if has_adapter != _is_peft(model):
+        raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
+                         f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
+
+
+def load_weights(path, model) -> None:
+    """The checkpoint's weights into a whole `model` (plain or peft; wrappers unwrapped), in place."""
+    path, model = Path(path), _unwrap(model)
+    _check_same_kind(path, model)
+    if _is_peft(model):
+        _load_peft_weights(path, model)
+    else:
+        _load_plain_weights(path, model)
+
+
+def read_full_model_state(path, model) -> dict:
+    """The checkpoint's full state dict, with the tied duplicates save_pretrained dropped put back
+    (for back-ends that set full tensors on shards)."""
+    path = Path(path)
+    _check_same_kind(path, _unwrap(model))
+    return _with_tied_duplicates(model, _load_safetensors_dir(path, "model"))
+
+
+def read_state_file(path, name: str, for_what: str = "") -> dict:
+    """optimizer.pt / scheduler.pt, loaded safely (tensors and plain containers only)."""
+    path = Path(path)
+    if not (path / name).is_file():
+        hint = " (written by a DeepSpeed run: resume it under the same DeepSpeed launch)" if (
+            path / "deepspeed").is_dir() else ""
+        raise FileNotFoundError(f"{path}: no {name} to restore {for_what or name} from{hint}")
+    # map_location cpu: optimizers move their state to each parameter's device on load.
+    return torch.load(path / name, map_location="cpu", weights_only=True)
+
+
+def keyed_by_name(optimizer_state: dict) -> bool:
+    """True for the by-parameter-name layout sharded runs write (torch's own uses indices)."""
+    groups = optimizer_state.get("param_groups") or [{}]
+    return any(isinstance(k, str) for g in groups for k in g.get("params", []))
+
+
+def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
+    """Restore a whole model's weights (in place), optimizer, scheduler and RNG; return trainer_state.
+
+    Any of model / optimizer / scheduler may be None (not restored). A sharded model is restored by
+    its back-end (TrainedModel.load_checkpoint), which then calls this with model=None.
     """
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (missing '{COMPLETE_MARKER}' marker)")
-    sharded = False
-    if model is not None:  # None: the weights were restored elsewhere (DeepSpeed's engine state)
-        model = _unwrap(model)
-        has_adapter = (path / "adapter_config.json").is_file()
-        if has_adapter != _is_peft(model):
-            raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
-                             f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
-        sharded = parallel.is_sharded(model)
-        if _is_peft(model):
-            _load_peft_weights(path, model)
-        elif sharded:
-            parallel.load_full_state(model, _with_tied_duplicates(model, _load_safetensors_dir(path, "model")))
-        else:
-            _load_plain_weights(path, model)
-    for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
-        if obj is None:
-            continue
-        if not (path / name).is_file():
-            hint = " (written by a DeepSpeed run: resume it under the same DeepSpeed launch)" if (
-                path / "deepspeed").is_dir() else ""
-            raise FileNotFoundError(f"{path}: no {name} to restore {type(obj).__name__} from{hint}")
-        # map_location cpu: optimizers move their state to each parameter's device on load.
-        state = torch.load(path / name, map_location="cpu", weights_only=True)
-        if obj is optimizer and (sharded or parallel.keyed_by_name(state)):
-            parallel.load_full_optimizer_state(model, getattr(optimizer, "optimizer", optimizer), state)
-        else:
-            obj.load_state_dict(state)
+    if model is not None:
+        load_weights(path, model)
+    if optimizer is not None:
+        state = read_state_file(path, OPTIMIZER_FILE, type(optimizer).__name__)
+        if keyed_by_name(state):
+            raise ValueError(f"{path}: the optimizer state is keyed by parameter name (a sharded run wrote it); "
+                             f"resume it through GSPOTrainer(resume_from_checkpoint=...), whose back-end reads it")
+        optimizer.load_state_dict(state)
+    if scheduler is not None:
+        scheduler.load_state_dict(read_state_file(path, SCHEDULER_FILE, type(scheduler).__name__))
     if restore_rng and (path / RNG_FILE).is_file():
         _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
     return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))

@@ -212,13 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_config(args: argparse.Namespace) -> GSPOConfig:
-    """The config for `gspo eval`: the model as policy, no KL (so no reference model)."""
+    """The config for `gspo eval`: the model to evaluate as policy_model_name."""
     overrides = field_overrides(args)
     if args.model is not None:
         overrides["policy_model_name"] = args.model
     if args.max_samples is not None:
         overrides["eval_max_samples"] = args.max_samples
-    overrides.update(kl_coef=0.0, adaptive_kl=False, progress_bar=False)
     return load_config(args.config_path, overrides)
 
 
@@ -228,11 +227,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if dataset is None:
         raise ConfigError("gspo eval needs prompts: pass --dataset PATH (or set eval_dataset_path)")
     _require_reward(cfg, "eval")
-    from gspo.trainer import GSPOTrainer
+    from accelerate import PartialState
 
-    trainer = GSPOTrainer(cfg)
-    metrics = trainer.evaluate(dataset)
-    if trainer.accelerator.is_main_process:
+    from gspo.evaluate import evaluate_model
+
+    metrics = evaluate_model(cfg, dataset)
+    if PartialState().is_main_process:
         text = json.dumps(metrics, indent=2, sort_keys=True)
         print(text, flush=True)
         if args.out:

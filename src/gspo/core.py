@@ -141,7 +141,7 @@ def clipped_surrogate(
     return -torch.min(surr, surr_clipped), clipped
 
 
-def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level, aggregation) -> str:
+def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, *, level, aggregation) -> str:
     _check_level(level)
     if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
         raise ValueError("logprobs, old_logprobs and mask must share one [N, T] shape, got "
@@ -168,6 +168,7 @@ def policy_loss(
     old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
     advantages: torch.Tensor,  # [N] per sequence, or [N, T] per token
     mask: torch.Tensor,  # [N, T] 1 on completion tokens
+    *,
     level: str = "sequence",
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
@@ -183,7 +184,7 @@ def policy_loss(
     clip_fraction_token (clipped tokens / all tokens, the paper's Fig. 2 count), and
     the importance ratio's mean / min / max over sequences.
     """
-    mode = _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level, aggregation)
+    mode = _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level=level, aggregation=aggregation)
     mask = mask.to(logprobs.dtype)
     old_logprobs = old_logprobs.detach()
     if level == "token":

@@ -3,13 +3,14 @@
 Memory and work are bounded: padding columns that no row of the micro-batch uses are
 trimmed first; logits are computed only for the T completion positions (`logits_to_keep`,
 when the model supports it); log-softmax and entropy run a chunk of positions at a time
-(gspo.core.logprobs_and_entropy); with `bounded_head` the output head itself runs a chunk
+(gspo.core.logprobs_and_entropy); with a chunked `head` mode the output head itself runs a chunk
 at a time, so memory is one [chunk, V] block whatever the length and vocabulary.
 Log-probs are of softmax(logits / temperature): the distribution rollouts were sampled
 from, so the importance ratio compares like with like.
 """
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
@@ -18,9 +19,19 @@ from torch.utils.checkpoint import checkpoint
 
 from gspo.core import label_logprob, logprobs_and_entropy
 
+
+
+class HeadMode(enum.Enum):
+    """How the output head runs in a log-prob pass (the back-end picks it: gspo.backends)."""
+
+    WHOLE = "whole"  # one head call over all positions ([n, T, V] logits exist); ZeRO-3 needs it
+    CHUNKED = "chunked"  # a chunk of positions at a time; recomputed in backward only when the logits are large
+    RECOMPUTED = "recomputed"  # a chunk at a time, always recomputed in backward: one [chunk, V] block at most
+
+
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
 _HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
-# bounded_head=None bounds the head when a micro-batch's fp32 logits would exceed this: above it the
+# HeadMode.CHUNKED recomputes the head's chunks in backward when a micro-batch's fp32 logits would exceed this: above it the
 # memory matters more than the extra head matmul the backward recompute costs.
 AUTO_BOUND_BYTES = 1 << 30
 
@@ -103,7 +114,7 @@ def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]
     return label_logprob(logits, labels, with_entropy=entropy == "metric", entropy_grad=entropy == "grad")
 
 
-def _head_logprobs(head, hidden, labels, temperature: float, chunk_size: int, entropy: Optional[str],
+def _head_logprobs(head, hidden, labels, *, temperature: float, chunk_size: int, entropy: Optional[str],
                    recompute: bool = True):
     """[n, t, H] hidden -> ([n, t] log p, [n, t] entropy or None), the head applied `chunk_size` rows at a
     time. `recompute`: under autograd each chunk is checkpointed, backward recomputes its logits, so
@@ -129,11 +140,12 @@ def completion_logprobs(
     prompt_mask: torch.Tensor,  # [n, P]
     completion_ids: torch.Tensor,  # [n, T] right-padded
     completion_mask: torch.Tensor,  # [n, T]
+    *,
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
     entropy_grad: bool = True,
-    bounded_head: Optional[bool] = False,
+    head: HeadMode = HeadMode.WHOLE,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
 
@@ -141,11 +153,11 @@ def completion_logprobs(
     `entropy_grad=False` (entropy only as a metric, e.g. entropy_coef == 0): the entropy is computed
     detached, so the graph holds only log p(label) = logit - logsumexp and backward recomputes no
     softmax (bench/bench_step.py: about 20% less CPU in this head at vocabulary 32768).
-    `bounded_head=True`: the output head itself runs a chunk at a time (recomputed in backward), so
-    no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
-    their logits after the head. `bounded_head=None`: the head runs a chunk at a time too, recomputed
+    `head=HeadMode.RECOMPUTED`: the output head itself runs a chunk at a time (recomputed in backward),
+    so no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
+    their logits after the head. `HeadMode.CHUNKED`: the head runs a chunk at a time too, recomputed
     only when the fp32 logits would exceed AUTO_BOUND_BYTES (else kept: no extra matmul, and no
-    full-size slice, copy or concatenation of logits gradients). `bounded_head=False`: one head call
+    full-size slice, copy or concatenation of logits gradients). `HeadMode.WHOLE`: one head call
     over all positions (for ZeRO-3, where each head call gathers its weight).
     """
     device = next(model.parameters()).device
@@ -156,15 +168,16 @@ def completion_logprobs(
     t = c_ids.shape[1]
     labels = c_ids.to(device)
     entropy_mode = None if not with_entropy else ("grad" if entropy_grad else "metric")
-    recompute = bounded_head
-    if bounded_head is None:
-        head = _output_head(model)
-        vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    recompute = head is HeadMode.RECOMPUTED
+    if head is HeadMode.CHUNKED:
+        out_head = _output_head(model)
+        vocab = getattr(out_head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
         recompute = labels.numel() * vocab * 4 > AUTO_BOUND_BYTES
-    found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if bounded_head is not False else None
+    found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if head is not HeadMode.WHOLE else None
     if found is not None:
-        hidden, head = found
-        logp, entropy = _head_logprobs(head, hidden[:, :-1], labels, temperature, chunk_size, entropy_mode, recompute)
+        hidden, head_module = found
+        logp, entropy = _head_logprobs(head_module, hidden[:, :-1], labels, temperature=temperature,
+                                       chunk_size=chunk_size, entropy=entropy_mode, recompute=recompute)
     else:
         logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
         if temperature != 1.0:

@@ -292,7 +292,7 @@ class RewardResult:
 
 
 def compute_rewards(funcs: list[RewardFunction], prompts: list[str], completions: list[str],
-                    completion_ids: list[list[int]], extra: Optional[dict] = None, reward_model: Any = None,
+                    completion_ids: list[list[int]], *, extra: Optional[dict] = None, reward_model: Any = None,
                     reward_model_weight: float = 1.0, error_policy: str = "raise",
                     penalty_value: float = 0.0) -> RewardResult:
     """Call every reward function once on the whole batch, check, and sum with weights.
@@ -302,27 +302,30 @@ def compute_rewards(funcs: list[RewardFunction], prompts: list[str], completions
     bad samples get `penalty_value` and are counted in `num_penalized`.
     """
     extra = dict(extra or {})
-    n = _check_batch(funcs, prompts, completions, completion_ids, extra, reward_model, error_policy, penalty_value)
+    n = _check_batch(funcs, prompts, completions, completion_ids, extra=extra, reward_model=reward_model,
+                     error_policy=error_policy, penalty_value=penalty_value)
     total = torch.zeros(n, dtype=torch.float64)
     per_func: dict[str, torch.Tensor] = {}
     penalized = 0
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **extra}
     for f in funcs:
-        values, bad = _call_checked(f, lambda f=f: f.fn(**kwargs), prompts, n, error_policy, penalty_value)
+        values, bad = _call_checked(f, lambda f=f: f.fn(**kwargs), prompts, n=n, policy=error_policy,
+                                    penalty=penalty_value)
         per_func[f.name] = torch.tensor(values, dtype=torch.float32)
         total += f.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
     if reward_model is not None:
         rm = RewardFunction(REWARD_MODEL_KEY, reward_model, float(reward_model_weight))
-        values, bad = _call_checked(rm, lambda: reward_model(prompts, completions), prompts, n,
-                                    error_policy, penalty_value)
+        values, bad = _call_checked(rm, lambda: reward_model(prompts, completions), prompts, n=n,
+                                    policy=error_policy, penalty=penalty_value)
         per_func[REWARD_MODEL_KEY] = torch.tensor(values, dtype=torch.float32)
         total += rm.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
     return RewardResult(total=total.float(), per_func=per_func, num_penalized=penalized)
 
 
-def _check_batch(funcs, prompts, completions, completion_ids, extra, reward_model, error_policy, penalty_value) -> int:
+def _check_batch(funcs, prompts, completions, completion_ids, *, extra, reward_model, error_policy,
+                 penalty_value) -> int:
     """Caller-side consistency: these are trainer bugs, so they always raise."""
     if error_policy not in ERROR_POLICIES:
         raise RewardError(f"error_policy must be one of {list(ERROR_POLICIES)}, got {error_policy!r}")
@@ -346,7 +349,7 @@ def _check_batch(funcs, prompts, completions, completion_ids, extra, reward_mode
     return n
 
 
-def _call_checked(f: RewardFunction, call: Callable, prompts: list, n: int, policy: str,
+def _call_checked(f: RewardFunction, call: Callable, prompts: list, *, n: int, policy: str,
                   penalty: float) -> tuple[list[float], int]:
     """Run one reward and return (N floats, number penalized), or raise RewardError."""
     try:
@@ -416,3 +419,31 @@ def _as_real(v: Any) -> tuple[float, Optional[str]]:
     if not math.isfinite(x):
         return math.nan, f"non-finite value {x}"
     return x, None
+
+
+class RewardScorer:
+    """The reward of a Rollout: bound once to the reward functions, their weights, the reward model
+    and the error policy; called by training and by evaluation alike."""
+
+    def __init__(self, funcs: list[RewardFunction], *, reward_model: Any = None, reward_model_weight: float = 1.0,
+                 error_policy: str = "raise", penalty_value: float = 0.0) -> None:
+        if not funcs and reward_model is None:
+            raise RewardError("no reward functions and no reward model: nothing to compute a reward from")
+        self.funcs, self.reward_model = list(funcs), reward_model
+        self.reward_model_weight, self.error_policy, self.penalty_value = (
+            float(reward_model_weight), error_policy, float(penalty_value))
+
+    @classmethod
+    def from_config(cls, config, extra_funcs: Sequence = (), reward_model: Any = None) -> "RewardScorer":
+        """GSPOConfig's reward_funcs / reward_weights plus callables passed in code (weight 1.0)."""
+        specs = list(config.reward_funcs) + list(extra_funcs)
+        weights = list(config.reward_weights or [None] * len(config.reward_funcs)) + [None] * len(extra_funcs)
+        return cls(resolve_reward_funcs(specs, weights), reward_model=reward_model,
+                   reward_model_weight=config.reward_model_weight, error_policy=config.reward_error_policy,
+                   penalty_value=config.reward_penalty_value)
+
+    def __call__(self, rollout) -> RewardResult:
+        return compute_rewards(self.funcs, rollout.prompts, rollout.completions, rollout.completion_id_lists,
+                               extra=rollout.extra, reward_model=self.reward_model,
+                               reward_model_weight=self.reward_model_weight, error_policy=self.error_policy,
+                               penalty_value=self.penalty_value)

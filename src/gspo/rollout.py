@@ -1,4 +1,4 @@
-"""Group sampling: a batch of prompts -> a Rollout of G completions per prompt (seed §2.1).
+"""The Rollout: G completions per prompt (seed §2.1), as a rollout engine (gspo.engines) returns them.
 
 The Rollout is the one object that travels through a training step; later stages
 (rewards, advantages, log-probs) fill in its optional fields and never reach back.
@@ -12,9 +12,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
-
-from gspo.sampling import PolicySampler, plain_generation
 
 
 @dataclass
@@ -82,45 +79,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos: list) -> tuple[t
     return (positions <= first[:, None]).long(), ~has_eos
 
 
-@torch.no_grad()
-def generate_rollout(
-    model,
-    tokenizer,
-    rows: list,
-    group_size: int,
-    max_new_tokens: int,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    synced_gpus: Optional[bool] = None,
-) -> Rollout:
-    """Sample `group_size` completions for each row ({"prompt", "prompt_ids", **extra}).
-
-    Each prompt is repeated G times (completions of one prompt are contiguous). Sampling draws from
-    softmax(logits / temperature) after top-k / top-p and nothing else (`gspo.sampling`);
-    `do_sample=False` is plain greedy decoding. `synced_gpus` is passed to `generate`: None lets
-    transformers decide (True when parameters are sharded, every forward then being collective);
-    the trainer passes False after gathering sharded weights (gspo.parallel.gathered).
-    """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
-    eos = eos_ids(model, tokenizer)
-    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                  eos_token_id=eos)
-    processors = LogitsProcessorList([PolicySampler(temperature, top_k, top_p)] if do_sample else [])
-    inputs = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
-    with plain_generation(model):
-        out = model.generate(input_ids=inputs[0].to(device), attention_mask=inputs[1].to(device),
-                             generation_config=gen_config, logits_processor=processors, synced_gpus=synced_gpus)
-    completion_ids = out[:, prompt_ids.shape[1]:].cpu()
-    if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid
-        completion_ids = torch.full((out.shape[0], 1), eos[0], dtype=torch.long)
-    return assemble_rollout(tokenizer, rows, prompt_ids, prompt_mask, completion_ids, group_size, eos, pad_id)
-
-
-def assemble_rollout(tokenizer, rows: list, prompt_ids, prompt_mask, completion_ids, group_size: int,
+def assemble_rollout(tokenizer, rows: list, *, prompt_ids, prompt_mask, completion_ids, group_size: int,
                      eos: list, pad_id: int) -> Rollout:
     """Masks, texts and per-completion extras around [N, T] sampled ids (N = len(rows) * G)."""
     completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)

@@ -20,89 +20,69 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from transformers import get_scheduler
 
 from gspo import checkpoint as ckpt
-from gspo import zero
+from gspo.backends import make_accelerator, select_backend
 from gspo.config import ConfigError, GSPOConfig
 from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss, zero_std_groups
 from gspo.data import GSPODataset, load_rows
+from gspo.engines import RolloutEngine, SamplingParams, TransformersEngine
+from gspo.evaluate import evaluate
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.logprobs import completion_logprobs
 from gspo.models import apply_lora, autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, reference_context
-from gspo.parallel import full_optimizer_state, full_state_dict, gathered, is_sharded, shard_model
-from gspo.rewards import RewardModelScorer, compute_rewards, resolve_reward_funcs
-from gspo.rollout import Rollout, generate_rollout
+from gspo.rewards import RewardModelScorer, RewardScorer
+from gspo.rollout import Rollout
 from gspo.tracking import MetricsLogger, Progress, print_samples
 
 log = logging.getLogger("gspo")
 
 
-def _make_accelerator() -> Accelerator:
-    """Accelerator() that honours the launcher's world size on machines without a GPU.
-
-    accelerate starts its CPU (gloo) backend only when asked for the CPU (`accelerate launch --cpu`
-    sets ACCELERATE_USE_CPU); under plain `torchrun` on a CPU-only machine, Accelerator() would run
-    every worker as an independent single process: N unsynchronised copies racing over one output_dir.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
-    if zero.launched_with_deepspeed():
-        acc = Accelerator(**zero.accelerator_kwargs(has_accelerator))
-    else:
-        # gspo autocasts itself (GSPOConfig.mixed_precision): accelerate's would wrap only model.forward
-        acc = Accelerator(cpu=world > 1 and not has_accelerator, mixed_precision="no")
-    if acc.num_processes != world:
-        raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
-                           f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies")
-    return acc
+def adamw_factory(config: GSPOConfig):
+    """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards)."""
+    def make(params):
+        return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                 weight_decay=config.weight_decay)
+    return make
 
 
 class GSPOTrainer:
-    def __init__(self, config: GSPOConfig, reward_funcs=None, model=None, tokenizer=None,
-                 ref_model=None, reward_model=None, eval_dataset=None):
+    def __init__(self, config: GSPOConfig, reward_funcs=None, model=None, tokenizer=None, ref_model=None,
+                 reward_model=None, eval_dataset=None, *, rollout_engine: RolloutEngine | None = None,
+                 reward_scorer=None, optimizer_factory=None):
+        """The seed's arguments, then the seams: `rollout_engine` (default: transformers `generate`),
+        `reward_scorer` (default: bound to config.reward_funcs + reward_funcs + the reward model) and
+        `optimizer_factory` (parameters -> optimizer; default AdamW from the config)."""
         self.config = cfg = config
-        self.accelerator = _make_accelerator()
-        self.mixed_precision = mixed_precision_mode(cfg, zero.launched_with_deepspeed())
+        self.accelerator = make_accelerator()
+        self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
+        self.mixed_precision = mixed_precision_mode(cfg, self.backend.engine_owns_precision)
         set_seed(cfg.seed + self.accelerator.process_index)  # ranks sample different completions
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
-        policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
-        if cfg.use_lora:
-            policy = apply_lora(policy, cfg)
-        if cfg.gradient_checkpointing:
-            # transformers >= 5.2x renamed it (the old name warns); older versions only have the old one
-            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
-        self.ref_model = None
-        if cfg.uses_reference_model and not cfg.use_lora:  # LoRA: the base model with adapters off
-            self.ref_model = ref_model if ref_model is not None else load_causal_lm(cfg.policy_model_name, cfg)
-            self.ref_model.requires_grad_(False).eval().to(self.accelerator.device)
-        self.reward_funcs = resolve_reward_funcs(
-            list(cfg.reward_funcs) + list(reward_funcs or []),
-            list(cfg.reward_weights or [None] * len(cfg.reward_funcs)) + [None] * len(reward_funcs or []))
-        self.reward_model = reward_model
-        if self.reward_model is None and cfg.reward_model_name:
-            with zero.whole_models_context(self.accelerator):  # a whole scorer per rank, even under ZeRO-3
-                self.reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
-                                                      trust_remote_code=cfg.trust_remote_code)
-        if not self.reward_funcs and self.reward_model is None:
-            raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
-                              "or pass reward_funcs=[...]")
-        self.model, self.optimizer = self._prepare_policy(policy)
+        policy = self._load_policy(model)
+        # LoRA's reference is the base model with adapters off: no second copy
+        if cfg.uses_reference_model and not cfg.use_lora and ref_model is None:
+            ref_model = load_causal_lm(cfg.policy_model_name, cfg)
+        self.scorer = reward_scorer if reward_scorer is not None else self._build_scorer(reward_funcs, reward_model)
+        self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
+        self.ref_model = (self.backend.prepare_frozen(ref_model)
+                          if cfg.uses_reference_model and not cfg.use_lora else None)
+        self.engine = rollout_engine if rollout_engine is not None else TransformersEngine(
+            self.policy.unwrapped(), self.tokenizer, weights_context=lambda: self.backend.generation_context(self.policy),
+            precision_context=self._autocast, synced_gpus=self.backend.synced_gpus)
+        self.sampling = SamplingParams.from_config(cfg)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
         self.eval_dataset = eval_dataset
-        self.scheduler = None
         self.step = 0
         self.history: list = []
         if self.accelerator.is_main_process:
@@ -110,33 +90,31 @@ class GSPOTrainer:
                         cfg.clip_low, cfg.clip_high, " (the level's recommended values)" if cfg.clip_range is None
                         and cfg.clip_range_low is None and cfg.clip_range_high is None else "")
 
-    def _prepare_policy(self, policy):
-        """DDP or DeepSpeed (accelerate's prepare) or, with fsdp and several processes, FSDP2 shards; then
-        AdamW over what this rank holds (after sharding: its parameters are the shards)."""
-        cfg, acc = self.config, self.accelerator
-        self._zero_stage = zero.stage(acc)
-        if self._zero_stage >= 0:
-            zero.configure(acc, cfg)
-            if cfg.fsdp:
-                raise ConfigError("GSPOConfig.fsdp=True under a DeepSpeed launch: pick one (fsdp=False to use ZeRO)")
-            if self._zero_stage == 3 and self.ref_model is not None:  # partitioned like the policy
-                self.ref_model = zero.reference_engine(acc, self.ref_model)
-        # An accelerate FSDP config on a backend where accelerate cannot shard (CPU: it falls back to DDP).
-        plugin_dropped = (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-                          and acc.distributed_type != DistributedType.FSDP)
-        sharded = (cfg.fsdp or plugin_dropped) and acc.num_processes > 1
-        if sharded:  # accelerate would put DDP on top of it (and refuses FSDP on CPU): shard it ourselves
-            if plugin_dropped and not cfg.fsdp and acc.is_main_process:
-                log.warning("gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with "
-                            "GSPOConfig.fsdp=True", acc.distributed_type)
-            policy = shard_model(policy, acc.device, acc.num_processes)
-            if self.ref_model is not None:  # frozen, no optimizer state, but as large as the policy
-                self.ref_model = shard_model(self.ref_model, acc.device, acc.num_processes)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
-        policy, optimizer = (policy, acc.prepare(optimizer)) if sharded else acc.prepare(policy, optimizer)
-        return policy, optimizer
+    def _load_policy(self, model):
+        cfg = self.config
+        policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
+        if cfg.use_lora:
+            policy = apply_lora(policy, cfg)
+        if cfg.gradient_checkpointing:
+            # transformers >= 5.2x renamed it (the old name warns); older versions only have the old one
+            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+        return policy
+
+    def _build_scorer(self, reward_funcs, reward_model) -> RewardScorer:
+        cfg = self.config
+        if reward_model is None and cfg.reward_model_name:
+            with self.backend.whole_models():  # a whole scorer per rank, even under ZeRO-3
+                reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
+                                                 trust_remote_code=cfg.trust_remote_code)
+        if not cfg.reward_funcs and not reward_funcs and reward_model is None:
+            raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
+                              "or pass reward_funcs=[...]")
+        return RewardScorer.from_config(cfg, list(reward_funcs or []), reward_model)
+
+    # The wrapped policy, its optimizer and schedule (the back-end's TrainedModel holds them).
+    model = property(lambda self: self.policy.module)
+    optimizer = property(lambda self: self.policy.optimizer)
+    scheduler = property(lambda self: self.policy.scheduler)
 
     # ------------------------------------------------------------------ data
     def _as_dataset(self, data):
@@ -175,7 +153,7 @@ class GSPOTrainer:
         steps_per_epoch = self._steps_per_epoch(dataset)
         total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, cfg.warmup_steps, updates)
+        self.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, self.policy.optimizer, cfg.warmup_steps, updates)
         resumed = self._maybe_resume()
         tracker = MetricsLogger(cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed)
         if resumed:
@@ -204,21 +182,20 @@ class GSPOTrainer:
         cfg, timings = self.config, {}
         start = time.perf_counter()
         with self._timed(timings, "generation"):
-            policy = self.accelerator.unwrap_model(self.model)
-            with gathered(self.model), self._autocast():
-                rollout = generate_rollout(policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens, True,
-                                           cfg.temperature, cfg.top_p, cfg.top_k, synced_gpus=self._synced_gpus)
+            rollout = self.engine.generate(rows, group_size=cfg.group_size, sampling=self.sampling)
         with self._timed(timings, "reward"):
             self._score(rollout)
-        if self.ref_model is not None or (cfg.use_lora and cfg.uses_reference_model):
+        if cfg.uses_reference_model:
             with self._timed(timings, "reference"):
-                with reference_context(policy, self.ref_model):
-                    rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.model, rollout)
+                with reference_context(self.policy.unwrapped(), self.ref_model):
+                    rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.policy.module, rollout)
         if cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
             with self._timed(timings, "old_logprobs"):
-                rollout.old_logprobs = self._no_grad_logprobs(self.model, rollout)
+                rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
         with self._timed(timings, "update"):
             update_metrics = self._update(rollout)
+        with self._timed(timings, "weight_sync"):  # the engine generates again at the next step only
+            self.engine.sync_weights(self.policy)
         metrics = self._step_metrics(rollout, update_metrics, timings)
         if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
@@ -229,46 +206,25 @@ class GSPOTrainer:
         """bfloat16 autocast for a forward pass under mixed_precision='bf16', else a no-op."""
         return autocast(self.accelerator.device, self.mixed_precision)
 
-    @property
-    def _synced_gpus(self):
-        """False once `gathered` has made sharded weights whole (no per-token collectives needed);
-        otherwise None: transformers decides."""
-        return False if is_sharded(self.model) or self._zero_stage == 3 else None
-
-    @property
-    def _head_bound_ok(self) -> bool:
-        """Under ZeRO-3 every call of the output head gathers its weight: a chunked head would make the
-        number of gathers depend on this rank's completion lengths, and ranks would wait on each other."""
-        return self._zero_stage != 3
-
-    @property
-    def _train_head_bound(self):
-        """Training pass: head chunks recomputed under gradient checkpointing (True), else only when the
-        logits are large (None); under ZeRO-3 one head call (False)."""
-        if not self._head_bound_ok:
-            return False
-        return True if self.config.gradient_checkpointing else None
-
     # ------------------------------------------------------------------ stages
     def _score(self, rollout: Rollout) -> None:
-        cfg = self.config
-        result = compute_rewards(self.reward_funcs, rollout.prompts, rollout.completions, rollout.completion_id_lists,
-                                 rollout.extra, self.reward_model, cfg.reward_model_weight,
-                                 cfg.reward_error_policy, cfg.reward_penalty_value)
+        result = self.scorer(rollout)
         rollout.rewards, rollout.reward_per_func = result.total.float(), result.per_func
         rollout.num_penalized = result.num_penalized
-        rollout.advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.normalize_advantages)  # Eq. 6
+        rollout.advantages = group_advantages(rollout.rewards, self.config.group_size,
+                                              self.config.normalize_advantages)  # Eq. 6
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
         cfg, out = self.config, []
+        head = self.backend.head_mode(training=False, gradient_checkpointing=cfg.gradient_checkpointing)
         micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
         for idx in torch.arange(len(rollout)).split(micro):
             part = rollout.select(idx)
             with self._autocast():
                 lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                            part.completion_mask, cfg.temperature, cfg.entropy_chunk_size,
-                                            bounded_head=self._head_bound_ok)  # no backward: bounding costs nothing
+                                            part.completion_mask, temperature=cfg.temperature,
+                                            chunk_size=cfg.entropy_chunk_size, head=head)
             out.append(lp.cpu())
         return torch.cat(out)
 
@@ -289,12 +245,13 @@ class GSPOTrainer:
                 local = mb[(mb >= rank * n) & (mb < (rank + 1) * n)] - rank * n
                 # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
                 on_policy = epoch == 0 and cfg.num_mini_batches == 1
-                for k, v in self._mini_batch_update(rollout, local, len(mb) / world, on_policy, keep_old).items():
+                for k, v in self._mini_batch_update(rollout, local, n_seq=len(mb) / world, on_policy=on_policy,
+                                                    keep_old=keep_old).items():
                     totals[k] += v
         updates = cfg.gspo_epochs * cfg.num_mini_batches
         return {k: v / updates for k, v in totals.items()}
 
-    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, n_seq: float, on_policy: bool,
+    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool,
                            keep_old: bool) -> dict:
         """One optimizer update from this rank's rows `idx` of a mini-batch.
 
@@ -310,73 +267,55 @@ class GSPOTrainer:
         for j, mic in enumerate(micro_batches):
             empty = len(mic) == 0
             part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
-            mask = part.completion_mask.to(acc.device)
             last = j == len(micro_batches) - 1
-            sync = acc.no_sync(self.model) if not last and self._zero_stage < 0 else contextlib.nullcontext()
-            with sync:
-                with self._autocast():  # the loss math below stays float32
-                    logp, entropy = completion_logprobs(
-                        self.model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
-                        cfg.temperature, cfg.entropy_chunk_size, True, entropy_grad=cfg.entropy_coef != 0,
-                        bounded_head=self._train_head_bound)
-                old = logp.detach() if on_policy else part.old_logprobs.to(acc.device)
-                if keep_old and on_policy and not empty:
-                    rollout.old_logprobs[mic] = logp.detach().cpu()
-                pg, m = policy_loss(logp, old, part.advantages.to(acc.device), mask, cfg.importance_sampling_level,
-                                    cfg.clip_low, cfg.clip_high, cfg.loss_aggregation, cfg.max_log_ratio,
-                                    num_sequences=n_seq, num_tokens=n_tok)
-                ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
-                kl = (kl_penalty(logp, part.ref_logprobs.to(acc.device), mask, cfg.kl_estimator, num_tokens=n_tok)
-                      if part.ref_logprobs is not None else torch.zeros((), device=acc.device))
-                loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl  # seed §4.1
-                self._backward(loss * 0.0 if empty else loss, last, empty, sums["loss"])
+            with self.policy.no_sync(last):
+                loss, values = self._micro_batch_loss(part, n_seq=n_seq, n_tok=n_tok, on_policy=on_policy)
+                self.policy.backward(loss * 0.0 if empty else loss, last=last)
+            if keep_old and on_policy and not empty:
+                rollout.old_logprobs[mic] = values.pop("logprobs")
             if empty:
                 continue
-            # One device->host copy per micro-batch (each .item() would be a GPU sync).
-            values = torch.stack([pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"],
-                                  m["ratio_mean"], mask.sum()]).detach().double().tolist()
-            pg_v, ent_v, kl_v, loss_v, clip_seq, clip_tok, ratio, tokens = values
-            sums["policy_loss"] += pg_v
-            sums["entropy"] += ent_v
-            sums["kl_divergence"] += kl_v
-            sums["loss"] += loss_v
-            sums["clip_fraction_seq"] += clip_seq * len(mic) / n_seq
-            sums["clip_fraction_token"] += clip_tok * tokens
-            sums["ratio_mean"] += ratio * len(mic) / n_seq
+            for key in ("policy_loss", "entropy", "kl_divergence", "loss"):
+                sums[key] += values[key]
+            sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / n_seq
+            sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
+            sums["ratio_mean"] += values["ratio_mean"] * len(mic) / n_seq
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
 
-    def _backward(self, loss: torch.Tensor, last: bool, empty: bool, loss_so_far: float) -> None:
-        """accelerate's backward; under DeepSpeed the engine's, gradients reduced on the last micro-batch."""
-        if self._zero_stage < 0:
-            self.accelerator.backward(loss)
-            return
-        if last:  # the mini-batch's loss summed over ranks, known before the update: all ranks agree
-            mine = loss_so_far + (0.0 if empty else loss.item())
-            total = self.accelerator.reduce(torch.tensor(mine, device=loss.device, dtype=torch.float64), "sum")
-            loss = zero.poison(loss, total.item())
-        zero.backward(self.model, loss, boundary=last)
+    def _micro_batch_loss(self, part: Rollout, *, n_seq: float, n_tok: float, on_policy: bool):
+        """(loss with its graph, detached values) for one micro-batch; seed §4.1:
+        loss = policy loss - entropy_coef * entropy + kl_coef * KL."""
+        cfg, device = self.config, self.accelerator.device
+        mask = part.completion_mask.to(device)
+        head = self.backend.head_mode(training=True, gradient_checkpointing=cfg.gradient_checkpointing)
+        with self._autocast():  # the loss math below stays float32
+            logp, entropy = completion_logprobs(
+                self.policy.module, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
+                temperature=cfg.temperature, chunk_size=cfg.entropy_chunk_size, with_entropy=True,
+                entropy_grad=cfg.entropy_coef != 0, head=head)
+        old = logp.detach() if on_policy else part.old_logprobs.to(device)
+        pg, m = policy_loss(logp, old, part.advantages.to(device), mask, level=cfg.importance_sampling_level,
+                            clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
+                            max_log_ratio=cfg.max_log_ratio, num_sequences=n_seq, num_tokens=n_tok)
+        ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
+        kl = (kl_penalty(logp, part.ref_logprobs.to(device), mask, cfg.kl_estimator, num_tokens=n_tok)
+              if part.ref_logprobs is not None else torch.zeros((), device=device))
+        loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl
+        # One device->host copy per micro-batch (each .item() would be a GPU sync).
+        keys = ("policy_loss", "entropy", "kl_divergence", "loss", "clip_fraction_seq", "clip_fraction_token",
+                "ratio_mean", "tokens")
+        values = dict(zip(keys, torch.stack([pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"],
+                                             m["ratio_mean"], mask.sum()]).detach().double().tolist()))
+        values["logprobs"] = logp.detach().cpu()
+        return loss, values
 
-    def _optimizer_step(self, loss: float = 0.0) -> float:
+    def _optimizer_step(self, loss: float) -> float:
+        """The back-end clips, skips a non-finite update on every rank (NaN norm), or steps."""
         cfg, acc = self.config, self.accelerator
-        where = f"step {self.step + 1}"
-        if self._zero_stage >= 0:  # DeepSpeed clips, and skips a non-finite step itself (gspo.zero)
-            grad_norm = zero.step(self.model)  # NaN when it skipped
-            if self.skips.record(grad_norm, where):
-                with warnings.catch_warnings():  # torch cannot see the engine's optimizer step: a false alarm
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                    self.scheduler.step()
-        else:
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-            # A non-finite loss skips the update even when its gradient happens to be finite. The loss is
-            # this rank's share: sum it over ranks so that all ranks skip together (else weights diverge).
-            loss = acc.reduce(torch.tensor(float(loss), device=acc.device, dtype=torch.float64), "sum").item()
-            if self.skips.record(grad_norm if math.isfinite(loss) else float("nan"), where):
-                self.optimizer.step()
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.policy.step(loss, max_grad_norm=cfg.max_grad_norm)
+        self.skips.record(grad_norm, f"step {self.step + 1}")
         if self.skips.exhausted:
             # Never replace a clean checkpoint of this step with this mid-step state.
             # Decided on the main process and shared, so every rank takes the same branch (the save waits for all).
@@ -435,33 +374,14 @@ class GSPOTrainer:
             print_samples(self.step, rollout.prompts, rollout.completions, rollout.rewards.tolist())
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, dataset=None) -> dict:
         """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
         cfg, acc = self.config, self.accelerator
         dataset = self._as_dataset(dataset if dataset is not None else (self.eval_dataset or cfg.eval_dataset_path))
-        n = min(len(dataset), cfg.eval_max_samples)
-        shard = list(range(acc.process_index, n, acc.num_processes))
-        policy = acc.unwrap_model(self.model)
-        totals, lengths = [], []
-        size = cfg.eval_batch_size
-        batches = [[dataset[i] for i in shard[start:start + size]] for start in range(0, len(shard), size)]
-        with gathered(self.model), self._autocast():  # once: ranks may hold different numbers of eval batches
-            rollouts = [generate_rollout(policy, self.tokenizer, rows, 1, cfg.max_new_tokens, do_sample=False,
-                                         synced_gpus=self._synced_gpus) for rows in batches]
-        for r in rollouts:
-            res = compute_rewards(self.reward_funcs, r.prompts, r.completions, r.completion_id_lists, r.extra,
-                                  self.reward_model, cfg.reward_model_weight, cfg.reward_error_policy,
-                                  cfg.reward_penalty_value)
-            totals += res.total.tolist()
-            lengths += r.lengths.tolist()
-        from accelerate.utils import gather_object
-        totals, lengths = gather_object(totals), gather_object(lengths)
-        rewards = torch.tensor(totals, dtype=torch.float64)
-        return {"eval/reward_mean": rewards.mean().item(),
-                "eval/accuracy": (rewards >= cfg.accuracy_threshold).double().mean().item(),
-                "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
-                "eval/num_samples": float(len(totals))}
+        return evaluate(self.engine, self.scorer, dataset, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.eval_batch_size, accuracy_threshold=cfg.accuracy_threshold,
+                        max_samples=cfg.eval_max_samples, rank=acc.process_index, world_size=acc.num_processes,
+                        gather=gather_object if acc.num_processes > 1 else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self, rng_per_rank: list) -> dict:
@@ -470,8 +390,6 @@ class GSPOTrainer:
 
     def _rng_per_rank(self) -> list:
         """Every rank's torch RNG (sampling draws from it); the checkpoint's rng_state.pt is the main rank's only."""
-        from accelerate.utils import gather_object
-
         state = {"torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state().tolist()
@@ -488,36 +406,30 @@ class GSPOTrainer:
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8))
 
-    def _save_checkpoint(self):
+    def _save_checkpoint(self) -> Path:
+        """Collective: every rank adds its part (full states, engine files) before the main rank's atomic save."""
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
-        rng = self._rng_per_rank()  # a collective: every rank, before the main-only save
-        model_state, optim_state = self._gathered_states(with_optimizer=True)
-        staged = self._stage_engine_state() if self._zero_stage >= 0 else None
-        path = None
+        rng = self._rng_per_rank()
+        model_state, optim_state = self.policy.full_states(with_optimizer=True)
+        holder = [ckpt.open_staging(cfg.output_dir, self.step) if acc.is_main_process else None]
+        if acc.num_processes > 1:
+            broadcast_object_list(holder)
+        self.policy.save_native_state(holder[0])  # engine files every rank writes a part of (DeepSpeed)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            optimizer = None if self._zero_stage >= 0 else self.optimizer  # DeepSpeed's is in staged/deepspeed
-            path = ckpt.save_checkpoint(cfg.output_dir, self.step, acc.unwrap_model(self.model), self.tokenizer,
-                                        optimizer, self.scheduler, self._trainer_state(rng), cfg.save_total_limit,
-                                        model_state, optim_state, staged)
+            ckpt.save_checkpoint(cfg.output_dir, self.step, self.policy.unwrapped(), tokenizer=self.tokenizer,
+                                 scheduler=self.scheduler, trainer_state=self._trainer_state(rng),
+                                 save_total_limit=cfg.save_total_limit, model_state=model_state,
+                                 optimizer_state=optim_state, staged=holder[0])
         acc.wait_for_everyone()
-        return path or Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
-
-    def _stage_engine_state(self) -> Path:
-        """DeepSpeed: every rank writes its partition into the main process's staging dir (collective)."""
-        from accelerate.utils import broadcast_object_list
-
-        acc = self.accelerator
-        holder = [ckpt.open_staging(self.config.output_dir, self.step) if acc.is_main_process else None]
-        broadcast_object_list(holder)
-        zero.save_engine_state(self.model, holder[0])
-        acc.wait_for_everyone()
-        return holder[0]
+        return Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
 
     def _checkpoint_if_due(self, total: int, guard: InterruptGuard) -> None:
+        """Every save_steps steps and at the last step (so a finished run can be continued), or on a signal."""
         cfg, acc = self.config, self.accelerator
         flag = acc.reduce(torch.tensor(float(guard.signum or 0), device=acc.device), "max").item()
-        if (cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < total) or flag:
+        if (cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == total)) or flag:
             path = self._save_checkpoint()
         if flag:
             signum = int(flag)
@@ -532,12 +444,8 @@ class GSPOTrainer:
         if not cfg.resume_from_checkpoint:
             return False
         path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-        if self._zero_stage >= 0:  # weights, fp32 master partitions and optimizer state: DeepSpeed's own files
-            zero.load_engine_state(self.model, path)
-            state = ckpt.load_checkpoint(path, None, None, self.scheduler)
-        else:
-            state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
-                                         self.scheduler)
+        self.policy.load_checkpoint(path)  # weights and optimizer, as the back-end stores them
+        state = ckpt.load_checkpoint(path, scheduler=self.scheduler)  # + scheduler, RNG, trainer state
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates, **state["skips"])
@@ -547,26 +455,15 @@ class GSPOTrainer:
             log.warning("gspo: resumed from %s at step %d", path, self.step)
         return True
 
-    def _gathered_states(self, with_optimizer: bool) -> tuple:
-        """(model, optimizer) full states when the policy is sharded (collectives: every rank), else (None, None).
-        DeepSpeed ZeRO-3: the gathered weights (its optimizer state stays in its own files)."""
-        if self._zero_stage == 3:
-            return self.accelerator.get_state_dict(self.model), None
-        if not is_sharded(self.model):
-            return None, None
-        optim = full_optimizer_state(self.model, self.optimizer.optimizer) if with_optimizer else None
-        return full_state_dict(self.model), optim
-
     def save_model(self, output_dir=None) -> None:
-        acc = self.accelerator
+        acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
-        cfg = self.config
-        model_state, _ = self._gathered_states(with_optimizer=False)
+        model_state, _ = self.policy.full_states(with_optimizer=False)
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
+            model = self.policy.unwrapped()
             if model_state is not None and cfg.use_lora and cfg.merge_lora_on_save:
                 # peft merges in place on whole tensors: do it on an unsharded replica holding the gathered state
-                with zero.whole_models_context(acc):  # main process only: no ZeRO-3 partitioning here
+                with self.backend.whole_models():  # main process only: no ZeRO-3 partitioning here
                     model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
                 model.load_state_dict(model_state)
                 model_state = None

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 under `accelerate launch` (the DeepSpeed config comes from the launch).
+"""DeepSpeed ZeRO-1/2/3 under `accelerate launch`: the `deepspeed` back-end (its config comes from the launch).
 
 What accelerate's DeepSpeed path would do on its own, and why gspo drives the engine instead:
 * `accelerator.backward` calls `engine.step()` inside backward whenever its sync flag is set and
@@ -26,22 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import logging
 import math
-import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from gspo.backends.base import Backend, TrainedModel
 from gspo.config import ConfigError
 
 log = logging.getLogger("gspo")
 ENGINE_DIR = "deepspeed"  # inside checkpoint-N/
 _TAG = "state"
-
-
-def launched_with_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def accelerator_kwargs(has_device: bool) -> dict:
@@ -182,3 +180,72 @@ def load_engine_state(engine, checkpoint: Path) -> None:
                                        load_lr_scheduler_states=False)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {source / _TAG}")
+
+
+class DeepSpeedModel(TrainedModel):
+    """The policy as a DeepSpeed engine: gradients reduced at the boundary gspo sets, clipping and the
+    non-finite skip done by the engine (a non-finite loss becomes a NaN gradient first)."""
+
+    def __init__(self, module, optimizer, accelerator) -> None:
+        super().__init__(module, optimizer, accelerator)
+        self._pending_loss = 0.0  # this rank's loss so far in the mini-batch
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext()  # the accumulation boundary is set in backward
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        self._pending_loss += loss.item()
+        if last:  # the mini-batch's loss summed over ranks, known before the update: all ranks agree
+            acc = self.accelerator
+            total = acc.reduce(torch.tensor(self._pending_loss, device=loss.device, dtype=torch.float64), "sum")
+            loss = poison(loss, total.item())
+            self._pending_loss = 0.0
+        backward(self.module, loss, boundary=last)
+
+    def step(self, local_loss: float, *, max_grad_norm: float) -> float:
+        norm = step(self.module)  # max_grad_norm is the engine's gradient_clipping (configure)
+        if self.scheduler is not None and math.isfinite(norm):
+            with warnings.catch_warnings():  # torch cannot see the engine's optimizer step: a false alarm
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                self.scheduler.step()
+        return norm
+
+    def full_states(self, *, with_optimizer: bool):
+        """ZeRO-3: the gathered weights (collective). The optimizer state is in the engine's own files."""
+        if self.module.zero_optimization_stage() == 3:
+            return self.accelerator.get_state_dict(self.module), None
+        return None, None
+
+    def save_native_state(self, staging) -> None:
+        save_engine_state(self.module, staging)
+
+    def load_checkpoint(self, path) -> None:
+        load_engine_state(self.module, path)
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    engine_owns_precision = True
+
+    def __init__(self, accelerator, config) -> None:
+        super().__init__(accelerator)
+        self.config, self.stage = config, stage(accelerator)
+        self.one_head_call = self.stage == 3
+        self.synced_gpus = False if self.stage == 3 else None  # ZeRO-3 generation gathers first
+
+    def prepare_trained(self, model, make_optimizer: Callable) -> TrainedModel:
+        configure(self.accelerator, self.config)  # GSPOConfig's geometry and clipping into the launch's config
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        engine, optimizer = self.accelerator.prepare(model, optimizer)
+        return DeepSpeedModel(engine, optimizer, self.accelerator)
+
+    def prepare_frozen(self, model):
+        if self.stage == 3:  # partitioned like the policy
+            return reference_engine(self.accelerator, model.requires_grad_(False))
+        return super().prepare_frozen(model)
+
+    def generation_context(self, trained: TrainedModel):
+        return gathered_for_generation(trained.module)
+
+    def whole_models(self):
+        return whole_models_context(self.accelerator)
