@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gspo-installed
 
-.PHONY: install demo test bench bench-trl docs
+.PHONY: install demo test lint bench bench-trl docs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff (pinned in the test extras; line length and rules in pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 
 bench: install
 	$(PY) bench/bench_step.py

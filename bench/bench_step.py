@@ -31,8 +31,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,124 +39,11 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-N_PROMPTS, GROUP = 8, 4
-SMALL_ARCH = dict(hidden_size=384, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=6,
-                  num_key_value_heads=2, vocab_size=32768)
-SCALE_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=8192)
-PROMPT_WORDS = 16
+from bench_common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    HERE, N_PROMPTS, GROUP, SMALL_ARCH, SCALE_BASE, peak_rss_mb, record_linear_dtypes, current_rss_mb, median, spread, loadavg, diversity_reward, load_word_tokenizer, word_prompts, model_setup,
+)
+
 MIXED_PRECISION = "no"  # --mixed-precision: gspo's GSPOConfig.mixed_precision, and autocast around the raw ops
-
-
-# ---------------------------------------------------------------------------- helpers
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def record_linear_dtypes(model) -> set:
-    """A set that collects the output dtype of every nn.Linear call of `model` (evidence of what
-    precision the matmuls really ran in: bf16 under autocast)."""
-    seen: set = set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(lambda m, a, out: seen.add(str(out.dtype).replace("torch.", "")))
-    return seen
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def spread(xs):
-    """(max - min) / median, as a percentage: how noisy the repeats were."""
-    return 100.0 * (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else 0.0
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
-
-
-def diversity_reward(prompts=None, completions=None, **kwargs):
-    """Cheap deterministic reward that differs within a group (so advantages are non-zero):
-    the fraction of distinct characters. Used by both gspo and TRL."""
-    return [len(set(c)) / (len(c) + 1.0) for c in completions]
-
-
-# ---------------------------------------------------------------------------- models
-def build_word_tokenizer(vocab_size: int):
-    """Word-level fast tokenizer: 'w0'..'wK' plus specials. Loaded back with
-    PreTrainedTokenizerFast.from_pretrained (never AutoTokenizer, which may swap in Qwen's own class)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for i in range(vocab_size - len(specials)):
-        vocab[f"w{i}"] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    core.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
-
-
-def load_word_tokenizer(path):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    tok.padding_side = "left"
-    return tok
-
-
-def build_qwen2_dir(path: Path, arch: dict, dtype=torch.float32, seed: int = 0) -> Path:
-    """A randomly initialised Qwen2ForCausalLM (+ tokenizer) saved to `path`; returns path."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if (path / "model.safetensors").is_file():
-        return path
-    torch.manual_seed(seed)
-    tok = build_word_tokenizer(arch["vocab_size"])
-    cfg = Qwen2Config(**arch, max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, use_cache=True)
-    model = Qwen2ForCausalLM(cfg).to(dtype)
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
-    gen.do_sample, gen.top_k, gen.top_p, gen.temperature = True, 0, 1.0, 1.0
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    assert load_word_tokenizer(path).encode("w1 w2") == tok.encode("w1 w2"), "tokenizer round trip failed"
-    return path
-
-
-def word_prompts(n: int, vocab: int, seed: int = 0) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab - 8, (n, PROMPT_WORDS), generator=g)
-    return [" ".join(f"w{int(i)}" for i in row) for row in ids]
-
-
-def model_setup(size: str, workdir: Path, arch: dict | None = None):
-    """(model_dir, tokenizer, prompt rows) for a size name."""
-    if size == "tiny":
-        from gspo.models import load_tokenizer
-        from gspo.tasks.arithmetic import make_problems
-        from gspo.tasks.tiny_model import ensure_tiny_model
-
-        path = ensure_tiny_model(verbose=False)
-        tok = load_tokenizer(str(path))
-        rows = [{"prompt": p["prompt"], "answer": p["answer"]} for p in make_problems(N_PROMPTS, seed=7, split="train")]
-        return path, tok, rows
-    arch = arch or SMALL_ARCH
-    key = "-".join(f"{k[:3]}{v}" for k, v in sorted(arch.items()))
-    path = build_qwen2_dir(workdir / f"qwen2-{key}", arch)
-    return path, load_word_tokenizer(path), [{"prompt": p} for p in word_prompts(N_PROMPTS, arch["vocab_size"])]
 
 
 def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1, out_dir=None):
@@ -173,13 +58,13 @@ def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1,
                      log_completions_steps=0, max_prompt_length=256, top_k=0, top_p=1.0, temperature=1.0,
                      mixed_precision=MIXED_PRECISION)
     trainer = GSPOTrainer(cfg, reward_funcs=[diversity_reward], tokenizer=tok)
-    trainer.scheduler = get_scheduler(cfg.lr_scheduler_type, trainer.optimizer, 0, 10**6)  # what train() sets up
+    trainer.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, trainer.optimizer, 0, 10**6)  # as train() does
     return trainer
 
 
 def time_optimizer(trainer, sink: list):
-    """Wrap trainer._optimizer_step to record its wall time (clip + AdamW + zero_grad)."""
-    inner = trainer._optimizer_step
+    """Wrap the back-end's step (clip + AdamW + zero_grad) to record its wall time."""
+    inner = trainer.policy.step
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
@@ -187,7 +72,7 @@ def time_optimizer(trainer, sink: list):
             return inner(*args, **kwargs)
         finally:
             sink.append(time.perf_counter() - t0)
-    trainer._optimizer_step = timed
+    trainer.policy.step = timed
 
 
 def time_phases_cpu(trainer, sink: dict):
@@ -273,12 +158,12 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
 
     ds = GSPODataset(rows, tok, max_prompt_length=256)
     batch = [ds[i] for i in range(len(ds))]
-    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy = trainer.policy.unwrapped()
     raw = RawOps(policy, trainer.ref_model)
     opt_times: list = []
     time_optimizer(trainer, opt_times)
     opt_cpu: list = []
-    inner_opt = trainer._optimizer_step
+    inner_opt = trainer.policy.step
 
     def opt_cpu_timed(*args, **kwargs):
         c0 = time.process_time()
@@ -286,7 +171,7 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
             return inner_opt(*args, **kwargs)
         finally:
             opt_cpu.append(time.process_time() - c0)
-    trainer._optimizer_step = opt_cpu_timed
+    trainer.policy.step = opt_cpu_timed
     phase_cpu: dict = {}
     time_phases_cpu(trainer, phase_cpu)
     rss_before = current_rss_mb()
@@ -368,7 +253,7 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
     ds = GSPODataset(rows, tok, max_prompt_length=256)
     batch = [ds[i] for i in range(len(ds))]
     rss_before = current_rss_mb()
-    matmul_dtypes = record_linear_dtypes(trainer.accelerator.unwrap_model(trainer.model))
+    matmul_dtypes = record_linear_dtypes(trainer.policy.unwrapped())
     times, cpus, tokens = [], [], []
     for step in range(steps + 1):
         torch.manual_seed(1000 + step)
@@ -380,7 +265,7 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
             times.append(metrics["step_time_s"])
             cpus.append(cpu)
             tokens.append(float(rollout.lengths.sum()))
-    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy = trainer.policy.unwrapped()
     return {"step_median_s": median(times), "step_times_s": [round(x, 4) for x in times], "spread_pct": spread(times),
             "step_cpu_median_s": median(cpus), "step_cpu_s": [round(x, 4) for x in cpus],
             "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "completion_tokens": median(tokens),
@@ -397,7 +282,7 @@ def worker_epochs(workdir: Path, threads: int) -> list:
     for mini in (1, 2):
         trainer = make_trainer(model_dir, tok, epochs=3, mini=mini)
         batch = [GSPODataset(rows, tok)[i] for i in range(len(rows))]
-        policy = trainer.accelerator.unwrap_model(trainer.model)
+        policy = trainer.policy.unwrapped()
         counts = {"generate_calls": 0, "policy_grad_rows": 0, "policy_nograd_rows": 0, "ref_rows": 0}
         in_gen = [False]
 

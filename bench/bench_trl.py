@@ -42,7 +42,7 @@ def trl_worker(model_dir: str, steps: int, new_tokens: int, threads: int, bf16: 
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(HERE))
-    from bench_step import GROUP, N_PROMPTS, diversity_reward, record_linear_dtypes, word_prompts
+    from bench_common import GROUP, N_PROMPTS, diversity_reward, record_linear_dtypes, word_prompts
 
     torch.set_num_threads(threads)
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)  # not AutoTokenizer: keep the word-level vocab
@@ -114,7 +114,7 @@ def main() -> None:
     if not TRL_PY.exists():
         raise SystemExit(f"{TRL_PY} not found: run `bash bench/setup_trl_venv.sh` first")
     sys.path.insert(0, str(HERE))
-    from bench_step import SMALL_ARCH, build_qwen2_dir
+    from bench_common import SMALL_ARCH, build_qwen2_dir
 
     workdir = Path(a.workdir)
     key = "-".join(f"{k[:3]}{v}" for k, v in sorted(SMALL_ARCH.items()))

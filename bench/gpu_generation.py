@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
+from bench_common import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
 
 from gspo.engines import generate_rollout  # noqa: E402
 from gspo.sampling import sample_tokens  # noqa: E402

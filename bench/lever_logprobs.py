@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import model_setup  # noqa: E402
+from bench_common import model_setup  # noqa: E402
 
 
 def main() -> None:

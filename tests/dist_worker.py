@@ -39,8 +39,8 @@ Scenarios (comma-separated in --scenarios):
                  under FSDP2 from its step-2 adapter checkpoint
   zero2_*, zero3_*  under `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`:
                  offpolicy / token / resume / lora as above, sampled (real sampling, evaluation, export),
-                 nan (rank 0's loss is NaN with a finite gradient at step 2: every rank must skip that
-                 update; 'nan' is its 1-process twin), fail_rank1, and zero3_rm (a reward model beside the
+                 nan (rank 0's loss and gradient are NaN at step 2, the other rank's finite: every rank must
+                 skip that update; 'nan' is its 1-process twin), fail_rank1, and zero3_rm (a reward model beside the
                  reward function: it must be loaded whole, not partitioned; 'rm' is its twin)
 """
 from __future__ import annotations
@@ -186,8 +186,6 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
         return GSPOTrainer(make_config(model_dir, out_dir, scenario, **config), reward_funcs=[reward_fn or reward],
                            rollout_engine=engine)
 
-    if scenario == "nan" or scenario.endswith("_nan"):
-        _nan_loss_at_step(2, rank=int(os.environ.get("RANK", "0")))
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
     rows = [{"prompt": p} for p in PROMPTS]
@@ -199,6 +197,8 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
         trainer = trainer_for(resume_from_checkpoint=source)
     else:
         trainer = trainer_for(**({"reward_model_name": reward_model} if scenario.endswith("rm") else {}))
+    if scenario == "nan" or scenario.endswith("_nan"):
+        _nan_update_at_step(trainer.policy.unwrapped(), 2, rank=trainer.accelerator.process_index)
     history = trainer.train(rows, eval_dataset=rows if scenario in SAMPLED else None)
     acc = trainer.accelerator
     rank = acc.process_index
@@ -213,20 +213,22 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
             hasattr(p, "ds_tensor") for p in trainer.ref_model.parameters()))}))
 
 
-def _nan_loss_at_step(step: int, rank: int) -> None:
-    """Rank 0's policy loss VALUE is NaN during `step` (1-based) only, its gradient stays finite (the NaN
-    is added detached); the other rank's loss is finite. Only the loss check can catch it."""
-    import gspo.trainer
-
-    real = gspo.trainer.policy_loss
+def _nan_update_at_step(model, step: int, rank: int) -> None:
+    """Rank 0's update of `step` (1-based; one update per step here) gets NaN hidden states before the output
+    head, so its loss and gradient are NaN while the other rank's are finite: every rank must skip that update.
+    PyTorch forward hooks on the policy; nothing in gspo is patched."""
     calls = {"n": 0}
 
-    def policy_loss(*args, **kwargs):
-        pg, metrics = real(*args, **kwargs)
-        calls["n"] += 1  # one call per micro-batch; one micro-batch and one update per step here
-        return (pg + pg.detach() * float("nan") if rank == 0 and calls["n"] == step else pg), metrics
+    def count(module, args):
+        calls["n"] += torch.is_grad_enabled()
 
-    gspo.trainer.policy_loss = policy_loss
+    def poison(module, args):
+        if rank == 0 and torch.is_grad_enabled() and calls["n"] == step:
+            return (args[0] * float("nan"),) + tuple(args[1:])
+        return None
+
+    model.register_forward_pre_hook(count)
+    model.get_output_embeddings().register_forward_pre_hook(poison)
 
 
 def shard_info(model) -> dict:

@@ -115,8 +115,8 @@ def test_zero_matches_one_process(runs, stage, scenario):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_non_finite_loss_skips_the_update_on_every_rank(runs, stage):
-    """Rank 0's loss is NaN at step 2 with a finite gradient (rank 1's is finite): DeepSpeed's own check
-    would not see it; gspo turns it into a NaN gradient so the engine skips the step everywhere."""
+    """Rank 0's loss and gradient are NaN at step 2 (rank 1's are finite): the reduced gradient is NaN
+    and the engine skips the step on every rank."""
     for rank in (0, 1):
         skipped = [m["skipped_updates"] for m in _rank(runs["two"], f"{stage}_nan", rank)["history"]]
         assert skipped == [0.0, 1.0, 1.0]

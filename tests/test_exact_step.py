@@ -79,3 +79,25 @@ def test_one_step_loss_grad_norm_and_update_match_an_independent_computation(tin
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     step = max((updated[n] - before[n]).abs().max().item() for n in updated)
     assert step > 1e-4  # the update is far larger than the tolerance: the comparison means something
+
+class SyncRecordingEngine(FixedEngine):
+    """Records every sync_weights call with the parameters it was handed, as an engine with its own copy would."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.synced = []
+
+    def sync_weights(self, model):
+        self.synced.append((model, {n: p.detach().clone() for n, p in model.unwrapped().named_parameters()}))
+
+
+def test_the_engine_is_synced_once_per_step_with_the_updated_weights(tiny_model_dir, tmp_path):
+    engine = SyncRecordingEngine(load_tokenizer(tiny_model_dir))
+    cfg = small_config(tiny_model_dir, tmp_path, max_steps=2, kl_coef=0.0, adaptive_kl=False, gspo_epochs=2)
+    trainer = GSPOTrainer(cfg, rollout_engine=engine)
+    history = trainer.train(ROWS)
+    assert [m is trainer.policy for m, _ in engine.synced] == [True, True]  # after each step's updates
+    final = {n: p.detach() for n, p in trainer.policy.unwrapped().named_parameters()}
+    assert all(torch.equal(engine.synced[-1][1][n], final[n]) for n in final)  # the last sync saw the final weights
+    assert any(not torch.equal(engine.synced[0][1][n], final[n]) for n in final)  # step 2 changed them again
+    assert all("time/weight_sync_s" in m for m in history)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import fault_worker as fw
-import gspo.trainer as trainer_mod
 from gspo import checkpoint as ckpt
 from gspo.config import ConfigError, GSPOConfig
 from gspo.data import DataError
@@ -234,21 +233,23 @@ def test_reward_model_with_two_labels_is_rejected(env, tmp_path):
 # ----------------------------------------------------------------------------------
 # 4. non-finite loss / gradient
 # ----------------------------------------------------------------------------------
-class PoisonLoss:
-    """Wraps gspo.trainer.policy_loss; makes the loss of chosen calls (1-based) non-finite.
+class NaNUpdates:
+    """Forward hooks (PyTorch's hook API: nothing in gspo is patched) that make the chosen updates' losses
+    and gradients NaN: the policy's grad-enabled forwards are counted (one per update here, 1-based),
+    and in the chosen ones the output head's input, the final hidden states, becomes NaN."""
 
-    mode 'nan': loss * NaN, so the gradient is NaN too; 'inf-const': loss + inf with a finite
-    gradient (only the loss value tells that something is wrong)."""
+    def __init__(self, model, calls):
+        self.calls, self.n = set(calls), 0
+        model.register_forward_pre_hook(self._count)
+        model.get_output_embeddings().register_forward_pre_hook(self._poison)
 
-    def __init__(self, real, calls, mode="nan"):
-        self.real, self.calls, self.mode, self.n = real, set(calls), mode, 0
+    def _count(self, module, args):
+        self.n += torch.is_grad_enabled()
 
-    def __call__(self, *args, **kwargs):
-        self.n += 1
-        loss, metrics = self.real(*args, **kwargs)
-        if self.n in self.calls:
-            loss = loss * NAN if self.mode == "nan" else loss + torch.tensor(INF)
-        return loss, metrics
+    def _poison(self, module, args):
+        if torch.is_grad_enabled() and self.n in self.calls:
+            return (args[0] * NAN,) + tuple(args[1:])
+        return None
 
 
 def _snapshotting_reward(snapshots, trainer_ref):
@@ -258,13 +259,13 @@ def _snapshotting_reward(snapshots, trainer_ref):
     return digit_reward
 
 
-@pytest.mark.parametrize("mode", ["nan", "inf-const"])
-def test_non_finite_update_is_skipped_counted_and_warned(env, tmp_path, monkeypatch, mode):
-    """gspo_epochs=1: one update per step. The update of step 2 is poisoned; it must leave the
-    weights exactly as they were, count in skipped_updates and warn; training goes on."""
-    monkeypatch.setattr(trainer_mod, "policy_loss", PoisonLoss(trainer_mod.policy_loss, {2}, mode))
+def test_non_finite_update_is_skipped_counted_and_warned(env, tmp_path):
+    """gspo_epochs=1: one update per step. The update of step 2 is poisoned (NaN loss and gradient); it must
+    leave the weights exactly as they were, count in skipped_updates and warn; training goes on. (A
+    non-finite loss with a finite gradient: tests/test_backends.py, at the back-end's step.)"""
     snaps, ref = [], [None]
     ref[0] = trainer = make_trainer(env, tmp_path, reward=_snapshotting_reward(snaps, ref), gspo_epochs=1, max_steps=3)
+    NaNUpdates(trainer.policy.unwrapped(), {2})
     with pytest.warns(RuntimeWarning, match=r"non-finite loss or gradient .* at step 2: update skipped"):
         history = trainer.train(env["data"])
     assert [m["skipped_updates"] for m in history] == [0, 1, 1]
@@ -279,9 +280,9 @@ def test_non_finite_update_is_skipped_counted_and_warned(env, tmp_path, monkeypa
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
-def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "policy_loss", PoisonLoss(trainer_mod.policy_loss, set(range(3, 99))))
+def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path):
     trainer = make_trainer(env, tmp_path, gspo_epochs=2, max_steps=5, max_consecutive_skipped_updates=3)
+    NaNUpdates(trainer.policy.unwrapped(), set(range(3, 99)))
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match=r"3 consecutive .*max_consecutive_skipped_updates=3.*checkpoint"):
         trainer.train(env["data"])
     # updates 1-2 (step 1) went through; 3, 4 (step 2) and 5 (step 3) were skipped
@@ -299,13 +300,13 @@ def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path, monk
     assert all(torch.equal(p, live[n]) for n, p in fw.params_of(loaded).items())
 
 
-def test_non_finite_stop_keeps_the_clean_checkpoint_of_that_step(env, tmp_path, monkeypatch):
+def test_non_finite_stop_keeps_the_clean_checkpoint_of_that_step(env, tmp_path):
     """gspo_epochs=3, limit 2, save_steps=1: step 2's first update applies, its next two are NaN.
     The stop must not overwrite the clean checkpoint-1 with the half-updated state of step 2."""
-    monkeypatch.setattr(trainer_mod, "policy_loss", PoisonLoss(trainer_mod.policy_loss, {5, 6}))
     snaps, ref = [], [None]
     ref[0] = trainer = make_trainer(env, tmp_path, reward=_snapshotting_reward(snaps, ref), gspo_epochs=3,
                                     max_steps=4, save_steps=1, max_consecutive_skipped_updates=2)
+    NaNUpdates(trainer.policy.unwrapped(), {5, 6})
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match="checkpoint-1"):
         trainer.train(env["data"])
     from transformers import AutoModelForCausalLM
@@ -332,7 +333,7 @@ def test_nan_logits_skip_the_update_and_do_not_poison_adaptive_kl(env, tmp_path)
     def hook(module, args, output):  # only the update's forward runs with grad enabled
         return output * NAN if step["n"] == 2 and torch.is_grad_enabled() else None
 
-    trainer.accelerator.unwrap_model(trainer.model).lm_head.register_forward_hook(hook)
+    trainer.policy.unwrapped().lm_head.register_forward_hook(hook)
     with pytest.warns(RuntimeWarning, match="update skipped"):
         history = trainer.train(env["data"])
     assert [m["skipped_updates"] for m in history] == [0, 1, 1]

@@ -55,32 +55,38 @@ def test_no_reference_model_when_kl_is_off(tiny_model_dir, arithmetic_rows, tmp_
     assert trainer.train(arithmetic_rows)[0]["kl_divergence"] == 0.0
 
 
-def test_one_reference_pass_and_no_old_pass_whatever_the_epochs(tiny_model_dir, arithmetic_rows, tmp_path, monkeypatch):
-    import gspo.trainer as trainer_module
-
+def _count_log_prob_passes(trainer) -> dict:
+    """Sequences pushed through log-prob forwards (use_cache=False; generation's forwards use the cache) of the
+    policy and the reference model, with and without grad: forward pre-hooks, nothing patched."""
     calls = {"no_grad": 0, "grad": 0}
-    real = trainer_module.completion_logprobs
 
-    def counting(model, prompt_ids, *args, **kwargs):  # counts sequences pushed through the model
-        calls["grad" if torch.is_grad_enabled() else "no_grad"] += prompt_ids.shape[0]
-        return real(model, prompt_ids, *args, **kwargs)
+    def count(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            calls["grad" if torch.is_grad_enabled() else "no_grad"] += kwargs["input_ids"].shape[0]
 
-    monkeypatch.setattr(trainer_module, "completion_logprobs", counting)
+    for model in (trainer.policy.unwrapped(), trainer.ref_model):
+        model.register_forward_pre_hook(count, with_kwargs=True)
+    return calls
+
+
+def test_one_reference_pass_and_no_old_pass_whatever_the_epochs(tiny_model_dir, arithmetic_rows, tmp_path):
     cfg = small_config(tiny_model_dir, tmp_path, gspo_epochs=3, num_mini_batches=1, max_steps=1)
-    GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    calls = _count_log_prob_passes(trainer)
+    trainer.train(arithmetic_rows)
     n = 2 * 2  # batch_size x group_size sequences per rollout
     assert calls == {"no_grad": n, "grad": 3 * n}  # one reference pass; one forward per epoch, pi_old from the first
-    calls.update(no_grad=0, grad=0)
     cfg = small_config(tiny_model_dir, tmp_path / "b", gspo_epochs=3, num_mini_batches=2, max_steps=1)
-    GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
+    calls = _count_log_prob_passes(trainer)
+    trainer.train(arithmetic_rows)
     assert calls == {"no_grad": 2 * n, "grad": 3 * n}  # + one old-log-prob pass for the off-policy mini-batches
 
 
 def _sgd_step_params(cfg, rows) -> dict:
     """Train with plain SGD instead of AdamW (Adam's 1/sqrt(v) would turn float rounding in a near-zero
     gradient into a full step) and return the final parameters."""
-    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
-    trainer.optimizer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    trainer = GSPOTrainer(cfg, reward_funcs=[length_reward], optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
     trainer.train(rows)
     return params_of(trainer.model)
 

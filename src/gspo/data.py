@@ -305,3 +305,25 @@ def _tokenize(tokenizer: Any, texts: list[str], is_chat: list[bool]) -> list[lis
         for i, ids in zip(idx, enc):
             out[i] = list(ids)
     return out  # type: ignore[return-value]
+
+
+def steps_per_epoch(num_rows: int, *, batch_size: int, world_size: int) -> int:
+    """Rollout batches in one pass over the prompts (the last partial batch is dropped)."""
+    from gspo.config import ConfigError
+
+    if batch_size % world_size:
+        raise ConfigError(f"GSPOConfig.batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+    if num_rows < batch_size:
+        raise ConfigError(f"the dataset has {num_rows} prompts, fewer than GSPOConfig.batch_size={batch_size}")
+    return num_rows // batch_size
+
+
+def rank_batch(dataset, *, step: int, steps_per_epoch: int, batch_size: int, seed: int, rank: int,
+               world_size: int) -> list:
+    """This rank's prompts for `step`: a deterministic function of (seed, step), so resume needs no sampler
+    state; each epoch is a fresh permutation, split into batch_size prompts per step, batch_size / world per rank."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+    per_rank = batch_size // world_size
+    start = k * batch_size + rank * per_rank
+    return [dataset[int(i)] for i in order[start:start + per_rank]]

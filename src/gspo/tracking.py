@@ -283,3 +283,36 @@ def print_samples(step: int, prompts: list[str], completions: list[str], rewards
         table.add_row(Text(_clip_text(prompt, max_chars)), Text(_clip_text(completion, max_chars)),
                       Text(_fmt_num(reward, ".3f")))
     Console().print(table)
+
+
+def step_metrics(rollout, update: dict, timings: dict, *, accelerator, group_size: int, kl_coef: float,
+                 learning_rate: float, skipped_updates: int) -> dict:
+    """A step's metrics over all ranks: rollout statistics gathered, update means reduced, phase times."""
+    import torch
+
+    from gspo.core import zero_std_groups
+
+    acc = accelerator
+    gather = lambda t: acc.gather(t.float().to(acc.device)).cpu()  # noqa: E731  equal sizes on every rank
+    rewards, adv = gather(rollout.rewards), gather(rollout.advantages)
+    lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)
+    metrics = {
+        "raw_reward_mean": rewards.mean().item(),
+        "raw_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "relative_advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
+        "frac_reward_zero_std": zero_std_groups(rewards, group_size).float().mean().item(),
+        "completion_length_mean": lengths.mean().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated_fraction": truncated.mean().item(),
+        "kl_coef": kl_coef,
+        "learning_rate": learning_rate,
+        "skipped_updates": float(skipped_updates),
+        "reward_penalized": acc.reduce(torch.tensor(float(rollout.num_penalized), device=acc.device), "sum").item(),
+    }
+    for name, values in rollout.reward_per_func.items():
+        metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
+    reduced = acc.reduce(torch.tensor(list(update.values()), device=acc.device, dtype=torch.float64), "mean")
+    metrics.update(zip(update.keys(), reduced.tolist()))
+    metrics.update({f"time/{k}_s": v for k, v in timings.items()})
+    metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
+    return metrics

@@ -3,7 +3,12 @@
 One step = one rollout batch:
     prompts -> generate G completions each -> rewards -> group advantages
     -> reference log-probs (no grad) [-> old log-probs, only when needed]
-    -> gspo_epochs x num_mini_batches optimizer updates -> metrics / eval / checkpoint
+    -> gspo_epochs x num_mini_batches optimizer updates -> engine weight sync -> metrics / eval / checkpoint
+
+What varies sits behind one seam each, chosen once in __init__; the loop never asks which it has:
+the distributed back-end (gspo.backends: prepare, no_sync, backward, clip + skip + step, full states),
+the rollout engine (gspo.engines: generate, sync_weights), the reward scorer (gspo.rewards.RewardScorer)
+and the optimizer factory. Evaluation is gspo.evaluate.evaluate with the same engine and scorer.
 
 How it departs from a naive loop (and from some peers):
 * no old-log-prob pass when it is not needed: with one mini-batch, the first epoch's
@@ -32,8 +37,8 @@ from transformers import get_scheduler
 from gspo import checkpoint as ckpt
 from gspo.backends import make_accelerator, select_backend
 from gspo.config import ConfigError, GSPOConfig
-from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss, zero_std_groups
-from gspo.data import GSPODataset, load_rows
+from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss
+from gspo.data import GSPODataset, load_rows, rank_batch, steps_per_epoch
 from gspo.engines import RolloutEngine, SamplingParams, TransformersEngine
 from gspo.evaluate import evaluate
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
@@ -41,7 +46,7 @@ from gspo.logprobs import completion_logprobs
 from gspo.models import apply_lora, autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, reference_context
 from gspo.rewards import RewardModelScorer, RewardScorer
 from gspo.rollout import Rollout
-from gspo.tracking import MetricsLogger, Progress, print_samples
+from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics
 
 log = logging.getLogger("gspo")
 
@@ -124,23 +129,6 @@ class GSPOTrainer:
         rows = load_rows(data, cfg.prompt_column, seed=cfg.seed) if isinstance(data, (str, Path)) else data
         return GSPODataset(rows, self.tokenizer, cfg.prompt_column, cfg.max_prompt_length, cfg.prompt_truncation)
 
-    def _steps_per_epoch(self, dataset) -> int:
-        cfg, world = self.config, self.accelerator.num_processes
-        if cfg.batch_size % world:
-            raise ConfigError(f"GSPOConfig.batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
-        if len(dataset) < cfg.batch_size:
-            raise ConfigError(f"the dataset has {len(dataset)} prompts, fewer than GSPOConfig.batch_size={cfg.batch_size}")
-        return len(dataset) // cfg.batch_size
-
-    def _batch_rows(self, dataset, step: int, steps_per_epoch: int) -> list:
-        """This rank's prompts for `step`: a deterministic function of (seed, step), so resume needs no sampler state."""
-        cfg = self.config
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        per_rank = cfg.batch_size // self.accelerator.num_processes
-        start = k * cfg.batch_size + self.accelerator.process_index * per_rank
-        return [dataset[int(i)] for i in order[start:start + per_rank]]
-
     # ------------------------------------------------------------------ the loop
     def train(self, dataset=None, eval_dataset=None) -> list:
         """Run GSPO on `dataset` (a GSPODataset, a list of prompts/rows, a file path, or None for
@@ -150,8 +138,8 @@ class GSPOTrainer:
         if dataset is None:
             raise ConfigError("no training data: pass a dataset to train() or set GSPOConfig.dataset_path")
         eval_ds = self._as_dataset(eval_dataset or self.eval_dataset or cfg.eval_dataset_path)
-        steps_per_epoch = self._steps_per_epoch(dataset)
-        total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
+        per_epoch = steps_per_epoch(len(dataset), batch_size=cfg.batch_size, world_size=acc.num_processes)
+        total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
         self.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, self.policy.optimizer, cfg.warmup_steps, updates)
         resumed = self._maybe_resume()
@@ -163,7 +151,8 @@ class GSPOTrainer:
         try:
             with InterruptGuard() as guard:
                 while self.step < total:
-                    rows = self._batch_rows(dataset, self.step, steps_per_epoch)
+                    rows = rank_batch(dataset, step=self.step, steps_per_epoch=per_epoch, batch_size=cfg.batch_size,
+                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
                     metrics, rollout = self.training_step(rows)
                     self.step += 1
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
@@ -196,7 +185,9 @@ class GSPOTrainer:
             update_metrics = self._update(rollout)
         with self._timed(timings, "weight_sync"):  # the engine generates again at the next step only
             self.engine.sync_weights(self.policy)
-        metrics = self._step_metrics(rollout, update_metrics, timings)
+        metrics = step_metrics(rollout, update_metrics, timings, accelerator=self.accelerator, group_size=cfg.group_size,
+                               kl_coef=self.kl_ctl.value, learning_rate=self.scheduler.get_last_lr()[0],
+                               skipped_updates=self.skips.total)
         if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
@@ -330,32 +321,6 @@ class GSPOTrainer:
         return grad_norm if math.isfinite(grad_norm) else 0.0
 
     # ------------------------------------------------------------------ metrics
-    def _step_metrics(self, rollout: Rollout, update: dict, timings: dict) -> dict:
-        cfg, acc = self.config, self.accelerator
-        gather = lambda t: acc.gather(t.float().to(acc.device)).cpu()  # noqa: E731  equal sizes on every rank
-        rewards, adv = gather(rollout.rewards), gather(rollout.advantages)
-        lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)
-        metrics = {
-            "raw_reward_mean": rewards.mean().item(),
-            "raw_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "relative_advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
-            "frac_reward_zero_std": zero_std_groups(rewards, cfg.group_size).float().mean().item(),
-            "completion_length_mean": lengths.mean().item(),
-            "completion_length_max": lengths.max().item(),
-            "truncated_fraction": truncated.mean().item(),
-            "kl_coef": self.kl_ctl.value,
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "skipped_updates": float(self.skips.total),
-            "reward_penalized": acc.reduce(torch.tensor(float(rollout.num_penalized), device=acc.device), "sum").item(),
-        }
-        for name, values in rollout.reward_per_func.items():
-            metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
-        reduced = acc.reduce(torch.tensor(list(update.values()), device=acc.device, dtype=torch.float64), "mean")
-        metrics.update(zip(update.keys(), reduced.tolist()))
-        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
-        metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
-        return metrics
-
     @contextlib.contextmanager
     def _timed(self, timings: dict, name: str):
         start = time.perf_counter()
