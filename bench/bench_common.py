@@ -3,6 +3,7 @@
 Imports only torch, transformers and tokenizers at module level (bench_trl.py's TRL worker uses it from
 a venv without gspo).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 N_PROMPTS, GROUP = 8, 4
-SMALL_ARCH = dict(hidden_size=384, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=6,
-                  num_key_value_heads=2, vocab_size=32768)
-SCALE_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=8192)
+SMALL_ARCH = dict(
+    hidden_size=384,
+    intermediate_size=1280,
+    num_hidden_layers=8,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=32768,
+)
+SCALE_BASE = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=8192,
+)
 PROMPT_WORDS = 16
 
 
@@ -74,8 +87,15 @@ def build_word_tokenizer(vocab_size: int):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     core.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def load_word_tokenizer(path):
@@ -94,8 +114,15 @@ def build_qwen2_dir(path: Path, arch: dict, dtype=torch.float32, seed: int = 0) 
         return path
     torch.manual_seed(seed)
     tok = build_word_tokenizer(arch["vocab_size"])
-    cfg = Qwen2Config(**arch, max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, use_cache=True)
+    cfg = Qwen2Config(
+        **arch,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        use_cache=True,
+    )
     model = Qwen2ForCausalLM(cfg).to(dtype)
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id

@@ -24,6 +24,7 @@ The raw side is a strict floor: no reward, no metrics, no gradient clipping, no 
 
 Last line of stdout: one JSON object with every figure (also written to bench/results/bench_step.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,53 @@ from pathlib import Path
 import torch
 
 from bench_common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    HERE, N_PROMPTS, GROUP, SMALL_ARCH, SCALE_BASE, peak_rss_mb, record_linear_dtypes, current_rss_mb, median, spread, loadavg, diversity_reward, load_word_tokenizer, word_prompts, model_setup,
+    GROUP,
+    HERE,
+    N_PROMPTS,
+    SCALE_BASE,
+    SMALL_ARCH,
+    current_rss_mb,
+    diversity_reward,
+    load_word_tokenizer,
+    loadavg,
+    median,
+    model_setup,
+    peak_rss_mb,
+    record_linear_dtypes,
+    spread,
+    word_prompts,
 )
 
 MIXED_PRECISION = "no"  # --mixed-precision: gspo's GSPOConfig.mixed_precision, and autocast around the raw ops
 
 
 def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1, out_dir=None):
-    from gspo.config import GSPOConfig
-    from gspo.trainer import GSPOTrainer
     from transformers import get_scheduler
 
-    cfg = GSPOConfig(policy_model_name=str(model_dir), batch_size=N_PROMPTS, group_size=group,
-                     max_new_tokens=new_tokens, gspo_epochs=epochs, num_mini_batches=mini, kl_coef=0.04,
-                     adaptive_kl=False, entropy_coef=0.0, learning_rate=1e-6, max_steps=1000,
-                     output_dir=str(out_dir or tempfile.mkdtemp(prefix="gspo-bench-")), progress_bar=False,
-                     log_completions_steps=0, max_prompt_length=256, top_k=0, top_p=1.0, temperature=1.0,
-                     mixed_precision=MIXED_PRECISION)
+    from gspo.config import GSPOConfig
+    from gspo.trainer import GSPOTrainer
+
+    cfg = GSPOConfig(
+        policy_model_name=str(model_dir),
+        batch_size=N_PROMPTS,
+        group_size=group,
+        max_new_tokens=new_tokens,
+        gspo_epochs=epochs,
+        num_mini_batches=mini,
+        kl_coef=0.04,
+        adaptive_kl=False,
+        entropy_coef=0.0,
+        learning_rate=1e-6,
+        max_steps=1000,
+        output_dir=str(out_dir or tempfile.mkdtemp(prefix="gspo-bench-")),
+        progress_bar=False,
+        log_completions_steps=0,
+        max_prompt_length=256,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        mixed_precision=MIXED_PRECISION,
+    )
     trainer = GSPOTrainer(cfg, reward_funcs=[diversity_reward], tokenizer=tok)
     trainer.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, trainer.optimizer, 0, 10**6)  # as train() does
     return trainer
@@ -72,6 +103,7 @@ def time_optimizer(trainer, sink: list):
             return inner(*args, **kwargs)
         finally:
             sink.append(time.perf_counter() - t0)
+
     trainer.policy.step = timed
 
 
@@ -86,6 +118,7 @@ def time_phases_cpu(trainer, sink: dict):
         with inner(timings, name):
             yield
         sink[name] = time.process_time() - c0
+
     trainer._timed = timed
 
 
@@ -116,12 +149,22 @@ class RawOps:
         n_dec = rollout.completion_ids.shape[1]  # generate ran exactly this many decode steps
         p_ids, p_mask = rollout.prompt_ids[::group], rollout.prompt_mask[::group]
         t0, c0 = time.perf_counter(), time.process_time()
-        self.model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, max_new_tokens=n_dec,
-                            min_new_tokens=n_dec, num_return_sequences=group, top_k=0, top_p=1.0, temperature=1.0,
-                            pad_token_id=pad_id)
+        self.model.generate(
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            do_sample=True,
+            max_new_tokens=n_dec,
+            min_new_tokens=n_dec,
+            num_return_sequences=group,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            pad_token_id=pad_id,
+        )
         t["generation"], c["generation"] = time.perf_counter() - t0, time.process_time() - c0
-        pi, pm, ci, cm = trim_padding(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                      rollout.completion_mask)
+        pi, pm, ci, cm = trim_padding(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask
+        )
         ids, mask = torch.cat([pi, ci], 1), torch.cat([pm, cm], 1)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         keep = ci.shape[1] + 1
@@ -171,6 +214,7 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
             return inner_opt(*args, **kwargs)
         finally:
             opt_cpu.append(time.process_time() - c0)
+
     trainer.policy.step = opt_cpu_timed
     phase_cpu: dict = {}
     time_phases_cpu(trainer, phase_cpu)
@@ -197,11 +241,17 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
         gspo_cpu.append(gc)
         raw_cpu.append(rc)
         tokens = float(rollout.lengths.sum())
-        g = {"step": metrics["step_time_s"], "generation": metrics["time/generation_s"],
-             "reward": metrics["time/reward_s"], "reference": metrics.get("time/reference_s", 0.0),
-             "old_logprobs": metrics.get("time/old_logprobs_s", 0.0), "optimizer": opt_times[-1],
-             "update": metrics["time/update_s"], "tokens": tokens,
-             "decode_steps": rollout.completion_ids.shape[1]}
+        g = {
+            "step": metrics["step_time_s"],
+            "generation": metrics["time/generation_s"],
+            "reward": metrics["time/reward_s"],
+            "reference": metrics.get("time/reference_s", 0.0),
+            "old_logprobs": metrics.get("time/old_logprobs_s", 0.0),
+            "optimizer": opt_times[-1],
+            "update": metrics["time/update_s"],
+            "tokens": tokens,
+            "decode_steps": rollout.completion_ids.shape[1],
+        }
         g["fwd_bwd"] = g["update"] - g["optimizer"]
         g["other"] = g["step"] - sum(g[k] for k in ("generation", "reward", "reference", "old_logprobs", "update"))
         r["sum"] = sum(r.values())
@@ -211,8 +261,13 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
     n_params = sum(p.numel() for p in policy.parameters())
     phases = ["generation", "reward", "reference", "old_logprobs", "fwd_bwd", "optimizer", "other", "step"]
     res = {
-        "size": size, "model": type(policy).__name__, "params_M": n_params / 1e6, "threads": threads,
-        "steps": steps, "batch": f"{N_PROMPTS}x{GROUP}", "max_new_tokens": new_tokens,
+        "size": size,
+        "model": type(policy).__name__,
+        "params_M": n_params / 1e6,
+        "threads": threads,
+        "steps": steps,
+        "batch": f"{N_PROMPTS}x{GROUP}",
+        "max_new_tokens": new_tokens,
         "logits_to_keep_effective": check_logits_to_keep(policy),
         "gspo_median_s": {k: median([g[k] for g in gspo_rows]) for k in phases},
         "raw_median_s": {k: median([r[k] for r in raw_rows]) for k in raw_rows[0]},
@@ -228,14 +283,23 @@ def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
         "step_cpu_spread_pct": spread([g["step"] for g in gspo_cpu]),
         "tokens_per_s": median([g["tokens"] / g["step"] for g in gspo_rows]),
         "gen_tokens_per_s": median([g["tokens"] / g["generation"] for g in gspo_rows]),
-        "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_steps_mb": rss_before,
         "loadavg_during": [round(x, 2) for x in loads],
     }
     return res
 
 
-def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_dir: str, new_tokens: int,
-                     arch: dict | None = None, group: int = GROUP) -> dict:
+def worker_gspo_only(
+    size: str,
+    steps: int,
+    workdir: Path,
+    threads: int,
+    model_dir: str,
+    new_tokens: int,
+    arch: dict | None = None,
+    group: int = GROUP,
+) -> dict:
     """gspo steps alone (no raw ops, no copy): for the TRL comparison and the scaling table."""
     torch.set_num_threads(threads)
     if model_dir:
@@ -243,8 +307,14 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
         tok = load_word_tokenizer(path) if (path / "tokenizer.json").is_file() and size != "tiny" else None
         if tok is None:
             _, tok, _ = model_setup("tiny", workdir)
-        rows = ([{"prompt": p} for p in word_prompts(N_PROMPTS, json.loads((path / "config.json").read_text())
-                                                       ["vocab_size"])] if size != "tiny" else model_setup("tiny", workdir)[2])
+        rows = (
+            [
+                {"prompt": p}
+                for p in word_prompts(N_PROMPTS, json.loads((path / "config.json").read_text())["vocab_size"])
+            ]
+            if size != "tiny"
+            else model_setup("tiny", workdir)[2]
+        )
     else:
         path, tok, rows = model_setup(size, workdir, arch)
     trainer = make_trainer(path, tok, group=group, new_tokens=new_tokens)
@@ -266,10 +336,18 @@ def worker_gspo_only(size: str, steps: int, workdir: Path, threads: int, model_d
             cpus.append(cpu)
             tokens.append(float(rollout.lengths.sum()))
     policy = trainer.policy.unwrapped()
-    return {"step_median_s": median(times), "step_times_s": [round(x, 4) for x in times], "spread_pct": spread(times),
-            "step_cpu_median_s": median(cpus), "step_cpu_s": [round(x, 4) for x in cpus],
-            "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "completion_tokens": median(tokens),
-            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6, "linear_output_dtypes": sorted(matmul_dtypes)}
+    return {
+        "step_median_s": median(times),
+        "step_times_s": [round(x, 4) for x in times],
+        "spread_pct": spread(times),
+        "step_cpu_median_s": median(cpus),
+        "step_cpu_s": [round(x, 4) for x in cpus],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_steps_mb": rss_before,
+        "completion_tokens": median(tokens),
+        "params_M": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "linear_output_dtypes": sorted(matmul_dtypes),
+    }
 
 
 def worker_epochs(workdir: Path, threads: int) -> list:
@@ -294,6 +372,7 @@ def worker_epochs(workdir: Path, threads: int) -> list:
                     n = (k.get("input_ids") if k.get("input_ids") is not None else a[0]).shape[0]
                     counts[key_grad if torch.is_grad_enabled() else key_nograd] += n
                 return inner(*a, **k)
+
             model.forward = fwd
 
         inner_gen = policy.generate
@@ -305,15 +384,22 @@ def worker_epochs(workdir: Path, threads: int) -> list:
                 return inner_gen(*a, **k)
             finally:
                 in_gen[0] = False
+
         policy.generate = gen
         wrap_forward(policy, "policy_grad_rows", "policy_nograd_rows")
         wrap_forward(trainer.ref_model, "ref_rows", "ref_rows")
         trainer.training_step(batch)
         n = N_PROMPTS * GROUP
-        out.append({"gspo_epochs": 3, "num_mini_batches": mini, "generate_calls": counts["generate_calls"],
-                    "reference_passes": counts["ref_rows"] / n,
-                    "extra_no_grad_policy_passes": counts["policy_nograd_rows"] / n,
-                    "grad_passes": counts["policy_grad_rows"] / n})
+        out.append(
+            {
+                "gspo_epochs": 3,
+                "num_mini_batches": mini,
+                "generate_calls": counts["generate_calls"],
+                "reference_passes": counts["ref_rows"] / n,
+                "extra_no_grad_policy_passes": counts["policy_nograd_rows"] / n,
+                "grad_passes": counts["policy_grad_rows"] / n,
+            }
+        )
     return out
 
 
@@ -339,8 +425,14 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
         (lp.sum() + ent.sum()).backward()
     else:
         logprobs_and_entropy(logits, labels, chunk if chunk > 0 else n * t, with_entropy=False)[0].sum().backward()
-    return {"fn": fn, "chunk": chunk if chunk > 0 else n * t, "shape": [n, t, v], "logits_mb": logits.numel() * 4 / 2**20,
-            "peak_above_logits_and_grad_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
+    return {
+        "fn": fn,
+        "chunk": chunk if chunk > 0 else n * t,
+        "shape": [n, t, v],
+        "logits_mb": logits.numel() * 4 / 2**20,
+        "peak_above_logits_and_grad_mb": peak_rss_mb() - base,
+        "time_s": time.perf_counter() - t0,
+    }
 
 
 def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> dict:
@@ -365,8 +457,14 @@ def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> 
     else:
         logp = logprobs_and_entropy(head(hidden), labels, chunk, with_entropy=False)[0]
     logp.sum().backward()
-    return {"bounded": bounded, "chunk": chunk, "new_tokens": t, "full_logits_mb": n * t * v * 4 / 2**20,
-            "peak_above_weights_mb": peak_rss_mb() - base, "time_s": time.perf_counter() - t0}
+    return {
+        "bounded": bounded,
+        "chunk": chunk,
+        "new_tokens": t,
+        "full_logits_mb": n * t * v * 4 / 2**20,
+        "peak_above_weights_mb": peak_rss_mb() - base,
+        "time_s": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------- parent
@@ -385,29 +483,43 @@ def fmt_ms(s):
 def print_step(res: dict) -> None:
     g, r = res["gspo_median_s"], res["raw_median_s"]
     gc, rc = res["gspo_cpu_median_s"], res["raw_cpu_median_s"]
-    print(f"\n== {res['size']}: {res['model']} {res['params_M']:.2f}M params, batch {res['batch']}, "
-          f"{res['max_new_tokens']} new tokens, {res['steps']} timed steps, {res['threads']} threads; "
-          f"logits_to_keep takes effect: {res['logits_to_keep_effective']}")
+    print(
+        f"\n== {res['size']}: {res['model']} {res['params_M']:.2f}M params, batch {res['batch']}, "
+        f"{res['max_new_tokens']} new tokens, {res['steps']} timed steps, {res['threads']} threads; "
+        f"logits_to_keep takes effect: {res['logits_to_keep_effective']}"
+    )
     print(f"   median per step  {'gspo wall ms':>12s} {'raw wall ms':>12s} {'gspo CPU ms':>12s} {'raw CPU ms':>12s}")
     dash = "           -"
     for k in ("generation", "reward", "reference", "old_logprobs", "fwd_bwd", "optimizer", "other"):
-        print(f"   {k:14s}   {1000 * g[k]:12.1f} {f'{1000 * r[k]:12.1f}' if k in r else dash} "
-              f"{1000 * gc[k]:12.1f} {f'{1000 * rc[k]:12.1f}' if k in rc else dash}")
-    print(f"   {'step':14s}   {1000 * g['step']:12.1f} {1000 * r['sum']:12.1f} {1000 * gc['step']:12.1f} "
-          f"{1000 * rc['sum']:12.1f}")
-    print(f"   overhead ratio gspo/raw, median of paired steps: CPU time {res['overhead_ratio_cpu_median']:.3f} "
-          f"{res['overhead_ratios_cpu']}; wall {res['overhead_ratio_median']:.3f} {res['overhead_ratios']}")
-    print(f"   completion tokens/step {res['completion_tokens_median']:.0f}, tokens/s {res['tokens_per_s']:.1f}, "
-          f"generation tokens/s {res['gen_tokens_per_s']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, "
-          f"step time spread {res['step_spread_pct']:.0f}%, load avg {res['loadavg_during']}")
+        print(
+            f"   {k:14s}   {1000 * g[k]:12.1f} {f'{1000 * r[k]:12.1f}' if k in r else dash} "
+            f"{1000 * gc[k]:12.1f} {f'{1000 * rc[k]:12.1f}' if k in rc else dash}"
+        )
+    print(
+        f"   {'step':14s}   {1000 * g['step']:12.1f} {1000 * r['sum']:12.1f} {1000 * gc['step']:12.1f} "
+        f"{1000 * rc['sum']:12.1f}"
+    )
+    print(
+        f"   overhead ratio gspo/raw, median of paired steps: CPU time {res['overhead_ratio_cpu_median']:.3f} "
+        f"{res['overhead_ratios_cpu']}; wall {res['overhead_ratio_median']:.3f} {res['overhead_ratios']}"
+    )
+    print(
+        f"   completion tokens/step {res['completion_tokens_median']:.0f}, tokens/s {res['tokens_per_s']:.1f}, "
+        f"generation tokens/s {res['gen_tokens_per_s']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, "
+        f"step time spread {res['step_spread_pct']:.0f}%, load avg {res['loadavg_during']}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem,headmem")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
-                    help="bf16: GSPOConfig.mixed_precision='bf16' and bf16 autocast around the raw ops")
+    ap.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16: GSPOConfig.mixed_precision='bf16' and bf16 autocast around the raw ops",
+    )
     ap.add_argument("--steps-tiny", type=int, default=10)
     ap.add_argument("--steps-small", type=int, default=3)
     ap.add_argument("--steps-scaling", type=int, default=2)
@@ -424,13 +536,21 @@ def main() -> None:
     if a.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import logging
+
         logging.disable(logging.WARNING)
         if a.worker == "step":
             res = worker_step(spec["size"], spec["steps"], workdir, a.threads)
         elif a.worker == "gspo_only":
-            res = worker_gspo_only(spec.get("size", "small"), spec["steps"], workdir, a.threads,
-                                   spec.get("model_dir", ""), spec["new_tokens"], spec.get("arch"),
-                                   spec.get("group", GROUP))
+            res = worker_gspo_only(
+                spec.get("size", "small"),
+                spec["steps"],
+                workdir,
+                a.threads,
+                spec.get("model_dir", ""),
+                spec["new_tokens"],
+                spec.get("arch"),
+                spec.get("group", GROUP),
+            )
         elif a.worker == "epochs":
             res = worker_epochs(workdir, a.threads)
         elif a.worker == "headmem":
@@ -443,14 +563,22 @@ def main() -> None:
         return
 
     parts = a.only.split(",")
-    out = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cpu_count": os.cpu_count(),
-           "mixed_precision": a.mixed_precision,
-           "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": a.threads,
+        "cpu_count": os.cpu_count(),
+        "mixed_precision": a.mixed_precision,
+        "torch": torch.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
     t_start = time.perf_counter()
     th = ["--threads", str(a.threads), "--workdir", str(workdir), "--mixed-precision", a.mixed_precision]
-    print(f"gspo bench: torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
-          f"mixed precision {a.mixed_precision}, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"gspo bench: torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
+        f"mixed precision {a.mixed_precision}, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     for size in ("tiny", "small"):
         if size in parts:
             steps = a.steps_tiny if size == "tiny" else a.steps_small
@@ -463,58 +591,91 @@ def main() -> None:
         out["epochs"] = res
         print("\n== forward passes per rollout batch (tiny model, gspo_epochs=3; passes = rows forwarded / batch)")
         for r in res:
-            print(f"   num_mini_batches={r['num_mini_batches']}: generate calls {r['generate_calls']}, reference "
-                  f"passes {r['reference_passes']:.0f}, extra no-grad policy passes {r['extra_no_grad_policy_passes']:.0f}"
-                  f", grad passes {r['grad_passes']:.0f}")
+            print(
+                f"   num_mini_batches={r['num_mini_batches']}: generate calls {r['generate_calls']}, reference "
+                f"passes {r['reference_passes']:.0f}, extra no-grad policy passes "
+                f"{r['extra_no_grad_policy_passes']:.0f}"
+                f", grad passes {r['grad_passes']:.0f}"
+            )
         sys.stdout.flush()
     if "scaling" in parts:
         base = dict(new_tokens=32, group=GROUP, arch=SCALE_BASE)
         wide = dict(SCALE_BASE, hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4)
-        variants = [("base", base), ("group x2", dict(base, group=2 * GROUP)), ("length x2", dict(base, new_tokens=64)),
-                    ("width x2", dict(base, arch=wide))]
+        variants = [
+            ("base", base),
+            ("group x2", dict(base, group=2 * GROUP)),
+            ("length x2", dict(base, new_tokens=64)),
+            ("width x2", dict(base, arch=wide)),
+        ]
         rows = []
-        print(f"\n== scaling (Qwen2 random init, {N_PROMPTS} prompts, median of {a.steps_scaling} steps after 1 warm-up;"
-              f" peak RSS of a fresh process)")
+        print(
+            f"\n== scaling (Qwen2 random init, {N_PROMPTS} prompts, median of {a.steps_scaling} steps after 1 warm-up;"
+            f" peak RSS of a fresh process)"
+        )
         for name, v in variants:
-            res = run_worker(["--worker", "gspo_only", "--spec", json.dumps({"size": "small", "steps": a.steps_scaling,
-                                                                             **v})] + th)
-            res["variant"], res["spec"] = name, {"group": v["group"], "new_tokens": v["new_tokens"],
-                                                 "hidden": v["arch"]["hidden_size"]}
+            res = run_worker(
+                ["--worker", "gspo_only", "--spec", json.dumps({"size": "small", "steps": a.steps_scaling, **v})] + th
+            )
+            res["variant"], res["spec"] = (
+                name,
+                {"group": v["group"], "new_tokens": v["new_tokens"], "hidden": v["arch"]["hidden_size"]},
+            )
             rows.append(res)
         b = rows[0]
-        print(f"   {'variant':10s} {'G':>3s} {'T':>4s} {'hidden':>6s} {'params M':>8s} {'step s':>8s} {'x base':>6s} "
-              f"{'CPU s':>7s} {'x base':>6s} "
-              f"{'peak RSS MB':>11s} {'RSS growth MB':>13s}")
+        print(
+            f"   {'variant':10s} {'G':>3s} {'T':>4s} {'hidden':>6s} {'params M':>8s} {'step s':>8s} {'x base':>6s} "
+            f"{'CPU s':>7s} {'x base':>6s} "
+            f"{'peak RSS MB':>11s} {'RSS growth MB':>13s}"
+        )
         for r in rows:
             s = r["spec"]
-            print(f"   {r['variant']:10s} {s['group']:3d} {s['new_tokens']:4d} {s['hidden']:6d} {r['params_M']:8.2f} "
-                  f"{r['step_median_s']:8.3f} {r['step_median_s'] / b['step_median_s']:6.2f} "
-                  f"{r['step_cpu_median_s']:7.3f} {r['step_cpu_median_s'] / b['step_cpu_median_s']:6.2f} {r['peak_rss_mb']:11.0f} "
-                  f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:13.0f}")
+            print(
+                f"   {r['variant']:10s} {s['group']:3d} {s['new_tokens']:4d} {s['hidden']:6d} {r['params_M']:8.2f} "
+                f"{r['step_median_s']:8.3f} {r['step_median_s'] / b['step_median_s']:6.2f} "
+                f"{r['step_cpu_median_s']:7.3f} {r['step_cpu_median_s'] / b['step_cpu_median_s']:6.2f} "
+                f"{r['peak_rss_mb']:11.0f} "
+                f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:13.0f}"
+            )
         out["scaling"] = rows
         sys.stdout.flush()
     if "chunkmem" in parts:
-        res = [run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f})] + th)
-               for f in ("core_nograd", "core", "label") for c in (256, 1024, 0)]
+        res = [
+            run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f})] + th)
+            for f in ("core_nograd", "core", "label")
+            for c in (256, 1024, 0)
+        ]
         out["chunkmem"] = res
-        print("\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
-              "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; core = "
-              "the same with entropy grad, forward+backward; label = "
-              "gspo.core.logprobs_and_entropy(with_entropy=False), log p only)")
+        print(
+            "\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
+            "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; "
+            "core = "
+            "the same with entropy grad, forward+backward; label = "
+            "gspo.core.logprobs_and_entropy(with_entropy=False), log p only)"
+        )
         for r in res:
-            print(f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
-                  f"({r['time_s']:.2f}s)")
+            print(
+                f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
+                f"({r['time_s']:.2f}s)"
+            )
     if "headmem" in parts:
-        res = [run_worker(["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t})] + th)
-               for t in (64, 256) for b in (False, True) for c in (256, 1024)]
+        res = [
+            run_worker(["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t})] + th)
+            for t in (64, 256)
+            for b in (False, True)
+            for c in (256, 1024)
+        ]
         out["headmem"] = res
-        print("\n== output head forward+backward, hidden [32, T, 384] -> vocabulary 32768: peak RSS above weights and "
-              "gradient buffers\n   (full = [32, T, V] logits then chunked log p; bounded = head applied a chunk at a "
-              "time and recomputed in backward, the gradient_checkpointing path)")
+        print(
+            "\n== output head forward+backward, hidden [32, T, 384] -> vocabulary 32768: peak RSS above weights and "
+            "gradient buffers\n   (full = [32, T, V] logits then chunked log p; bounded = head applied a chunk at a "
+            "time and recomputed in backward, the gradient_checkpointing path)"
+        )
         for r in res:
             kind = "bounded" if r["bounded"] else "full"
-            print(f"   T {r['new_tokens']:4d} {kind:8s} chunk {r['chunk']:5d}: {r['peak_above_weights_mb']:7.0f} MB  "
-                  f"(full logits would be {r['full_logits_mb']:.0f} MB; {r['time_s']:.2f}s)")
+            print(
+                f"   T {r['new_tokens']:4d} {kind:8s} chunk {r['chunk']:5d}: {r['peak_above_weights_mb']:7.0f} MB  "
+                f"(full logits would be {r['full_logits_mb']:.0f} MB; {r['time_s']:.2f}s)"
+            )
     out["total_s"] = time.perf_counter() - t_start
     out["loadavg_end"] = os.getloadavg()
     summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "mixed_precision", "total_s")}}

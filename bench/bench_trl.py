@@ -15,6 +15,7 @@ of each is a warm-up and is dropped. The runs alternate (gspo, TRL, gspo, TRL, .
 the same machine load. Reports median step time, peak RSS (getrusage of the worker) and the ratios.
 Last stdout line: one JSON object (also written to bench/results/bench_trl.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,30 @@ def trl_worker(model_dir: str, steps: int, new_tokens: int, threads: int, bf16: 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="trl-bench-")
     args = GRPOConfig(
-        output_dir=out, per_device_train_batch_size=N_PROMPTS * GROUP, num_generations=GROUP,
-        max_completion_length=new_tokens, beta=BETA, num_iterations=1, importance_sampling_level="sequence",
-        learning_rate=LR, max_steps=steps + 1, logging_steps=1, use_vllm=False, gradient_checkpointing=False,
-        bf16=bf16, fp16=False, report_to="none", save_strategy="no", use_cpu=True, temperature=1.0, top_p=1.0,
-        top_k=0, seed=42, dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
+        output_dir=out,
+        per_device_train_batch_size=N_PROMPTS * GROUP,
+        num_generations=GROUP,
+        max_completion_length=new_tokens,
+        beta=BETA,
+        num_iterations=1,
+        importance_sampling_level="sequence",
+        learning_rate=LR,
+        max_steps=steps + 1,
+        logging_steps=1,
+        use_vllm=False,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        seed=42,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_completions=False,
     )
 
     class StepTimer(TrainerCallback):
@@ -72,22 +92,43 @@ def trl_worker(model_dir: str, steps: int, new_tokens: int, threads: int, bf16: 
 
     timer = StepTimer()
     matmul_dtypes = record_linear_dtypes(model)
-    trainer = GRPOTrainer(model=model, reward_funcs=[diversity_reward], args=args, train_dataset=ds,
-                          processing_class=tok, callbacks=[timer])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[diversity_reward],
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[timer],
+    )
     trainer.train()
     import trl
+
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     times = timer.times[1:]
-    return {"impl": "trl", "version": trl.__version__, "step_times_s": [round(x, 4) for x in times],
-            "step_median_s": statistics.median(times), "step_cpu_median_s": statistics.median(timer.cpus[1:]),
-            "step_cpu_s": [round(x, 4) for x in timer.cpus[1:]], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "completion_length_mean": lengths[-1] if lengths else None, "threads": torch.get_num_threads(),
-            "linear_output_dtypes": sorted(matmul_dtypes), "accelerate_mixed_precision": trainer.accelerator.mixed_precision}
+    return {
+        "impl": "trl",
+        "version": trl.__version__,
+        "step_times_s": [round(x, 4) for x in times],
+        "step_median_s": statistics.median(times),
+        "step_cpu_median_s": statistics.median(timer.cpus[1:]),
+        "step_cpu_s": [round(x, 4) for x in timer.cpus[1:]],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "completion_length_mean": lengths[-1] if lengths else None,
+        "threads": torch.get_num_threads(),
+        "linear_output_dtypes": sorted(matmul_dtypes),
+        "accelerate_mixed_precision": trainer.accelerator.mixed_precision,
+    }
 
 
 def run(cmd: list, timeout: int = 900) -> dict:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed:\n{p.stderr[-5000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -99,8 +140,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
-                    help="bf16: TRL's bf16=True and gspo's mixed_precision='bf16' (fp32 weights, bf16 autocast)")
+    ap.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16: TRL's bf16=True and gspo's mixed_precision='bf16' (fp32 weights, bf16 autocast)",
+    )
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
     ap.add_argument("--out", default=str(HERE / "results" / "bench_trl.json"))
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -108,6 +153,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.trl_worker:
         import logging
+
         logging.disable(logging.WARNING)
         print(json.dumps(trl_worker(a.model_dir, a.steps, a.new_tokens, a.threads, a.mixed_precision == "bf16")))
         return
@@ -120,14 +166,41 @@ def main() -> None:
     key = "-".join(f"{k[:3]}{v}" for k, v in sorted(SMALL_ARCH.items()))
     model_dir = build_qwen2_dir(workdir / f"qwen2-{key}", SMALL_ARCH)
     spec = json.dumps({"size": "small", "steps": a.steps, "model_dir": str(model_dir), "new_tokens": a.new_tokens})
-    gspo_cmd = [sys.executable, str(HERE / "bench_step.py"), "--worker", "gspo_only", "--spec", spec,
-                "--threads", str(a.threads), "--workdir", str(workdir), "--mixed-precision", a.mixed_precision]
-    trl_cmd = [str(TRL_PY), str(Path(__file__).resolve()), "--trl-worker", "--model-dir", str(model_dir),
-               "--steps", str(a.steps), "--new-tokens", str(a.new_tokens), "--threads", str(a.threads),
-               "--mixed-precision", a.mixed_precision]
-    print(f"gspo vs TRL: model {model_dir.name}, 8x4, {a.new_tokens} new tokens, beta {BETA}, {a.threads} threads, "
-          f"mixed precision {a.mixed_precision}, "
-          f"{a.steps} timed steps x {a.repeats} alternating runs; load average {os.getloadavg()[0]:.2f}", flush=True)
+    gspo_cmd = [
+        sys.executable,
+        str(HERE / "bench_step.py"),
+        "--worker",
+        "gspo_only",
+        "--spec",
+        spec,
+        "--threads",
+        str(a.threads),
+        "--workdir",
+        str(workdir),
+        "--mixed-precision",
+        a.mixed_precision,
+    ]
+    trl_cmd = [
+        str(TRL_PY),
+        str(Path(__file__).resolve()),
+        "--trl-worker",
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(a.steps),
+        "--new-tokens",
+        str(a.new_tokens),
+        "--threads",
+        str(a.threads),
+        "--mixed-precision",
+        a.mixed_precision,
+    ]
+    print(
+        f"gspo vs TRL: model {model_dir.name}, 8x4, {a.new_tokens} new tokens, beta {BETA}, {a.threads} threads, "
+        f"mixed precision {a.mixed_precision}, "
+        f"{a.steps} timed steps x {a.repeats} alternating runs; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     runs = {"gspo": [], "trl": []}
     loads = []
     for r in range(a.repeats):
@@ -138,24 +211,38 @@ def main() -> None:
             res["loadavg"] = os.getloadavg()[0]
             runs[name].append(res)
             loads.append(res["loadavg"])
-            print(f"   run {r + 1} {name:4s}: step median {res['step_median_s']:.3f}s {res['step_times_s']}, CPU "
-                  f"{res['step_cpu_median_s']:.3f}s {res['step_cpu_s']}, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB, load {res['loadavg']:.2f}, "
-                  f"nn.Linear outputs {res.get('linear_output_dtypes')}", flush=True)
+            print(
+                f"   run {r + 1} {name:4s}: step median {res['step_median_s']:.3f}s {res['step_times_s']}, CPU "
+                f"{res['step_cpu_median_s']:.3f}s {res['step_cpu_s']}, "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB, load {res['loadavg']:.2f}, "
+                f"nn.Linear outputs {res.get('linear_output_dtypes')}",
+                flush=True,
+            )
     med = {k: statistics.median([t for res in v for t in res["step_times_s"]]) for k, v in runs.items()}
     cpu = {k: statistics.median([t for res in v for t in res["step_cpu_s"]]) for k, v in runs.items()}
     rss = {k: max(res["peak_rss_mb"] for res in v) for k, v in runs.items()}
-    summary = {"bench": "gspo_vs_trl", "date": time.strftime("%Y-%m-%d"), "trl_version": runs["trl"][0]["version"],
-               "gspo_step_s": round(med["gspo"], 4), "trl_step_s": round(med["trl"], 4),
-               "speedup_trl_over_gspo": round(med["trl"] / med["gspo"], 3),
-               "gspo_step_cpu_s": round(cpu["gspo"], 4), "trl_step_cpu_s": round(cpu["trl"], 4),
-               "speedup_cpu_time": round(cpu["trl"] / cpu["gspo"], 3),
-               "gspo_peak_rss_mb": round(rss["gspo"], 1), "trl_peak_rss_mb": round(rss["trl"], 1),
-               "rss_ratio_gspo_over_trl": round(rss["gspo"] / rss["trl"], 3), "threads": a.threads,
-               "mixed_precision": a.mixed_precision,
-               "new_tokens": a.new_tokens, "loadavg": [round(x, 2) for x in loads]}
-    print(f"\n   median step wall: gspo {med['gspo']:.3f}s, TRL {med['trl']:.3f}s -> gspo is "
-          f"{med['trl'] / med['gspo']:.2f}x faster per step (goal >= 2x)")
+    summary = {
+        "bench": "gspo_vs_trl",
+        "date": time.strftime("%Y-%m-%d"),
+        "trl_version": runs["trl"][0]["version"],
+        "gspo_step_s": round(med["gspo"], 4),
+        "trl_step_s": round(med["trl"], 4),
+        "speedup_trl_over_gspo": round(med["trl"] / med["gspo"], 3),
+        "gspo_step_cpu_s": round(cpu["gspo"], 4),
+        "trl_step_cpu_s": round(cpu["trl"], 4),
+        "speedup_cpu_time": round(cpu["trl"] / cpu["gspo"], 3),
+        "gspo_peak_rss_mb": round(rss["gspo"], 1),
+        "trl_peak_rss_mb": round(rss["trl"], 1),
+        "rss_ratio_gspo_over_trl": round(rss["gspo"] / rss["trl"], 3),
+        "threads": a.threads,
+        "mixed_precision": a.mixed_precision,
+        "new_tokens": a.new_tokens,
+        "loadavg": [round(x, 2) for x in loads],
+    }
+    print(
+        f"\n   median step wall: gspo {med['gspo']:.3f}s, TRL {med['trl']:.3f}s -> gspo is "
+        f"{med['trl'] / med['gspo']:.2f}x faster per step (goal >= 2x)"
+    )
     print(f"   median step CPU:  gspo {cpu['gspo']:.3f}s, TRL {cpu['trl']:.3f}s -> {cpu['trl'] / cpu['gspo']:.2f}x")
     print(f"   peak RSS: gspo {rss['gspo']:.0f} MB, TRL {rss['trl']:.0f} MB (goal: gspo no higher)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

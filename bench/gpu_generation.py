@@ -5,6 +5,7 @@
 Prints per-call times of the samplers alone on [rows, vocab] logits, and whole generation times
 (gspo.rollout.generate_rollout vs model.generate(do_sample=True)) at the same shape. Last line: JSON.
 """
+
 import json
 import os
 import sys
@@ -16,13 +17,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
-
 from gspo.engines import generate_rollout  # noqa: E402
 from gspo.sampling import sample_tokens  # noqa: E402
 
-ARCH = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, vocab_size=151936)
-PROMPTS, GROUP, NEW = int(os.environ.get("PROMPTS", 16)), int(os.environ.get("GROUP", 8)), int(os.environ.get("NEW_TOKENS", 256))
+ARCH = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+)
+PROMPTS, GROUP, NEW = (
+    int(os.environ.get("PROMPTS", 16)),
+    int(os.environ.get("GROUP", 8)),
+    int(os.environ.get("NEW_TOKENS", 256)),
+)
 
 
 def timed(fn, reps=3):
@@ -56,8 +66,16 @@ def main():
 
     def hf():
         ids = torch.tensor([r["prompt_ids"] for r in rows], device="cuda").repeat_interleave(GROUP, 0)
-        cfg = GenerationConfig(do_sample=True, max_new_tokens=NEW, min_new_tokens=NEW, top_k=None, top_p=None,
-                               temperature=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            top_k=None,
+            top_p=None,
+            temperature=1.0,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
 

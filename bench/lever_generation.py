@@ -9,6 +9,7 @@
    the same function) against `generate_rollout`: does `generate`'s per-token machinery cost anything?
 Prints one JSON line at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,25 @@ def lean_loop(model, tok, rows, group: int, new_tokens: int, sample) -> float:
     ids, mask = left_pad([r["prompt_ids"] for r in rows], tok.pad_token_id)
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=DynamicCache(),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     for _ in range(new_tokens):
         nxt = sample(out.logits[:, -1].float())
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
 
 
 def main() -> None:
@@ -60,9 +72,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/gspo-bench-models")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
     import gspo.sampling as sampling
     from gspo.engines import generate_rollout
-    from transformers import AutoModelForCausalLM
 
     path, tok, rows = model_setup("small", Path(a.workdir))
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
@@ -77,6 +90,7 @@ def main() -> None:
             out = fn(*args, **kwargs)
             in_sampler[name] += time.process_time() - start
             return out
+
         return wrapper
 
     gen = {"one_level": [], "two_level": [], "lean_loop": []}
@@ -90,11 +104,15 @@ def main() -> None:
         start = time.process_time()
         lean_loop(model, tok, rows, 4, 64, two_level)
         gen["lean_loop"].append(time.process_time() - start)
-    result = {"bench": "lever_generation", "reps": a.reps, "shape": "32 rows x 64 tokens, vocab 32768",
-              "generate_rollout_cpu_s": {k: round(statistics.median(v), 3) for k, v in gen.items() if k != "lean_loop"},
-              "lean_loop_cpu_s": round(statistics.median(gen["lean_loop"]), 3),
-              "sampler_ms_per_step": {k: round(1000 * v / (64 * a.reps), 2) for k, v in in_sampler.items()},
-              "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in gen.items()}}
+    result = {
+        "bench": "lever_generation",
+        "reps": a.reps,
+        "shape": "32 rows x 64 tokens, vocab 32768",
+        "generate_rollout_cpu_s": {k: round(statistics.median(v), 3) for k, v in gen.items() if k != "lean_loop"},
+        "lean_loop_cpu_s": round(statistics.median(gen["lean_loop"]), 3),
+        "sampler_ms_per_step": {k: round(1000 * v / (64 * a.reps), 2) for k, v in in_sampler.items()},
+        "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in gen.items()},
+    }
     print(json.dumps(result))
 
 

@@ -5,6 +5,7 @@
 bf16 / float32 logits, entropy off / on (as a metric), forward only and forward+backward. The figures
 "before" in bench/README.md are this script run at commit e77ed88 (whole-chunk temporaries).
 """
+
 import json
 import time
 

@@ -11,6 +11,7 @@ default), three ways, alternated in one process:
             from the final hidden states, log p and the entropy from one autograd Function.
 Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,18 @@ def main() -> None:
         return torch.cat(out).view(32, 64)
 
     def gspo():
-        return completion_logprobs(model, pids, pmask, cids, cmask, temperature=1.0, chunk_size=1024, with_entropy=True,
-                                   entropy_grad=False, head=HeadMode.CHUNKED)[0]
+        return completion_logprobs(
+            model,
+            pids,
+            pmask,
+            cids,
+            cmask,
+            temperature=1.0,
+            chunk_size=1024,
+            with_entropy=True,
+            entropy_grad=False,
+            head=HeadMode.CHUNKED,
+        )[0]
 
     times = {"raw": [], "before": [], "gspo": []}
     for _ in range(a.reps):
@@ -76,9 +87,17 @@ def main() -> None:
             loss = -((fn() * cmask).sum(1) / 64 * adv).mean()
             loss.backward()
             times[name].append(time.process_time() - start)
-    print(json.dumps({"bench": "lever_logprobs", "reps": a.reps, "shape": "32 x 64 tokens, vocab 32768",
-                      "fwd_bwd_cpu_s": {k: round(statistics.median(v), 3) for k, v in times.items()},
-                      "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}))
+    print(
+        json.dumps(
+            {
+                "bench": "lever_logprobs",
+                "reps": a.reps,
+                "shape": "32 x 64 tokens, vocab 32768",
+                "fwd_bwd_cpu_s": {k: round(statistics.median(v), 3) for k, v in times.items()},
+                "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

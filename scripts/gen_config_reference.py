@@ -6,6 +6,7 @@
 
 tests/test_cli.py checks that the committed file equals `render()`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,13 @@ def _code(text: str) -> str:
 
 def row(f: dataclasses.Field) -> str:
     choices = ", ".join(_code(c) for c in choices_text(f).split(", ")) if choices_text(f) else ""
-    cells = [_code(f.name), _cell(_code(type_name(f.name))), _cell(_code(default_text(f))),
-             _cell(f.metadata.get("help", "")), _cell(choices)]
+    cells = [
+        _code(f.name),
+        _cell(_code(type_name(f.name))),
+        _cell(_code(default_text(f))),
+        _cell(f.metadata.get("help", "")),
+        _cell(choices),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 

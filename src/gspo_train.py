@@ -2,6 +2,7 @@
 
 Also re-exports AutoTokenizer, which the seed's §8.1 example uses without importing it.
 """
+
 from transformers import AutoTokenizer  # noqa: F401  (the seed's example relies on it)
 
 from gspo.config import GSPOConfig

@@ -3,6 +3,7 @@
 No warm start (fast to build); saved once per session with save_pretrained so every test
 exercises the real `from_pretrained` loading path on a local directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,18 @@ def small_config(model_dir: str, output_dir, **overrides):
     """A GSPOConfig sized for CPU tests: 2 prompts x 2 completions, 4 new tokens."""
     from gspo.config import GSPOConfig
 
-    settings = dict(policy_model_name=model_dir, reward_funcs=["exact_answer"], batch_size=2, group_size=2,
-                    max_new_tokens=4, gspo_epochs=1, max_steps=2, learning_rate=1e-3, output_dir=str(output_dir),
-                    progress_bar=False, log_completions_steps=0)
+    settings = dict(
+        policy_model_name=model_dir,
+        reward_funcs=["exact_answer"],
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=4,
+        gspo_epochs=1,
+        max_steps=2,
+        learning_rate=1e-3,
+        output_dir=str(output_dir),
+        progress_bar=False,
+        log_completions_steps=0,
+    )
     settings.update(overrides)
     return GSPOConfig(**settings)

@@ -43,6 +43,7 @@ Scenarios (comma-separated in --scenarios):
                  skip that update; 'nan' is its 1-process twin), fail_rank1, and zero3_rm (a reward model beside the
                  reward function: it must be loaded whole, not partitioned; 'rm' is its twin)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,27 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (12, 7), (5, 5), (9, 0), (23, 41), (6, 8), (70, 3),
-                                     (2, 2), (11, 11), (4, 9), (8, 1), (31, 5), (7, 7), (15, 6), (3, 30)]]
+PROMPTS = [
+    f"{a}+{b}="
+    for a, b in [
+        (1, 2),
+        (3, 4),
+        (12, 7),
+        (5, 5),
+        (9, 0),
+        (23, 41),
+        (6, 8),
+        (70, 3),
+        (2, 2),
+        (11, 11),
+        (4, 9),
+        (8, 1),
+        (31, 5),
+        (7, 7),
+        (15, 6),
+        (3, 30),
+    ]
+]
 STEPS = 3
 
 
@@ -100,9 +120,16 @@ class DeterministicEngine(RolloutEngine):
                 if length < new:
                     ids[length - 1] = eos[0]  # EOS-terminated: `length` tokens count, the rest is padding
                 completions.append(ids)
-        rollout = assemble_rollout(tok, rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                                   completion_ids=torch.tensor(completions, dtype=torch.long), group_size=group_size,
-                                   eos=eos, pad_id=tok.pad_token_id)
+        rollout = assemble_rollout(
+            tok,
+            rows,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=torch.tensor(completions, dtype=torch.long),
+            group_size=group_size,
+            eos=eos,
+            pad_id=tok.pad_token_id,
+        )
         self.local_tokens.append(int(rollout.completion_mask.sum()))
         return rollout
 
@@ -120,10 +147,15 @@ def fails_on_rank1(prompts, completions, **kwargs):
 
 SCENARIOS = {
     "seq_offpolicy": dict(importance_sampling_level="sequence", gspo_epochs=2, num_mini_batches=2),
-    "token_mean": dict(importance_sampling_level="token", loss_aggregation="token-mean", gspo_epochs=2,
-                       gradient_accumulation_steps=2, lr_scheduler_type="linear", warmup_steps=1),
-    "uneven": dict(importance_sampling_level="sequence", batch_size=2, group_size=2, gspo_epochs=1,
-                   num_mini_batches=4),
+    "token_mean": dict(
+        importance_sampling_level="token",
+        loss_aggregation="token-mean",
+        gspo_epochs=2,
+        gradient_accumulation_steps=2,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+    ),
+    "uneven": dict(importance_sampling_level="sequence", batch_size=2, group_size=2, gspo_epochs=1, num_mini_batches=4),
     "fail_rank1": dict(importance_sampling_level="sequence", gspo_epochs=1),
 }
 
@@ -135,31 +167,60 @@ SCENARIOS.update(
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_ckpt=dict(SCENARIOS["seq_offpolicy"], fsdp=True, gradient_checkpointing=True, entropy_chunk_size=5),
-    lora=dict(SCENARIOS["seq_offpolicy"], use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
-              lora_target_modules=["q_proj", "v_proj", "gate_proj"], merge_lora_on_save=True),
-    fsdp_lora=dict(SCENARIOS["seq_offpolicy"], fsdp=True, use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
-                   lora_target_modules=["q_proj", "v_proj", "gate_proj"], merge_lora_on_save=True),
+    lora=dict(
+        SCENARIOS["seq_offpolicy"],
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-2,
+        lora_target_modules=["q_proj", "v_proj", "gate_proj"],
+        merge_lora_on_save=True,
+    ),
+    fsdp_lora=dict(
+        SCENARIOS["seq_offpolicy"],
+        fsdp=True,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-2,
+        lora_target_modules=["q_proj", "v_proj", "gate_proj"],
+        merge_lora_on_save=True,
+    ),
     fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=5, eval_batch_size=2),
 )
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
-SCENARIOS.update(resume=SCENARIOS["seq_offpolicy"], fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
-                 plain_from_ckpt=SCENARIOS["seq_offpolicy"])
+SCENARIOS.update(
+    resume=SCENARIOS["seq_offpolicy"],
+    fsdp_from_plain_ckpt=SCENARIOS["fsdp_offpolicy"],
+    plain_from_ckpt=SCENARIOS["seq_offpolicy"],
+)
 SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"], fsdp_fail_rank1=dict(SCENARIOS["fail_rank1"], fsdp=True))
 # DeepSpeed: launched with `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`;
 # the ZeRO stage comes from the launch, these are the GSPO settings.
 for _zero in ("zero2", "zero3"):
-    SCENARIOS.update({f"{_zero}_offpolicy": SCENARIOS["seq_offpolicy"], f"{_zero}_token": SCENARIOS["token_mean"],
-                      f"{_zero}_resume": SCENARIOS["seq_offpolicy"], f"{_zero}_lora": SCENARIOS["lora"],
-                      f"{_zero}_sampled": dict(SCENARIOS["seq_offpolicy"], eval_steps=1, eval_max_samples=5,
-                                               eval_batch_size=2),
-                      f"{_zero}_nan": dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1),
-                      f"{_zero}_fail_rank1": SCENARIOS["fail_rank1"]})
+    SCENARIOS.update(
+        {
+            f"{_zero}_offpolicy": SCENARIOS["seq_offpolicy"],
+            f"{_zero}_token": SCENARIOS["token_mean"],
+            f"{_zero}_resume": SCENARIOS["seq_offpolicy"],
+            f"{_zero}_lora": SCENARIOS["lora"],
+            f"{_zero}_sampled": dict(SCENARIOS["seq_offpolicy"], eval_steps=1, eval_max_samples=5, eval_batch_size=2),
+            f"{_zero}_nan": dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1),
+            f"{_zero}_fail_rank1": SCENARIOS["fail_rank1"],
+        }
+    )
 SCENARIOS["nan"] = SCENARIOS["zero2_nan"]  # the 1-process twin
 # A reward model (--reward_model, built by the test) next to the digit reward: under ZeRO-3 it must stay whole.
-SCENARIOS["rm"] = SCENARIOS["zero3_rm"] = dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1,
-                                               reward_model_weight=0.5)
-RESUMES = {"resume": "seq_offpolicy", "fsdp_resume": "fsdp_offpolicy", "fsdp_lora_resume": "fsdp_lora",
-           "zero2_resume": "zero2_offpolicy", "zero3_resume": "zero3_offpolicy"}
+SCENARIOS["rm"] = SCENARIOS["zero3_rm"] = dict(
+    SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1, reward_model_weight=0.5
+)
+RESUMES = {
+    "resume": "seq_offpolicy",
+    "fsdp_resume": "fsdp_offpolicy",
+    "fsdp_lora_resume": "fsdp_lora",
+    "zero2_resume": "zero2_offpolicy",
+    "zero3_resume": "zero3_offpolicy",
+}
 SAMPLED = ("fsdp_sampled", "zero2_sampled", "zero3_sampled")
 
 
@@ -167,10 +228,24 @@ def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
     from gspo.config import GSPOConfig
 
     base = SCENARIOS[scenario]
-    settings = dict(policy_model_name=model_dir, batch_size=4, group_size=4, max_new_tokens=4, max_steps=STEPS,
-                    learning_rate=1e-3, seed=7, kl_coef=0.1, adaptive_kl=True, target_kl=0.3, kl_horizon=100,
-                    entropy_coef=0.01, output_dir=str(output_dir), progress_bar=False, log_completions_steps=0,
-                    report_to=["jsonl"])
+    settings = dict(
+        policy_model_name=model_dir,
+        batch_size=4,
+        group_size=4,
+        max_new_tokens=4,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        seed=7,
+        kl_coef=0.1,
+        adaptive_kl=True,
+        target_kl=0.3,
+        kl_horizon=100,
+        entropy_coef=0.01,
+        output_dir=str(output_dir),
+        progress_bar=False,
+        log_completions_steps=0,
+        report_to=["jsonl"],
+    )
     settings.update(base)
     settings.update(overrides)
     return GSPOConfig(**settings)
@@ -183,8 +258,11 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
     engine = None if scenario in SAMPLED else DeterministicEngine(load_tokenizer(model_dir))
 
     def trainer_for(reward_fn=None, **config):
-        return GSPOTrainer(make_config(model_dir, out_dir, scenario, **config), reward_funcs=[reward_fn or reward],
-                           rollout_engine=engine)
+        return GSPOTrainer(
+            make_config(model_dir, out_dir, scenario, **config),
+            reward_funcs=[reward_fn or reward],
+            rollout_engine=engine,
+        )
 
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
@@ -204,13 +282,27 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
     rank = acc.process_index
     params = full_params(trainer.policy.unwrapped())
     torch.save(params, out_dir / f"params_rank{rank}.pt")
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({
-        "world": acc.num_processes, "rank": rank, "distributed_type": str(acc.distributed_type),
-        "backend": trainer.backend.name, "zero_stage": getattr(trainer.backend, "stage", -1),
-        "history": history, "final_kl_coef": trainer.kl_ctl.value, "start_step": history[0]["step"] - 1,
-        "local_tokens": engine.local_tokens if engine is not None else [], **shard_info(trainer.policy.unwrapped()),
-        "ref_sharded": trainer.ref_model is not None and (is_sharded(trainer.ref_model) or any(
-            hasattr(p, "ds_tensor") for p in trainer.ref_model.parameters()))}))
+    (out_dir / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "world": acc.num_processes,
+                "rank": rank,
+                "distributed_type": str(acc.distributed_type),
+                "backend": trainer.backend.name,
+                "zero_stage": getattr(trainer.backend, "stage", -1),
+                "history": history,
+                "final_kl_coef": trainer.kl_ctl.value,
+                "start_step": history[0]["step"] - 1,
+                "local_tokens": engine.local_tokens if engine is not None else [],
+                **shard_info(trainer.policy.unwrapped()),
+                "ref_sharded": trainer.ref_model is not None
+                and (
+                    is_sharded(trainer.ref_model)
+                    or any(hasattr(p, "ds_tensor") for p in trainer.ref_model.parameters())
+                ),
+            }
+        )
+    )
 
 
 def _nan_update_at_step(model, step: int, rank: int) -> None:
@@ -235,8 +327,10 @@ def shard_info(model) -> dict:
     """How many parameter elements this rank stores, against the model's full count."""
     params = list(model.parameters())
     zero3 = any(hasattr(p, "ds_tensor") for p in params)
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p).numel()
-                for p in params)
+    local = sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p).numel()
+        for p in params
+    )
     full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     return {"sharded": is_sharded(model) or zero3, "local_numel": local, "full_numel": full}
 
@@ -255,8 +349,11 @@ def full_params(model) -> dict:
 
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitions
         return _zero3_params(model)
-    state = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model)
-             else model.state_dict())
+    state = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        if is_sharded(model)
+        else model.state_dict()
+    )
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 

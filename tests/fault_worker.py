@@ -11,6 +11,7 @@ SIGKILL / SIGTERM / SIGINT at awkward moments. It prints "STEP <n>" after each s
 reward computation, so a test knows when a step is in progress. `--slow` sleeps inside
 the reward function, which widens the window in which a signal lands mid-step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ PROMPTS = [f"{a}+{b}=" for a in range(1, 9) for b in range(1, 3)]  # 16 prompts 
 def make_model_dir(path) -> str:
     """A freshly initialised tiny Llama + char tokenizer saved to `path` (no warm start: fast)."""
     import torch
+
     from gspo.tasks.tiny_model import build_model, build_tokenizer
 
     torch.manual_seed(0)
@@ -60,10 +62,24 @@ def digit_reward(completions, **kwargs):
 def make_config(output_dir, model_dir, **overrides):
     from gspo.config import GSPOConfig
 
-    kw = dict(policy_model_name=str(model_dir), output_dir=str(output_dir), batch_size=2, group_size=2,
-              max_new_tokens=4, max_prompt_length=16, gspo_epochs=2, num_mini_batches=1, learning_rate=1e-3,
-              kl_coef=0.0, adaptive_kl=False, progress_bar=False, log_completions_steps=0,
-              lr_scheduler_type="constant", num_epochs=1, seed=7)
+    kw = dict(
+        policy_model_name=str(model_dir),
+        output_dir=str(output_dir),
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=4,
+        max_prompt_length=16,
+        gspo_epochs=2,
+        num_mini_batches=1,
+        learning_rate=1e-3,
+        kl_coef=0.0,
+        adaptive_kl=False,
+        progress_bar=False,
+        log_completions_steps=0,
+        lr_scheduler_type="constant",
+        num_epochs=1,
+        seed=7,
+    )
     kw.update(overrides)
     return GSPOConfig(**kw)
 
@@ -82,8 +98,13 @@ def comparable(rows: list[dict]) -> list[dict]:
     """Metric rows without timing keys (and without the run-level bookkeeping a resume may add)."""
     out = []
     for r in rows:
-        out.append({k: v for k, v in r.items()
-                    if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIXES) and not k.startswith("_")})
+        out.append(
+            {
+                k: v
+                for k, v in r.items()
+                if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIXES) and not k.startswith("_")
+            }
+        )
     return out
 
 
@@ -107,12 +128,17 @@ def main(argv=None) -> int:
     ap.add_argument("--adaptive-kl", action="store_true")
     ap.add_argument("--slow", type=float, default=0.0)
     ap.add_argument("--dump-params", default=None)
-    ap.add_argument("--slow-save", type=float, default=0.0,
-                    help="sleep this long inside each checkpoint save (after the files are written, before "
-                         "the fsync, marker and rename), so a test can reliably kill the process mid-save")
+    ap.add_argument(
+        "--slow-save",
+        type=float,
+        default=0.0,
+        help="sleep this long inside each checkpoint save (after the files are written, before "
+        "the fsync, marker and rename), so a test can reliably kill the process mid-save",
+    )
     args = ap.parse_args(argv)
 
     import torch
+
     from gspo.trainer import GSPOTrainer
 
     torch.set_num_threads(1)
@@ -132,8 +158,15 @@ def main(argv=None) -> int:
         extra.update(use_lora=True, lora_target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8)
     if args.adaptive_kl:
         extra.update(kl_coef=0.05, adaptive_kl=True, target_kl=0.001, kl_horizon=100)
-    cfg = make_config(args.output_dir, args.model_dir, max_steps=args.steps, num_epochs=args.epochs,
-                      save_steps=args.save_steps, resume_from_checkpoint=args.resume, **extra)
+    cfg = make_config(
+        args.output_dir,
+        args.model_dir,
+        max_steps=args.steps,
+        num_epochs=args.epochs,
+        save_steps=args.save_steps,
+        resume_from_checkpoint=args.resume,
+        **extra,
+    )
 
     def reward(completions, **kw):
         out = digit_reward(completions, **kw)

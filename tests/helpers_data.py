@@ -1,5 +1,6 @@
 """Local, offline fixtures for the data and reward tests: a character-level tokenizer
 and a tiny one-label reward model, built from scratch (no hub downloads)."""
+
 from __future__ import annotations
 
 import string
@@ -40,9 +41,16 @@ def save_tiny_reward_model(path, num_labels: int = 1, seed: int = 0) -> str:
 
     tok = char_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-        num_labels=num_labels, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(seed)

@@ -1,10 +1,11 @@
 """Shared by the gspo.core tests: random batches with padding garbage, the loop oracles by level, tolerances."""
+
 from __future__ import annotations
 
 import torch
+from oracles import gspo_loss_loop, gspo_token_loss_loop, token_loss_loop
 
 from gspo.core import policy_loss
-from oracles import gspo_loss_loop, gspo_token_loss_loop, token_loss_loop
 
 F64 = torch.float64
 LEVELS = ("sequence", "sequence_token", "token")
@@ -14,8 +15,9 @@ LEVEL_AGGS = [("sequence", None), ("sequence_token", None)] + [("token", a) for 
 
 
 def close(actual, expected, atol=1e-12, rtol=0.0):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=F64),
-                               torch.as_tensor(expected, dtype=F64), atol=atol, rtol=rtol)
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64), atol=atol, rtol=rtol
+    )
 
 
 def random_batch(seed, n=6, t=7, scale=0.05, min_len=1, dtype=F64):
@@ -29,7 +31,7 @@ def random_batch(seed, n=6, t=7, scale=0.05, min_len=1, dtype=F64):
     lengths = torch.randint(min_len, t + 1, (n,), generator=g)
     lengths[0] = t  # at least one full row
     lengths[-1] = min_len  # at least one short row
-    mask = (torch.arange(t)[None, :] < lengths[:, None])
+    mask = torch.arange(t)[None, :] < lengths[:, None]
     logprobs = torch.where(mask, logprobs, torch.full_like(logprobs, 7.0))
     old = torch.where(mask, old, torch.full_like(old, -30.0))
     adv = torch.randn(n, generator=g, dtype=dtype)

@@ -5,6 +5,7 @@ straight from the equations of DESIGN.md §2 (GSPO paper Eq. 5, 6, 7, 13, 14), s
 vectorisation mistake in gspo.core cannot hide in the oracle too. They operate on torch
 0-d tensors so that torch.autograd.grad works through them.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ def group_advantages_loop(rewards, group_size, normalize, eps=1e-8):
     rewards = [float(r) for r in rewards]
     out = []
     for g in range(0, len(rewards), group_size):
-        grp = rewards[g:g + group_size]
+        grp = rewards[g : g + group_size]
         if all(r == grp[0] for r in grp):
             out.extend([0.0] * len(grp))
             continue
@@ -86,8 +87,9 @@ def gspo_token_loss_loop(logprobs, old_logprobs, advantages, mask, clip_low, cli
     return total / (num_sequences if num_sequences is not None else n)
 
 
-def token_loss_loop(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, aggregation,
-                    num_sequences=None, num_tokens=None):
+def token_loss_loop(
+    logprobs, old_logprobs, advantages, mask, clip_low, clip_high, aggregation, num_sequences=None, num_tokens=None
+):
     """GRPO token level: r_it = pi/pi_old per token, sequence advantage on each token."""
     n, t = logprobs.shape
     per_seq = []

@@ -1,12 +1,13 @@
 """The back-end seam in one process: selection, head modes, and the one skip rule of TrainedModel.step."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from conftest import small_config
+
 from gspo.backends import HeadMode, make_accelerator, select_backend
 from gspo.backends.data_parallel import DataParallelBackend
 

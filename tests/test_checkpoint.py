@@ -1,4 +1,5 @@
 """Tests for gspo.checkpoint: atomic saves, exact resume, pruning, crash safety, final export."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,18 @@ def make_tokenizer():
 
 def make_model(seed=0, tie=False, hidden=32, layers=2):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -182,7 +192,8 @@ _CHILD = textwrap.dedent("""
     opt, sched = make_optim(model)
     train_step(model, opt, sched)  # non-empty optimizer state; then the loop is all saving
     for step in range(1, 10_000):
-        ckpt.save_checkpoint({out!r}, step, model, tokenizer=tok, optimizer=opt, scheduler=sched, trainer_state={{"step": step}}, save_total_limit=3)
+        ckpt.save_checkpoint({out!r}, step, model, tokenizer=tok, optimizer=opt, scheduler=sched,
+                             trainer_state={{"step": step}}, save_total_limit=3)
         print(step, flush=True)
 """)
 
@@ -200,8 +211,7 @@ def _wait_for_temp_dir(out, child, timeout=60.0):
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     code = _CHILD.format(tests=os.path.dirname(__file__), out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         first = child.stdout.readline()  # one checkpoint finished
         assert first.strip() == "1", f"child failed before its first checkpoint (rc={child.poll()})"
@@ -263,7 +273,9 @@ def test_peft_adapter_round_trip(tmp_path):
     model = _lora(make_model(seed=0))
     opt, sched = make_optim(model)
     train_step(model, opt, sched)  # lora_B starts at zero; one step makes it non-trivial
-    path = ckpt.save_checkpoint(tmp_path, 4, model, tokenizer=make_tokenizer(), optimizer=opt, scheduler=sched, trainer_state={"k": 1})
+    path = ckpt.save_checkpoint(
+        tmp_path, 4, model, tokenizer=make_tokenizer(), optimizer=opt, scheduler=sched, trainer_state={"k": 1}
+    )
     assert (path / "adapter_model.safetensors").is_file() and not (path / "model.safetensors").exists()
 
     fresh = _lora(make_model(seed=0))  # same base weights, fresh adapters

@@ -1,5 +1,6 @@
 """The `gspo` command: help text, flag parsing, precedence, errors, the generated docs,
 and an end-to-end `gspo train` / `gspo eval` on a tiny model in a subprocess."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,7 +54,7 @@ def test_train_help_shows_choices_and_defaults(capsys):
     text = flat(out)
     assert "--group_size INT" in text
     assert "Choices: sequence, sequence_token, token." in text
-    assert "Default: 4." in text                      # group_size
+    assert "Default: 4." in text  # group_size
     assert "Choices: none, seq-mean-token-mean" in text  # loss_aggregation accepts None
 
 
@@ -126,9 +127,24 @@ def test_config_flag_overrides_yaml(capsys, tmp_path):
 def test_config_parses_every_kind_of_flag(capsys):
     import yaml
 
-    code, out, _ = run_cli(["config", "--clip_range", "3e-4", "--reward_funcs", "exact_answer,length_penalty",
-                            "--reward_weights", "[1, 0.1]", "--adaptive_kl", "no", "--save_total_limit", "none",
-                            "--report_to", "jsonl,tensorboard"], capsys)
+    code, out, _ = run_cli(
+        [
+            "config",
+            "--clip_range",
+            "3e-4",
+            "--reward_funcs",
+            "exact_answer,length_penalty",
+            "--reward_weights",
+            "[1, 0.1]",
+            "--adaptive_kl",
+            "no",
+            "--save_total_limit",
+            "none",
+            "--report_to",
+            "jsonl,tensorboard",
+        ],
+        capsys,
+    )
     assert code == 0
     cfg = yaml.safe_load(out)
     assert cfg["clip_range"] == 3e-4 and cfg["adaptive_kl"] is False and cfg["save_total_limit"] is None
@@ -144,8 +160,9 @@ def test_config_of_each_example(capsys, monkeypatch):
 
 
 def test_python_dash_m_gspo():
-    proc = subprocess.run([sys.executable, "-m", "gspo", "config", "--group_size", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gspo", "config", "--group_size", "8"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "group_size: 8" in proc.stdout.splitlines()
 
@@ -179,8 +196,19 @@ def test_eval_needs_a_dataset(capsys):
 def test_eval_config_takes_the_model_and_sample_count():
     from gspo.cli import build_parser, eval_config
 
-    args = build_parser().parse_args(["eval", "--model", "builtin:tiny-arithmetic", "--max_samples", "7",
-                                      "--reward_funcs", "exact_answer", "--kl_coef", "0.5"])
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--model",
+            "builtin:tiny-arithmetic",
+            "--max_samples",
+            "7",
+            "--reward_funcs",
+            "exact_answer",
+            "--kl_coef",
+            "0.5",
+        ]
+    )
     cfg = eval_config(args)  # gspo eval builds no trainer: kl_coef is irrelevant to it (no reference model)
     assert cfg.eval_max_samples == 7 and cfg.policy_model_name == "builtin:tiny-arithmetic"
     assert cfg.reward_funcs == ["exact_answer"]
@@ -216,7 +244,8 @@ def _have(module: str) -> bool:
 
 needs_pipeline = pytest.mark.skipif(
     not all(_have(m) for m in ("gspo.data", "gspo.rewards", "gspo.tasks.tiny_model")),
-    reason="needs gspo.data, gspo.rewards and gspo.tasks.tiny_model")
+    reason="needs gspo.data, gspo.rewards and gspo.tasks.tiny_model",
+)
 
 
 @pytest.fixture(scope="module")
@@ -236,37 +265,74 @@ def prompts_file(tmp_path) -> Path:
 
 def _gspo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "gspo", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gspo", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
 
 
 @pytest.mark.slow
 @needs_pipeline
 def test_train_and_eval_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     out_dir = tmp_path / "run"
-    proc = _gspo("train", "--policy_model_name", str(tiny_model_dir), "--dataset_path", str(prompts_file),
-                 "--reward_funcs", "exact_answer", "--batch_size", "2", "--group_size", "2", "--max_steps", "2",
-                 "--max_new_tokens", "4", "--gspo_epochs", "1", "--output_dir", str(out_dir),
-                 "--progress_bar", "false", cwd=tmp_path)
+    proc = _gspo(
+        "train",
+        "--policy_model_name",
+        str(tiny_model_dir),
+        "--dataset_path",
+        str(prompts_file),
+        "--reward_funcs",
+        "exact_answer",
+        "--batch_size",
+        "2",
+        "--group_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--gspo_epochs",
+        "1",
+        "--output_dir",
+        str(out_dir),
+        "--progress_bar",
+        "false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(out_dir)  # the final model loads
 
     metrics_path = tmp_path / "eval.json"
-    proc = _gspo("eval", "--model", str(out_dir), "--dataset", str(prompts_file), "--reward_funcs", "exact_answer",
-                 "--max_new_tokens", "4", "--max_samples", "3", "--out", str(metrics_path), cwd=tmp_path)
+    proc = _gspo(
+        "eval",
+        "--model",
+        str(out_dir),
+        "--dataset",
+        str(prompts_file),
+        "--reward_funcs",
+        "exact_answer",
+        "--max_new_tokens",
+        "4",
+        "--max_samples",
+        "3",
+        "--out",
+        str(metrics_path),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(metrics_path.read_text())
     assert json.loads(proc.stdout) == metrics
     from gspo.config import GSPOConfig
     from gspo.evaluate import evaluate_model  # tests/test_evaluate.py checks it against a plain decode loop
 
-    cfg = GSPOConfig(policy_model_name=str(out_dir), reward_funcs=["exact_answer"], max_new_tokens=4,
-                     eval_max_samples=3)
+    cfg = GSPOConfig(
+        policy_model_name=str(out_dir), reward_funcs=["exact_answer"], max_new_tokens=4, eval_max_samples=3
+    )
     assert metrics == evaluate_model(cfg, str(prompts_file)) and metrics["eval/num_samples"] == 3.0
 
 
@@ -280,9 +346,26 @@ def test_train_user_error_is_one_line(case, tiny_model_dir, prompts_file, tmp_pa
         Path(dataset).write_text('{"question": "1+1="}\n')  # no "prompt" column
     else:
         reward = str(tmp_path / "missing_reward.py") + ":score"
-    code, _, err = run_cli(["train", "--policy_model_name", str(tiny_model_dir), "--dataset_path", dataset,
-                            "--reward_funcs", reward, "--batch_size", "2", "--group_size", "2", "--max_steps", "1",
-                            "--output_dir", str(tmp_path / "run")], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--policy_model_name",
+            str(tiny_model_dir),
+            "--dataset_path",
+            dataset,
+            "--reward_funcs",
+            reward,
+            "--batch_size",
+            "2",
+            "--group_size",
+            "2",
+            "--max_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("gspo: error:") and "Traceback" not in err
     assert ("prompt" if case == "data" else "missing_reward.py") in err

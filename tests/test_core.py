@@ -5,6 +5,7 @@ and the slow loop oracles in tests/oracles.py. The policy loss itself: tests/tes
 Tolerances are tight on purpose: float64 comparisons use atol=1e-12 where the computation
 is the same up to rounding, and 1e-7 against hand values written to 8 digits.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,6 +13,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import (
+    group_advantages_loop,
+    k3_loop,
+)
 
 from gspo import core
 from gspo.core import (
@@ -24,10 +29,6 @@ from gspo.core import (
     logprobs_and_entropy,
     masked_mean,
     policy_loss,
-)
-from oracles import (
-    group_advantages_loop,
-    k3_loop,
 )
 from loss_cases import AGGS, F64, LEVEL_AGGS, close, loss_and_grad, random_batch
 
@@ -59,12 +60,15 @@ def test_group_advantages_integer_rewards():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("values,dtype", [
-    ([0.1] * 7, torch.float32),  # float32 mean of seven 0.1 is off by 7e-9, std 8e-9
-    ([0.9] * 3, torch.float32),  # float32 mean off by 6e-8
-    ([0.1] * 3, F64),  # float64 mean 0.10000000000000002
-    ([5.0] * 4, torch.float32),
-])
+@pytest.mark.parametrize(
+    "values,dtype",
+    [
+        ([0.1] * 7, torch.float32),  # float32 mean of seven 0.1 is off by 7e-9, std 8e-9
+        ([0.9] * 3, torch.float32),  # float32 mean off by 6e-8
+        ([0.1] * 3, F64),  # float64 mean 0.10000000000000002
+        ([5.0] * 4, torch.float32),
+    ],
+)
 def test_group_advantages_equal_rewards_exactly_zero(values, dtype, normalize):
     r = torch.tensor(values, dtype=dtype)
     assert (r - r.mean() != 0).any() or values[0] == 5.0  # the naive formula would not be 0
@@ -72,7 +76,7 @@ def test_group_advantages_equal_rewards_exactly_zero(values, dtype, normalize):
     adv = group_advantages(torch.cat([r, other]), len(values), normalize=normalize)
     assert torch.isfinite(adv).all()
     assert (adv[: len(values)] == 0).all()  # exactly zero, not ~1e-8 or ~1 (1e-8 / 8e-9)
-    assert (adv[len(values):] != 0).any()
+    assert (adv[len(values) :] != 0).any()
     assert core.zero_std_groups(torch.cat([r, other]), len(values)).tolist() == [True, False]
 
 
@@ -94,7 +98,7 @@ def test_group_advantages_matches_loop_oracle(seed, normalize):
     group = 2 + seed * 3  # 2, 5, 8
     rewards = torch.randn(group * 5, generator=g)
     rewards[:group] = 0.25  # one zero-variance group
-    rewards[group:2 * group] = torch.randint(0, 2, (group,), generator=g).float()  # binary rewards
+    rewards[group : 2 * group] = torch.randint(0, 2, (group,), generator=g).float()  # binary rewards
     expected = group_advantages_loop(rewards.tolist(), group, normalize)
     close(group_advantages(rewards, group, normalize), expected, atol=2e-6, rtol=1e-6)
 

@@ -5,6 +5,7 @@ tests/oracles.py; on-policy behaviour and micro-batch invariance.
 Tolerances are tight on purpose: float64 comparisons use atol=1e-12 where the computation
 is the same up to rounding, and 1e-7 against hand values written to 8 digits.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,6 @@ from gspo.core import (
     policy_loss,
 )
 from loss_cases import AGGS, F64, LEVEL_AGGS, LEVELS, close, loss_and_grad, oracle_and_grad, random_batch
-
 
 # ==================================================================================
 # 2. GSPO, level "sequence" (Eq. 5, 7)
@@ -128,8 +128,9 @@ def test_float32_matches_float64_oracle(level, agg, clip):
     lp, old, adv, mask = random_batch(21, scale=0.02)
     e_loss, e_grad = oracle_and_grad(level, agg, lp, old, adv, mask, *clip)
     lp32 = lp.detach().float().requires_grad_()
-    loss, grad, _ = loss_and_grad(lp32, old.float(), adv.float(), mask, level=level, aggregation=agg,
-                                  clip_low=clip[0], clip_high=clip[1])
+    loss, grad, _ = loss_and_grad(
+        lp32, old.float(), adv.float(), mask, level=level, aggregation=agg, clip_low=clip[0], clip_high=clip[1]
+    )
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
     close(loss, e_loss, atol=1e-6)
     close(grad, e_grad, atol=1e-6)
@@ -208,8 +209,9 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(seed, expanded, clip):
     lp, old, adv, mask = random_batch(seed, scale=0.02)
     l_seq, g_seq, m_seq = loss_and_grad(lp, old, adv, mask, level="sequence", clip_low=clip[0], clip_high=clip[1])
     adv_tok = adv[:, None].expand_as(lp) if expanded else adv
-    l_tok, g_tok, m_tok = loss_and_grad(lp, old, adv_tok, mask, level="sequence_token",
-                                        clip_low=clip[0], clip_high=clip[1])
+    l_tok, g_tok, m_tok = loss_and_grad(
+        lp, old, adv_tok, mask, level="sequence_token", clip_low=clip[0], clip_high=clip[1]
+    )
     close(l_tok, l_seq)
     close(g_tok, g_seq)
     for k in m_seq:
@@ -364,8 +366,11 @@ def test_on_policy_token_level_gradient_per_aggregation(agg):
     lp, _, adv, mask = random_batch(8)
     loss, grad, _ = loss_and_grad(lp, lp.detach(), adv, mask, level="token", aggregation=agg)
     n, lengths, total = lp.shape[0], mask.sum(1, keepdim=True).to(F64), mask.sum().to(F64)
-    w = {"seq-mean-token-mean": 1 / (n * lengths), "token-mean": 1 / total + 0 * lengths,
-         "seq-mean-token-sum": torch.full_like(lengths, 1 / n)}[agg]
+    w = {
+        "seq-mean-token-mean": 1 / (n * lengths),
+        "token-mean": 1 / total + 0 * lengths,
+        "seq-mean-token-sum": torch.full_like(lengths, 1 / n),
+    }[agg]
     close(grad, -adv[:, None] * w * mask)
     close(loss, (-adv[:, None] * w * mask).sum())
 
@@ -393,8 +398,10 @@ def test_micro_batches_sum_to_whole_batch(level, agg, n_micro, clip):
     close(summed.detach(), whole)
     close(g_sum, g_whole)
     # without the denominators, token-mean / seq-mean micro-batches would NOT add up (sanity of the test)
-    naive = sum(policy_loss(lp[s:s + size], old[s:s + size], adv[s:s + size], mask[s:s + size], **kw)[0]
-                for s in range(0, n, size))
+    naive = sum(
+        policy_loss(lp[s : s + size], old[s : s + size], adv[s : s + size], mask[s : s + size], **kw)[0]
+        for s in range(0, n, size)
+    )
     assert abs(naive.item() - whole.item()) > 1e-6
 
 
@@ -404,8 +411,10 @@ def test_kl_penalty_micro_batches(estimator):
     whole = kl_penalty(lp, ref, mask, estimator)
     (g_whole,) = torch.autograd.grad(whole, lp)
     total_tokens = int(mask.sum())
-    summed = sum(kl_penalty(lp[s:s + 2], ref[s:s + 2], mask[s:s + 2], estimator, num_tokens=total_tokens)
-                 for s in range(0, 8, 2))
+    summed = sum(
+        kl_penalty(lp[s : s + 2], ref[s : s + 2], mask[s : s + 2], estimator, num_tokens=total_tokens)
+        for s in range(0, 8, 2)
+    )
     (g_sum,) = torch.autograd.grad(summed, lp)
     close(summed.detach(), whole.detach())
     close(g_sum, g_whole)

@@ -1,4 +1,5 @@
 """gspo.data: loading every file format, validation errors, formatting, truncation."""
+
 from __future__ import annotations
 
 import json

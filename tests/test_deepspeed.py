@@ -7,6 +7,7 @@ independent). What is compared: final parameters (2-process vs 1-process), per-s
 from DeepSpeed's own checkpoint files, a non-finite loss skipped on every rank, LoRA, and a run
 with real sampling, evaluation and export under ZeRO-3's partitioned weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 
-from test_distributed import BIN, HERE, METRIC_ATOL, PARAM_ATOL, STEPS, WORKER, _env, _finish, _free_port  # noqa: E402
 from helpers_data import save_tiny_reward_model  # noqa: E402
+from test_distributed import BIN, HERE, METRIC_ATOL, PARAM_ATOL, STEPS, WORKER, _env, _finish, _free_port  # noqa: E402
 
 TWINS = {"offpolicy": "seq_offpolicy", "token": "token_mean", "nan": "nan", "lora": "lora"}
 EXTRA = ["resume", "sampled"]
@@ -32,9 +33,25 @@ STAGES = ("zero2", "zero3")
 def _launch(stage: str, model_dir: Path, out: Path, scenarios: list, reward_model: str = "") -> subprocess.Popen:
     port = _free_port()
     config = HERE.parent / "examples" / "accelerate" / f"deepspeed_{stage}.yaml"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
-           "--main_process_port", str(port), WORKER, "--model_dir", str(model_dir), "--out", str(out),
-           "--scenarios", ",".join(scenarios), "--reward_model", reward_model]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        WORKER,
+        "--model_dir",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--scenarios",
+        ",".join(scenarios),
+        "--reward_model",
+        reward_model,
+    ]
     return subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -42,12 +59,32 @@ def _launch(stage: str, model_dir: Path, out: Path, scenarios: list, reward_mode
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     model_dir = root / "model"
-    subprocess.run([sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)], check=True,
-                   env=_env(0), capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)],
+        check=True,
+        env=_env(0),
+        capture_output=True,
+        timeout=300,
+    )
     reward_model = save_tiny_reward_model(root / "rm")
-    one = subprocess.Popen([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"),
-                            "--scenarios", ",".join(list(TWINS.values()) + ["rm"]), "--reward_model", reward_model],
-                           env=_env(0), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = subprocess.Popen(
+        [
+            sys.executable,
+            WORKER,
+            "--model_dir",
+            str(model_dir),
+            "--out",
+            str(root / "one"),
+            "--scenarios",
+            ",".join(list(TWINS.values()) + ["rm"]),
+            "--reward_model",
+            reward_model,
+        ],
+        env=_env(0),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     results = []
     for stage in STAGES:  # one 2-process launch at a time: two cores
         scenarios = [f"{stage}_{s}" for s in list(TWINS) + EXTRA] + (["zero3_rm"] if stage == "zero3" else [])
@@ -102,10 +139,20 @@ def test_zero_matches_one_process(runs, stage, scenario):
     assert _max_diff(one, init) > 1e-3 and diff < PARAM_ATOL
     h1, h2 = _rank(runs["one"], twin, 0)["history"], _rank(runs["two"], name, 0)["history"]
     assert [m["step"] for m in h2] == list(range(1, STEPS + 1))
-    skipped_at = {m["step"] for i, m in enumerate(h1) if m["skipped_updates"] > (h1[i - 1]["skipped_updates"] if i else 0)}
+    skipped_at = {
+        m["step"] for i, m in enumerate(h1) if m["skipped_updates"] > (h1[i - 1]["skipped_updates"] if i else 0)
+    }
     for a, b in zip(h1, h2):
-        for k in ("loss", "kl_divergence", "grad_norm", "clip_fraction_seq", "kl_coef", "learning_rate",
-                  "skipped_updates", "entropy"):
+        for k in (
+            "loss",
+            "kl_divergence",
+            "grad_norm",
+            "clip_fraction_seq",
+            "kl_coef",
+            "learning_rate",
+            "skipped_updates",
+            "entropy",
+        ):
             if k == "grad_norm" and a["step"] in skipped_at:
                 continue  # 1 process reports the (finite) norm it refused; DeepSpeed saw the poisoned one
             assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL, nan_ok=True), (a["step"], k)
@@ -136,6 +183,7 @@ def test_zero_resume_is_bit_identical_and_checkpoint_is_complete(runs, stage):
     assert not list(out.glob(".tmp-*"))  # the staging dir was renamed, nothing left behind
     # Its full weights load like any checkpoint's.
     from safetensors.torch import load_file
+
     assert set(load_file(str(ckpt / "model.safetensors"))) >= {k for k in straight if "lm_head" not in k}
 
 
@@ -212,15 +260,26 @@ def _fake_accelerator(ds: dict, world: int = 2):
     from accelerate.utils import DistributedType
 
     plugin = SimpleNamespace(deepspeed_config=ds)
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=world, is_main_process=True,
-                           state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        num_processes=world,
+        is_main_process=True,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
 
 
 def _config(**kw):
     from gspo.config import GSPOConfig
 
-    base = dict(policy_model_name="m", reward_funcs=["exact_answer"], batch_size=8, group_size=4, num_mini_batches=2,
-                gradient_accumulation_steps=2, max_grad_norm=0.5)
+    base = dict(
+        policy_model_name="m",
+        reward_funcs=["exact_answer"],
+        batch_size=8,
+        group_size=4,
+        num_mini_batches=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+    )
     return GSPOConfig(**{**base, **kw})
 
 
@@ -236,12 +295,18 @@ def test_configure_fills_geometry_and_clipping():
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-@pytest.mark.parametrize("ds, message", [
-    ({"zero_optimization": {"stage": 0}}, "stage=0: allowed 1, 2 or 3"),
-    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "fp16 is not supported"),
-    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "'optimizer' section"),
-    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, r"gradient_clipping=1.0 but GSPOConfig.max_grad_norm=0.5"),
-])
+@pytest.mark.parametrize(
+    "ds, message",
+    [
+        ({"zero_optimization": {"stage": 0}}, "stage=0: allowed 1, 2 or 3"),
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "fp16 is not supported"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "'optimizer' section"),
+        (
+            {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+            r"gradient_clipping=1.0 but GSPOConfig.max_grad_norm=0.5",
+        ),
+    ],
+)
 def test_configure_refuses_what_gspo_cannot_honour(ds, message):
     from gspo.backends import deepspeed as ds_backend
     from gspo.config import ConfigError

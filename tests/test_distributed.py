@@ -27,6 +27,7 @@ The 1-process run is plain `python`; the 2-process equivalence runs use `torchru
 run `accelerate launch --multi_gpu` (torchrun workers; on a machine without GPUs the trainer
 selects gloo), so both launchers are covered.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
 BIN = Path(sys.executable).parent
 EQUIV = ["seq_offpolicy", "token_mean", "uneven"]
-FSDP = {"fsdp_offpolicy": "seq_offpolicy", "fsdp_token": "token_mean",  # 2-process FSDP2 run -> 1-process twin
-        "fsdp_ckpt": "seq_offpolicy"}
+FSDP = {
+    "fsdp_offpolicy": "seq_offpolicy",
+    "fsdp_token": "token_mean",  # 2-process FSDP2 run -> 1-process twin
+    "fsdp_ckpt": "seq_offpolicy",
+}
 BF16 = {"bf16_offpolicy": "bf16_offpolicy", "fsdp_bf16": "bf16_offpolicy"}  # DDP / FSDP2 under bf16 autocast
 FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume"]
 STEPS = 3
@@ -55,8 +59,14 @@ LOCAL_TIMINGS = ("step_time_s", "tokens_per_s")  # wall-clock figures: per rank,
 
 
 def _env(port: int) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MASTER_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     env.pop("LOCAL_RANK", None)
@@ -74,10 +84,10 @@ def _free_port() -> int:
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as timed_out:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError(f"launch timed out after {timeout}s (a hang?):\n{out[-4000:]}")
+        raise AssertionError(f"launch timed out after {timeout}s (a hang?):\n{out[-4000:]}") from timed_out
     return proc.returncode, out
 
 
@@ -86,25 +96,75 @@ def runs(tmp_path_factory):
     """Launch the 1-process and the 2-process runs side by side; return their output roots."""
     root = tmp_path_factory.mktemp("dist")
     model_dir = root / "model"
-    subprocess.run([sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)], check=True,
-                   env=_env(0), capture_output=True, timeout=300)
-    one = subprocess.Popen([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"),
-                            "--scenarios", ",".join(EQUIV + ["lora", "bf16_offpolicy"])], env=_env(0),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    subprocess.run(
+        [sys.executable, WORKER, "--build_model", "--model_dir", str(model_dir)],
+        check=True,
+        env=_env(0),
+        capture_output=True,
+        timeout=300,
+    )
+    one = subprocess.Popen(
+        [
+            sys.executable,
+            WORKER,
+            "--model_dir",
+            str(model_dir),
+            "--out",
+            str(root / "one"),
+            "--scenarios",
+            ",".join(EQUIV + ["lora", "bf16_offpolicy"]),
+        ],
+        env=_env(0),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     port = _free_port()
-    two = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                            "--master_port", str(port), WORKER, "--model_dir", str(model_dir),
-                            "--out", str(root / "two"),
-                            "--scenarios", ",".join(EQUIV + ["resume"] + list(FSDP) + FSDP_EXTRA + list(BF16))],
-                           env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    two = subprocess.Popen(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            WORKER,
+            "--model_dir",
+            str(model_dir),
+            "--out",
+            str(root / "two"),
+            "--scenarios",
+            ",".join(EQUIV + ["resume"] + list(FSDP) + FSDP_EXTRA + list(BF16)),
+        ],
+        env=_env(port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rc1, out1 = _finish(one, 600)
     rc2, out2 = _finish(two, 600)
     assert rc1 == 0, out1[-6000:]
     assert rc2 == 0, out2[-6000:]
     # One process resuming from the 2-process FSDP run's step-2 checkpoint (optimizer state by name).
-    subprocess.run([sys.executable, WORKER, "--model_dir", str(model_dir), "--out", str(root / "one"), "--scenarios",
-                    "plain_from_ckpt", "--resume_from", str(root / "two" / "fsdp_resume" / "checkpoint-2")],
-                   check=True, env=_env(0), capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            WORKER,
+            "--model_dir",
+            str(model_dir),
+            "--out",
+            str(root / "one"),
+            "--scenarios",
+            "plain_from_ckpt",
+            "--resume_from",
+            str(root / "two" / "fsdp_resume" / "checkpoint-2"),
+        ],
+        check=True,
+        env=_env(0),
+        capture_output=True,
+        timeout=300,
+    )
     return {"one": root / "one", "two": root / "two", "model_dir": model_dir, "root": root}
 
 
@@ -174,9 +234,20 @@ def test_logged_metrics_match_one_process_and_agree_across_ranks(runs, scenario)
     local = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and k not in LOCAL_TIMINGS}  # noqa: E731
     assert [local(m) for m in h2[0]] == [local(m) for m in h2[1]]  # reduced: every rank holds the same numbers
     assert [m["step"] for m in h1] == [m["step"] for m in h2[0]] == list(range(1, STEPS + 1))
-    keys = ("raw_reward_mean", "raw_reward_std", "kl_divergence", "policy_loss", "entropy", "loss",
-            "clip_fraction_seq", "clip_fraction_token", "ratio_mean", "completion_length_mean", "grad_norm",
-            "frac_reward_zero_std")
+    keys = (
+        "raw_reward_mean",
+        "raw_reward_std",
+        "kl_divergence",
+        "policy_loss",
+        "entropy",
+        "loss",
+        "clip_fraction_seq",
+        "clip_fraction_token",
+        "ratio_mean",
+        "completion_length_mean",
+        "grad_norm",
+        "frac_reward_zero_std",
+    )
     for a, b in zip(h1, h2[0]):
         for k in keys:
             assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL), (a["step"], k)
@@ -215,9 +286,28 @@ def test_error_on_one_rank_stops_the_whole_run(runs, scenario):
     port = _free_port()
     # `accelerate launch --cpu` starts ONE process (multi-CPU there means mpirun); `--multi_gpu` starts
     # torchrun workers, which the trainer puts on gloo when the machine has no GPU.
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), WORKER,
-           "--model_dir", str(runs["model_dir"]), "--out", str(runs["root"] / "fail"), "--scenarios", scenario]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        WORKER,
+        "--model_dir",
+        str(runs["model_dir"]),
+        "--out",
+        str(runs["root"] / "fail"),
+        "--scenarios",
+        scenario,
+    ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rc, out = _finish(proc, 300)
@@ -301,11 +391,26 @@ def test_accelerate_launch_with_the_fsdp_example_config_shards_and_matches(runs)
     here (it falls back to DDP), so the trainer shards with FSDP2 itself; the result is the 1-process one."""
     port = _free_port()
     config = HERE.parent / "examples" / "accelerate" / "fsdp.yaml"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
-           "--main_process_port", str(port), WORKER, "--model_dir", str(runs["model_dir"]),
-           "--out", str(runs["root"] / "acc"), "--scenarios", "accelerate_fsdp"]
-    rc, out = _finish(subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True), 300)
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        WORKER,
+        "--model_dir",
+        str(runs["model_dir"]),
+        "--out",
+        str(runs["root"] / "acc"),
+        "--scenarios",
+        "accelerate_fsdp",
+    ]
+    rc, out = _finish(
+        subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), 300
+    )
     assert rc == 0, out[-4000:]
     infos = [_rank(runs["root"] / "acc", "accelerate_fsdp", r) for r in (0, 1)]
     assert all(i["world"] == 2 and i["sharded"] for i in infos)

@@ -1,11 +1,12 @@
 """The one evaluation function (gspo.evaluate) and the reward scorer, through their seams."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from conftest import small_config
 from gspo.engines import RolloutEngine
 from gspo.evaluate import evaluate, evaluate_model
 from gspo.models import load_tokenizer
@@ -28,11 +29,17 @@ class FixedEngine(RolloutEngine):
         self.calls.append([r["i"] for r in rows])
         width = max(self.lengths[r["i"]] for r in rows)
         mask = torch.tensor([[1] * self.lengths[r["i"]] + [0] * (width - self.lengths[r["i"]]) for r in rows])
-        return Rollout(prompt_ids=torch.zeros(len(rows), 1, dtype=torch.long), prompt_mask=torch.ones(len(rows), 1),
-                       completion_ids=torch.zeros_like(mask), completion_mask=mask,
-                       truncated=torch.zeros(len(rows), dtype=torch.bool), group_size=1,
-                       prompts=[r["prompt"] for r in rows], completions=["x" * self.lengths[r["i"]] for r in rows],
-                       extra={"i": [r["i"] for r in rows]})
+        return Rollout(
+            prompt_ids=torch.zeros(len(rows), 1, dtype=torch.long),
+            prompt_mask=torch.ones(len(rows), 1),
+            completion_ids=torch.zeros_like(mask),
+            completion_mask=mask,
+            truncated=torch.zeros(len(rows), dtype=torch.bool),
+            group_size=1,
+            prompts=[r["prompt"] for r in rows],
+            completions=["x" * self.lengths[r["i"]] for r in rows],
+            extra={"i": [r["i"] for r in rows]},
+        )
 
 
 def quarter_length(completions, **kwargs):
@@ -48,26 +55,56 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
     scorer = RewardScorer([RewardFunction("quarter_length", quarter_length)])
     engine = FixedEngine(lengths)
     # max_samples=6 drops row 6; world 2: rank 1 holds rows 1, 3, 5, in batches of 2: [1, 3], [5]
-    shard = evaluate(engine, scorer, rows(7), max_new_tokens=8, batch_size=2, accuracy_threshold=0.5, max_samples=6,
-                     rank=1, world_size=2)
+    shard = evaluate(
+        engine,
+        scorer,
+        rows(7),
+        max_new_tokens=8,
+        batch_size=2,
+        accuracy_threshold=0.5,
+        max_samples=6,
+        rank=1,
+        world_size=2,
+    )
     assert engine.calls == [[1, 3], [5]] and engine.sessions == 1  # one session around every batch
     # rewards 0/4, 3/4, 2/4 -> mean 5/12; >= 0.5: 2 of 3; lengths 0, 3, 2 -> 5/3
-    assert shard == pytest.approx({"eval/reward_mean": 5 / 12, "eval/accuracy": 2 / 3,
-                                   "eval/completion_length_mean": 5 / 3, "eval/num_samples": 3.0}, abs=1e-12)
+    assert shard == pytest.approx(
+        {
+            "eval/reward_mean": 5 / 12,
+            "eval/accuracy": 2 / 3,
+            "eval/completion_length_mean": 5 / 3,
+            "eval/num_samples": 3.0,
+        },
+        abs=1e-12,
+    )
+
     # a gather that adds rank 0's values (rows 0, 2, 4: rewards 1, 0.5, 0.25; lengths 4, 2, 1)
     def fake_gather(xs):
         return ([1.0, 0.5, 0.25] if isinstance(xs[0], float) else [4, 2, 1]) + xs
 
-    both = evaluate(FixedEngine(lengths), scorer, rows(7), max_new_tokens=8, batch_size=2, accuracy_threshold=0.5,
-                    max_samples=6, rank=1, world_size=2, gather=fake_gather)
+    both = evaluate(
+        FixedEngine(lengths),
+        scorer,
+        rows(7),
+        max_new_tokens=8,
+        batch_size=2,
+        accuracy_threshold=0.5,
+        max_samples=6,
+        rank=1,
+        world_size=2,
+        gather=fake_gather,
+    )
     # all six: rewards 1, .5, .25, 0, .75, .5 -> mean 3/6 = 0.5; >= 0.5: 4 of 6; lengths sum 12 -> 2
-    assert both == pytest.approx({"eval/reward_mean": 0.5, "eval/accuracy": 4 / 6,
-                                  "eval/completion_length_mean": 2.0, "eval/num_samples": 6.0}, abs=1e-12)
+    assert both == pytest.approx(
+        {"eval/reward_mean": 0.5, "eval/accuracy": 4 / 6, "eval/completion_length_mean": 2.0, "eval/num_samples": 6.0},
+        abs=1e-12,
+    )
 
 
 def test_scorer_is_bound_once_and_weighs_functions():
-    scorer = RewardScorer.from_config(small_config("m", "/tmp/x", reward_funcs=["length_penalty"], reward_weights=[2.0]),
-                                      [quarter_length])
+    scorer = RewardScorer.from_config(
+        small_config("m", "/tmp/x", reward_funcs=["length_penalty"], reward_weights=[2.0]), [quarter_length]
+    )
     rollout = FixedEngine([4, 2]).generate(rows(2), group_size=1, sampling=_greedy())
     result = scorer(rollout)
     # length_penalty: -0.001 per token x weight 2 -> -0.008, -0.004; quarter_length: 1.0, 0.5
@@ -77,6 +114,7 @@ def test_scorer_is_bound_once_and_weighs_functions():
 
 def _greedy():
     from gspo.engines import SamplingParams
+
     return SamplingParams.greedy(4)
 
 
@@ -91,8 +129,14 @@ def test_evaluate_model_matches_an_independent_greedy_decode(tiny_model_dir, tmp
     lengths, rewards = [], []
     for p in prompts:
         ids = torch.tensor([tok.encode(p)])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=5,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
         n = out.index(tok.eos_token_id) + 1 if tok.eos_token_id in out else len(out)  # EOS counts as a token
         lengths.append(n)
         rewards.append(len(tok.decode(out[:n], skip_special_tokens=True)) / 4)

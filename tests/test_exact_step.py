@@ -5,15 +5,16 @@ the engine returns hand-written completions, the optimizer is plain SGD. The exp
 gradient norm and parameter update are computed here from scratch: one model forward per
 sequence, log_softmax, GSPO's Eq. 5-7 written out, autograd, then SGD's p - lr * clip * g.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from conftest import small_config
 from gspo.engines import RolloutEngine
 from gspo.models import load_tokenizer
 from gspo.rollout import assemble_rollout, left_pad
@@ -34,9 +35,16 @@ class FixedEngine(RolloutEngine):
         width = max(len(x) for x in ids)
         completion_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
         prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], tok.pad_token_id)
-        return assemble_rollout(tok, rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                                completion_ids=completion_ids, group_size=group_size, eos=[eos],
-                                pad_id=tok.pad_token_id)
+        return assemble_rollout(
+            tok,
+            rows,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            group_size=group_size,
+            eos=[eos],
+            pad_id=tok.pad_token_id,
+        )
 
 
 def expected_step(model_dir, max_grad_norm):
@@ -49,7 +57,7 @@ def expected_step(model_dir, max_grad_norm):
         for completion, advantage in zip(completions, (0.5, -0.5)):
             p, c = tok.encode(prompt), tok.encode(completion) + [tok.eos_token_id]
             logits = model(torch.tensor([p + c])).logits[0]  # [len(p) + len(c), V]
-            logp = torch.log_softmax(logits[len(p) - 1:-1], dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
+            logp = torch.log_softmax(logits[len(p) - 1 : -1], dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
             s = torch.exp((logp - logp.detach()).mean())  # Eq. 7 on-policy: pi_old = pi_theta, s_i = 1
             terms.append(torch.min(s * advantage, s.clamp(1 - 3e-4, 1 + 4e-4) * advantage))  # Eq. 5
     loss = -torch.stack(terms).mean()  # = -(0.5 - 0.5 + 0.5 - 0.5) / 4 = 0, with a non-zero gradient
@@ -62,13 +70,26 @@ def expected_step(model_dir, max_grad_norm):
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e6, 0.1])  # clipping off; clipping active (norm 1.77)
-def test_one_step_loss_grad_norm_and_update_match_an_independent_computation(tiny_model_dir, tmp_path,
-                                                                                max_grad_norm):
-    cfg = small_config(tiny_model_dir, tmp_path, max_steps=1, kl_coef=0.0, adaptive_kl=False, entropy_coef=0.0,
-                       use_group_normalization=False, advantage_type="relative", max_grad_norm=max_grad_norm,
-                       gspo_epochs=1, num_mini_batches=1, save_steps=0)
-    trainer = GSPOTrainer(cfg, rollout_engine=FixedEngine(load_tokenizer(tiny_model_dir)),
-                          optimizer_factory=lambda params: torch.optim.SGD(params, lr=LR))
+def test_one_step_loss_grad_norm_and_update_match_an_independent_computation(tiny_model_dir, tmp_path, max_grad_norm):
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        max_steps=1,
+        kl_coef=0.0,
+        adaptive_kl=False,
+        entropy_coef=0.0,
+        use_group_normalization=False,
+        advantage_type="relative",
+        max_grad_norm=max_grad_norm,
+        gspo_epochs=1,
+        num_mini_batches=1,
+        save_steps=0,
+    )
+    trainer = GSPOTrainer(
+        cfg,
+        rollout_engine=FixedEngine(load_tokenizer(tiny_model_dir)),
+        optimizer_factory=lambda params: torch.optim.SGD(params, lr=LR),
+    )
     metrics = trainer.train(ROWS)[0]
     loss, norm, updated = expected_step(tiny_model_dir, max_grad_norm)
     assert metrics["raw_reward_mean"] == 0.5 and metrics["frac_reward_zero_std"] == 0.0
@@ -79,6 +100,7 @@ def test_one_step_loss_grad_norm_and_update_match_an_independent_computation(tin
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     step = max((updated[n] - before[n]).abs().max().item() for n in updated)
     assert step > 1e-4  # the update is far larger than the tolerance: the comparison means something
+
 
 class SyncRecordingEngine(FixedEngine):
     """Records every sync_weights call with the parameters it was handed, as an engine with its own copy would."""

@@ -5,6 +5,7 @@ tests/test_data.py and tests/test_rewards.py cover the loader and reward checks 
 here we check that the trainer surfaces them as clear errors (or, where a policy says so,
 carries on and counts them).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ import pickle
 import re
 from pathlib import Path
 
+import fault_worker as fw
 import pytest
 import torch
 
-import fault_worker as fw
 from gspo import checkpoint as ckpt
 from gspo.config import ConfigError, GSPOConfig
 from gspo.data import DataError
@@ -44,30 +45,84 @@ def make_trainer(env, tmp_path, reward=fw.digit_reward, **overrides):
 # 1. config validation
 # ----------------------------------------------------------------------------------
 BAD_CONFIG = [
-    ("group_size", 1), ("group_size", 0), ("group_size", 2.0),
-    ("clip_range", 0.0), ("clip_range", -0.1), ("clip_range", 1.5), ("clip_range", NAN), ("clip_range", "0.2"),
-    ("clip_range_low", -1.0), ("clip_range_high", 0), ("clip_range_high", INF),
-    ("batch_size", 0), ("batch_size", True), ("batch_size", 2.5),
+    ("group_size", 1),
+    ("group_size", 0),
+    ("group_size", 2.0),
+    ("clip_range", 0.0),
+    ("clip_range", -0.1),
+    ("clip_range", 1.5),
+    ("clip_range", NAN),
+    ("clip_range", "0.2"),
+    ("clip_range_low", -1.0),
+    ("clip_range_high", 0),
+    ("clip_range_high", INF),
+    ("batch_size", 0),
+    ("batch_size", True),
+    ("batch_size", 2.5),
     ("num_mini_batches", 3),  # 8 * 4 = 32 sequences do not split into 3 mini-batches
     ("gradient_accumulation_steps", 3),  # nor a mini-batch of 32 into 3 micro-batches
-    ("num_mini_batches", 0), ("gspo_epochs", 0), ("max_new_tokens", 0), ("max_prompt_length", 0),
-    ("importance_sampling_level", "seq"), ("importance_sampling_level", "GSPO"),
-    ("loss_aggregation", "sum"), ("loss_aggregation", "token-mean"),  # token-mean is for token level only
-    ("advantage_type", "zscore"), ("kl_estimator", "k4"), ("lr_scheduler_type", "step"),
-    ("torch_dtype", "fp8"), ("reward_error_policy", "ignore"), ("prompt_truncation", "right"),
-    ("policy_model_name", "./no/such/model-dir"), ("reward_model_name", "/no/such/reward-model"),
-    ("policy_model_name", "builtin:gpt5"), ("policy_model_name", 7),
-    ("dataset_path", "/no/such/prompts.jsonl"), ("eval_dataset_path", "/no/such/eval.jsonl"),
-    ("learning_rate", "1e-5"), ("learning_rate", 0.0), ("learning_rate", -1e-5), ("learning_rate", NAN),
-    ("learning_rate", INF), ("kl_coef", -0.1), ("kl_coef", NAN), ("entropy_coef", NAN), ("weight_decay", -1.0),
-    ("max_grad_norm", -1.0), ("max_grad_norm", NAN), ("temperature", 0.0), ("temperature", INF),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("adam_beta1", 1.0), ("adam_beta2", -0.1),
-    ("target_kl", 0.0), ("max_log_ratio", 0.0), ("max_log_ratio", INF), ("lora_dropout", 1.0),
-    ("lora_r", 0), ("reward_penalty_value", NAN), ("reward_model_weight", INF),
-    ("max_steps", 0), ("max_steps", -2), ("save_steps", -1), ("save_total_limit", 0), ("save_total_limit", 2.5),
-    ("max_consecutive_skipped_updates", 0), ("seed", -1), ("seed", "42"),
-    ("use_lora", "yes"), ("fsdp", "yes"), ("progress_bar", 1), ("reward_funcs", "exact_answer"), ("lora_target_modules", "q_proj"),
-    ("report_to", ["mlflow"]), ("reward_weights", [1.0]), ("resume_from_checkpoint", 3), ("prompt_column", ""),
+    ("num_mini_batches", 0),
+    ("gspo_epochs", 0),
+    ("max_new_tokens", 0),
+    ("max_prompt_length", 0),
+    ("importance_sampling_level", "seq"),
+    ("importance_sampling_level", "GSPO"),
+    ("loss_aggregation", "sum"),
+    ("loss_aggregation", "token-mean"),  # token-mean is for token level only
+    ("advantage_type", "zscore"),
+    ("kl_estimator", "k4"),
+    ("lr_scheduler_type", "step"),
+    ("torch_dtype", "fp8"),
+    ("reward_error_policy", "ignore"),
+    ("prompt_truncation", "right"),
+    ("policy_model_name", "./no/such/model-dir"),
+    ("reward_model_name", "/no/such/reward-model"),
+    ("policy_model_name", "builtin:gpt5"),
+    ("policy_model_name", 7),
+    ("dataset_path", "/no/such/prompts.jsonl"),
+    ("eval_dataset_path", "/no/such/eval.jsonl"),
+    ("learning_rate", "1e-5"),
+    ("learning_rate", 0.0),
+    ("learning_rate", -1e-5),
+    ("learning_rate", NAN),
+    ("learning_rate", INF),
+    ("kl_coef", -0.1),
+    ("kl_coef", NAN),
+    ("entropy_coef", NAN),
+    ("weight_decay", -1.0),
+    ("max_grad_norm", -1.0),
+    ("max_grad_norm", NAN),
+    ("temperature", 0.0),
+    ("temperature", INF),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_k", -1),
+    ("adam_beta1", 1.0),
+    ("adam_beta2", -0.1),
+    ("target_kl", 0.0),
+    ("max_log_ratio", 0.0),
+    ("max_log_ratio", INF),
+    ("lora_dropout", 1.0),
+    ("lora_r", 0),
+    ("reward_penalty_value", NAN),
+    ("reward_model_weight", INF),
+    ("max_steps", 0),
+    ("max_steps", -2),
+    ("save_steps", -1),
+    ("save_total_limit", 0),
+    ("save_total_limit", 2.5),
+    ("max_consecutive_skipped_updates", 0),
+    ("seed", -1),
+    ("seed", "42"),
+    ("use_lora", "yes"),
+    ("fsdp", "yes"),
+    ("progress_bar", 1),
+    ("reward_funcs", "exact_answer"),
+    ("lora_target_modules", "q_proj"),
+    ("report_to", ["mlflow"]),
+    ("reward_weights", [1.0]),
+    ("resume_from_checkpoint", 3),
+    ("prompt_column", ""),
 ]
 
 
@@ -81,9 +136,21 @@ def test_bad_config_value_names_field_value_and_rule(field, value):
 
 
 def test_good_config_edges_are_accepted():
-    GSPOConfig(group_size=2, clip_range=0.2, clip_range_low=1e-4, clip_range_high=5.0, num_mini_batches=4,
-               gradient_accumulation_steps=2, max_grad_norm=0.0, top_p=1.0, reward_weights=[2],
-               reward_funcs=["exact_answer"], save_total_limit=1, seed=0, lora_dropout=0.0)
+    GSPOConfig(
+        group_size=2,
+        clip_range=0.2,
+        clip_range_low=1e-4,
+        clip_range_high=5.0,
+        num_mini_batches=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+        top_p=1.0,
+        reward_weights=[2],
+        reward_funcs=["exact_answer"],
+        save_total_limit=1,
+        seed=0,
+        lora_dropout=0.0,
+    )
 
 
 def test_no_reward_is_a_config_error(env, tmp_path):
@@ -106,7 +173,10 @@ def test_bad_data_surfaces_as_data_error(env, tmp_path, case):
     text, expect = {
         "empty": ("", r"empty"),
         "blank-lines": ("\n  \n", r"empty"),
-        "whitespace-prompt": (good + json.dumps({"prompt": "   ", "answer": "0"}) + "\n", r"row 1 .*empty or whitespace"),
+        "whitespace-prompt": (
+            good + json.dumps({"prompt": "   ", "answer": "0"}) + "\n",
+            r"row 1 .*empty or whitespace",
+        ),
         "malformed": (good * 2 + '{"prompt": "2+2=", "answer": \n', r"bad\.jsonl: line 3 is not valid JSON"),
         "no-column": (good + json.dumps({"question": "3+3="}) + "\n", r"row 1 has no prompt column 'prompt'"),
         "not-object": (good + "[1, 2]\n", r"row 1 is a list"),
@@ -199,8 +269,9 @@ def test_bad_reward_is_a_clear_error_naming_function_and_sample(env, tmp_path, f
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was learned from it
 
 
-@pytest.mark.parametrize("fn,bad_per_step", [(r_nan, 1), (r_raises, 4), (r_wrong_count, 4)],
-                         ids=["nan", "raises", "wrong-count"])
+@pytest.mark.parametrize(
+    "fn,bad_per_step", [(r_nan, 1), (r_raises, 4), (r_wrong_count, 4)], ids=["nan", "raises", "wrong-count"]
+)
 def test_penalty_policy_continues_and_counts(env, tmp_path, fn, bad_per_step):
     trainer = make_trainer(env, tmp_path, reward=fn, reward_error_policy="penalty", reward_penalty_value=-1.0)
     with pytest.warns(UserWarning, match=f"'{fn.__name__}'.*penalty value"):
@@ -213,11 +284,20 @@ def test_penalty_policy_continues_and_counts(env, tmp_path, fn, bad_per_step):
 
 def _two_label_reward_model(path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
+
     from gspo.tasks.tiny_model import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)
@@ -256,6 +336,7 @@ def _snapshotting_reward(snapshots, trainer_ref):
     def digit_reward(completions, **kw):  # runs once per step, before that step's update
         snapshots.append(fw.params_of(trainer_ref[0].model))
         return fw.digit_reward(completions)
+
     return digit_reward
 
 
@@ -283,7 +364,10 @@ def test_non_finite_update_is_skipped_counted_and_warned(env, tmp_path):
 def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path):
     trainer = make_trainer(env, tmp_path, gspo_epochs=2, max_steps=5, max_consecutive_skipped_updates=3)
     NaNUpdates(trainer.policy.unwrapped(), set(range(3, 99)))
-    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match=r"3 consecutive .*max_consecutive_skipped_updates=3.*checkpoint"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(NonFiniteUpdateError, match=r"3 consecutive .*max_consecutive_skipped_updates=3.*checkpoint"),
+    ):
         trainer.train(env["data"])
     # updates 1-2 (step 1) went through; 3, 4 (step 2) and 5 (step 3) were skipped
     assert trainer.step == 2
@@ -295,6 +379,7 @@ def test_consecutive_non_finite_updates_stop_with_checkpoint(env, tmp_path):
     for name, p in live.items():
         assert torch.isfinite(p).all(), name
     from transformers import AutoModelForCausalLM
+
     loaded = AutoModelForCausalLM.from_pretrained(env["model"])
     ckpt.load_checkpoint(latest, loaded, restore_rng=False)
     assert all(torch.equal(p, live[n]) for n, p in fw.params_of(loaded).items())
@@ -304,12 +389,20 @@ def test_non_finite_stop_keeps_the_clean_checkpoint_of_that_step(env, tmp_path):
     """gspo_epochs=3, limit 2, save_steps=1: step 2's first update applies, its next two are NaN.
     The stop must not overwrite the clean checkpoint-1 with the half-updated state of step 2."""
     snaps, ref = [], [None]
-    ref[0] = trainer = make_trainer(env, tmp_path, reward=_snapshotting_reward(snaps, ref), gspo_epochs=3,
-                                    max_steps=4, save_steps=1, max_consecutive_skipped_updates=2)
+    ref[0] = trainer = make_trainer(
+        env,
+        tmp_path,
+        reward=_snapshotting_reward(snaps, ref),
+        gspo_epochs=3,
+        max_steps=4,
+        save_steps=1,
+        max_consecutive_skipped_updates=2,
+    )
     NaNUpdates(trainer.policy.unwrapped(), {5, 6})
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match="checkpoint-1"):
         trainer.train(env["data"])
     from transformers import AutoModelForCausalLM
+
     loaded = AutoModelForCausalLM.from_pretrained(env["model"])
     ckpt.load_checkpoint(tmp_path / "run" / "checkpoint-1", loaded, restore_rng=False)
     saved, live = fw.params_of(loaded), fw.params_of(trainer.model)
@@ -355,8 +448,14 @@ def test_source_loads_only_safely():
         for m in re.finditer(r"torch\.load\(([^()]*(?:\([^()]*\)[^()]*)*)\)", text):
             if "weights_only=True" not in m.group(1):
                 problems.append(f"{path.name}: torch.load({m.group(1)})")
-        for bad in (r"yaml\.load\(", r"yaml\.unsafe_load", r"pickle\.loads?\(", r"trust_remote_code\s*=\s*True",
-                    r"(?<![.\w])eval\(", r"(?<![.\w])exec\("):
+        for bad in (
+            r"yaml\.load\(",
+            r"yaml\.unsafe_load",
+            r"pickle\.loads?\(",
+            r"trust_remote_code\s*=\s*True",
+            r"(?<![.\w])eval\(",
+            r"(?<![.\w])exec\(",
+        ):
             for m in re.finditer(bad, text):
                 problems.append(f"{path.name}: {m.group(0)}")
     assert not problems, problems
@@ -377,7 +476,14 @@ def _saved_checkpoint(env, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(env["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    path = ckpt.save_checkpoint(tmp_path / "out", 1, model, optimizer=opt, scheduler=sched, trainer_state={"kl_controller": {}, "skips": {"total": 0, "in_a_row": 0}})
+    path = ckpt.save_checkpoint(
+        tmp_path / "out",
+        1,
+        model,
+        optimizer=opt,
+        scheduler=sched,
+        trainer_state={"kl_controller": {}, "skips": {"total": 0, "in_a_row": 0}},
+    )
     return path, model, opt, sched
 
 

@@ -1,4 +1,5 @@
 """gspo.logprobs: the bounded output head gives the full-logits result, and never holds [n, T, V]."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,15 +22,22 @@ def batch(tiny_model_dir):
     c_ids = torch.full((4, width), tok.pad_token_id)
     c_mask = torch.zeros((4, width), dtype=torch.long)
     for i, c in enumerate(c_list):
-        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
+        c_ids[i, : len(c)], c_mask[i, : len(c)] = torch.tensor(c), 1
     return p_ids, p_mask, c_ids, c_mask
 
 
 def _run(model, batch, bounded: bool, entropy_mode):
     model.zero_grad()
     with_entropy, entropy_grad = entropy_mode is not None, entropy_mode == "grad"
-    logp, ent = completion_logprobs(model, *batch, temperature=0.7, chunk_size=5, with_entropy=with_entropy,
-                                    entropy_grad=entropy_grad, head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE)
+    logp, ent = completion_logprobs(
+        model,
+        *batch,
+        temperature=0.7,
+        chunk_size=5,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+        head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE,
+    )
     loss = (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum()
     if entropy_mode == "grad":
         loss = loss + 0.3 * ent.sum()
@@ -59,8 +67,16 @@ def test_bounded_head_never_keeps_vocab_by_length_tensors(batch):
     alive), on a model whose vocabulary (4096) dwarfs its width (16): with the bounded head at most one
     chunk of fp32 logits (5 tokens x V x 4 bytes); with full logits the [n, T, V] block (4 x 4 x V x 4)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     vocab, params = 4096, {p.untyped_storage().data_ptr() for p in model.parameters()}
     for bounded in (True, False):
         biggest = [0]
@@ -71,7 +87,9 @@ def test_bounded_head_never_keeps_vocab_by_length_tensors(batch):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logp, _ = completion_logprobs(model, *batch, chunk_size=5, head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE)
+            logp, _ = completion_logprobs(
+                model, *batch, chunk_size=5, head=HeadMode.RECOMPUTED if bounded else HeadMode.WHOLE
+            )
         logp.sum().backward()
         if bounded:
             assert 0 < biggest[0] <= 5 * vocab * 4
@@ -103,25 +121,24 @@ def test_bounded_head_falls_back_when_logits_are_not_the_heads_output(tiny_model
 
 
 @pytest.mark.parametrize("limit,expect_recompute", [(1 << 30, False), (1000, True)])
-def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, monkeypatch, limit, expect_recompute):
+def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, limit, expect_recompute):
     """head=HeadMode.CHUNKED: the head runs chunk by chunk from the final hidden states; its chunks are
     recomputed in backward only when a micro-batch's fp32 logits would exceed the limit (here 4 rows x
-    4 tokens x 19 symbols x 4 bytes = 1216 bytes). Values and gradients equal the one-call head's."""
-    import gspo.logprobs as lp_module
-
-    calls = []
-    real = lp_module._head_logprobs
-    monkeypatch.setattr(lp_module, "AUTO_BOUND_BYTES", limit)
-    monkeypatch.setattr(lp_module, "_head_logprobs", lambda *a, **kw: calls.append(kw['recompute']) or real(*a, **kw))
+    4 tokens x 19 symbols x 4 bytes = 1216 bytes). Values and gradients equal the one-call head's.
+    Seen from outside: head calls during backward (a forward hook) happen only when chunks are recomputed."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.config.vocab_size == 19
-    auto, _ = completion_logprobs(model, *batch, head=HeadMode.CHUNKED)
+    phase, calls = ["forward"], {"forward": 0, "backward": 0}
+    model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__(phase[0], calls[phase[0]] + 1))
+    auto, _ = completion_logprobs(model, *batch, head=HeadMode.CHUNKED, recompute_above_bytes=limit)
+    phase[0] = "backward"
     auto.sum().backward()
+    # forward: the narrowed call inside the model, its exactness check, then the 16 positions in one chunk
+    assert calls == {"forward": 2 + 1, "backward": 1 if expect_recompute else 0}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     full, _ = completion_logprobs(model, *batch, head=HeadMode.WHOLE)
     full.sum().backward()
-    assert calls == [expect_recompute]
     assert torch.allclose(auto, full, atol=1e-6, rtol=0)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=0), n
@@ -209,8 +226,9 @@ def test_label_logprob_bf16_logits_get_a_bf16_gradient_from_float32_math():
     assert x.grad.dtype == torch.bfloat16
     ref = x.detach().float().requires_grad_()
     torch.log_softmax(ref, -1).gather(-1, labels[:, None]).sum().backward()
-    torch.testing.assert_close(logp, torch.log_softmax(x.detach().float(), -1).gather(-1, labels[:, None]).squeeze(-1),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logp, torch.log_softmax(x.detach().float(), -1).gather(-1, labels[:, None]).squeeze(-1), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(x.grad.float(), ref.grad, atol=4e-3, rtol=0)  # bf16 rounding of the gradient
 
 

@@ -1,13 +1,14 @@
 """mixed_precision='bf16': bfloat16 autocast for the forward passes, float32 everywhere else."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from conftest import small_config
 from gspo.config import ConfigError
 from gspo.core import label_logprob
 from gspo.logprobs import HeadMode, completion_logprobs
@@ -66,8 +67,9 @@ def test_bf16_log_probs_and_gradients_track_float32(tiny_model_dir):
     for mode in ("no", "bf16"):
         model.zero_grad(set_to_none=True)
         with autocast(torch.device("cpu"), mode):
-            logp, _ = completion_logprobs(model, prompt, ones_p, completion, ones_c, temperature=0.7,
-                                          head=HeadMode.CHUNKED)
+            logp, _ = completion_logprobs(
+                model, prompt, ones_p, completion, ones_c, temperature=0.7, head=HeadMode.CHUNKED
+            )
         logp.sum().backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logp.detach(), grad))
@@ -82,8 +84,16 @@ def test_bf16_log_probs_and_gradients_track_float32(tiny_model_dir):
 
 
 def test_bf16_training_keeps_float32_master_weights(tiny_model_dir, arithmetic_rows, tmp_path):
-    cfg = small_config(tiny_model_dir, tmp_path, mixed_precision="bf16", batch_size=2, group_size=4,
-                       kl_coef=0.1, adaptive_kl=False, max_steps=2)
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        mixed_precision="bf16",
+        batch_size=2,
+        group_size=4,
+        kl_coef=0.1,
+        adaptive_kl=False,
+        max_steps=2,
+    )
     trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
     seen = {}  # Linear module -> output dtypes over generation, reference and training passes
     for name, module in trainer.model.named_modules():
@@ -105,9 +115,20 @@ def test_bf16_training_keeps_float32_master_weights(tiny_model_dir, arithmetic_r
 
 
 def test_bf16_with_lora_trains_the_adapters_only(tiny_model_dir, arithmetic_rows, tmp_path):
-    cfg = small_config(tiny_model_dir, tmp_path, mixed_precision="bf16", use_lora=True, lora_r=4,
-                       lora_target_modules=["q_proj", "v_proj"], batch_size=2, group_size=4, kl_coef=0.1,
-                       adaptive_kl=False, max_steps=2, learning_rate=1e-2)
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        mixed_precision="bf16",
+        use_lora=True,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        batch_size=2,
+        group_size=4,
+        kl_coef=0.1,
+        adaptive_kl=False,
+        max_steps=2,
+        learning_rate=1e-2,
+    )
     trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     history = trainer.train(arithmetic_rows)

@@ -13,6 +13,7 @@ max_steps (or num_epochs) updates. A first run with max_steps=k would schedule i
 k steps and so differ from a run to n (for linear/cosine; constant is unaffected). Stop a
 run early with an interrupt or a kill, not by lowering max_steps, if you mean to resume it.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,18 +24,26 @@ import sys
 import time
 from pathlib import Path
 
+import fault_worker as fw
 import pytest
 import torch
 
-import fault_worker as fw
 from gspo import checkpoint as ckpt
 from gspo.faults import TrainingInterrupted
 from gspo.trainer import GSPOTrainer
 
 WORKER = str(Path(__file__).with_name("fault_worker.py"))
 STEPS = 6
-LORA = dict(use_lora=True, lora_target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8,
-            kl_coef=0.05, adaptive_kl=True, target_kl=0.001, kl_horizon=100)
+LORA = dict(
+    use_lora=True,
+    lora_target_modules=["q_proj", "v_proj"],
+    lora_r=4,
+    lora_alpha=8,
+    kl_coef=0.05,
+    adaptive_kl=True,
+    target_kl=0.001,
+    kl_horizon=100,
+)
 VARIANTS = {
     "full-linear-lr": dict(lr_scheduler_type="linear", warmup_steps=1),
     "lora-adaptive-kl": LORA,
@@ -48,8 +57,12 @@ def env(tmp_path_factory):
     torch.set_num_threads(1)  # the worker subprocess uses 1 thread: same arithmetic, same bits
     fw.no_plots()
     try:
-        yield {"root": root, "model": fw.make_model_dir(root / "model"),
-               "data": fw.make_dataset(root / "data.jsonl"), "refs": {}}
+        yield {
+            "root": root,
+            "model": fw.make_model_dir(root / "model"),
+            "data": fw.make_dataset(root / "data.jsonl"),
+            "refs": {},
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -79,8 +92,9 @@ def assert_same_run(env, variant, params, out):
     assert params.keys() == ref_params.keys()
     for name, p in params.items():
         assert torch.isfinite(p).all(), name
-        assert torch.equal(p, ref_params[name]), f"{name} differs after resume: max |diff| " \
-            f"{(p - ref_params[name]).abs().max().item()}"
+        assert torch.equal(p, ref_params[name]), (
+            f"{name} differs after resume: max |diff| {(p - ref_params[name]).abs().max().item()}"
+        )
     metrics = fw.comparable(fw.read_metrics(out))
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert metrics == ref_metrics
@@ -150,8 +164,9 @@ def _wait_for_line(proc, wanted: str, timeout: float = 240.0) -> list[str]:
         if line.strip() == wanted:
             return seen
     proc.kill()
-    raise AssertionError(f"worker never printed {wanted!r}; stdout {seen}; stderr:\n"
-                         + Path(proc.stderr_path).read_text()[-3000:])
+    raise AssertionError(
+        f"worker never printed {wanted!r}; stdout {seen}; stderr:\n" + Path(proc.stderr_path).read_text()[-3000:]
+    )
 
 
 def _fresh_model(env):
@@ -210,8 +225,9 @@ def test_sigkill_during_checkpoint_save_then_resume_latest(env):
         time.sleep(0.01)
     mid_save = False
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(p.name.startswith(".tmp-checkpoint-") and not p.name.startswith(".tmp-checkpoint-1-")
-               for p in out.iterdir()):
+        if any(
+            p.name.startswith(".tmp-checkpoint-") and not p.name.startswith(".tmp-checkpoint-1-") for p in out.iterdir()
+        ):
             mid_save = True
             time.sleep(random.uniform(0.0, 0.25))  # somewhere inside the save
             break
@@ -253,8 +269,14 @@ def test_interrupt_in_last_step_then_resume_just_finishes(env):
     with pytest.raises(TrainingInterrupted):
         trainer.train(env["data"])
     assert ckpt.find_latest_checkpoint(out).name == "checkpoint-2"
-    cfg = fw.make_config(out, env["model"], max_steps=2, eval_dataset_path=env["data"], eval_max_samples=2,
-                         resume_from_checkpoint="latest")
+    cfg = fw.make_config(
+        out,
+        env["model"],
+        max_steps=2,
+        eval_dataset_path=env["data"],
+        eval_max_samples=2,
+        resume_from_checkpoint="latest",
+    )
     resumed = GSPOTrainer(cfg, reward_funcs=[fw.digit_reward])
     assert resumed.train(env["data"]) == []
     assert resumed.step == 2 and (out / "model.safetensors").is_file() and (out / "train_summary.json").is_file()

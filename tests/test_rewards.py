@@ -1,4 +1,5 @@
 """gspo.rewards: resolving specs, the checked weighted sum, penalties, the reward model."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from gspo.rewards import (
-    BUILTIN_REWARDS, RewardError, RewardFunction, RewardModelScorer, compute_rewards, resolve_reward_funcs,
+    BUILTIN_REWARDS,
+    RewardError,
+    RewardFunction,
+    RewardModelScorer,
+    compute_rewards,
+    resolve_reward_funcs,
 )
 from helpers_data import save_tiny_reward_model
 
@@ -66,7 +72,11 @@ def test_resolve_file_function(tmp_path):
 def test_resolve_dict_with_weight_and_dedupe(tmp_path):
     funcs = resolve_reward_funcs([{"name": "answer_match", "weight": 3}, {"path": "answer_match"}, ones, ones])
     assert [(f.name, f.weight) for f in funcs] == [
-        ("answer_match", 3.0), ("answer_match_2", 1.0), ("ones", 1.0), ("ones_2", 1.0)]
+        ("answer_match", 3.0),
+        ("answer_match_2", 1.0),
+        ("ones", 1.0),
+        ("ones_2", 1.0),
+    ]
 
 
 def test_resolve_errors():
@@ -127,8 +137,15 @@ def test_accepted_return_types(out):
 
 
 # --- errors (raise policy) -----------------------------------------------------------
-@pytest.mark.parametrize("value,what", [(float("nan"), "non-finite value nan"), (float("inf"), "non-finite value inf"),
-                                        ("high", "str 'high'"), (None, "NoneType")])
+@pytest.mark.parametrize(
+    "value,what",
+    [
+        (float("nan"), "non-finite value nan"),
+        (float("inf"), "non-finite value inf"),
+        ("high", "str 'high'"),
+        (None, "NoneType"),
+    ],
+)
 def test_bad_entry_names_function_and_sample(value, what):
     def bad(completions, **kw):
         return [1.0, value, 0.0]
@@ -150,7 +167,9 @@ def test_exception_is_wrapped_and_chained():
     def boom(**kw):
         raise ValueError("bad answer format")
 
-    with pytest.raises(RewardError, match=r"reward function 'boom' raised ValueError: bad answer format \(batch of 3 samples\)") as e:
+    with pytest.raises(
+        RewardError, match=r"reward function 'boom' raised ValueError: bad answer format \(batch of 3 samples\)"
+    ) as e:
         run([rf(boom)])
     assert isinstance(e.value.__cause__, ValueError)
 
@@ -238,6 +257,7 @@ def test_reward_model_without_pad_token_uses_eos(tiny_rm, tmp_path):
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
     import shutil
+
     for name in ("config.json", "model.safetensors"):
         shutil.copy(f"{tiny_rm}/{name}", tmp_path / name)
     scorer = RewardModelScorer(str(tmp_path))

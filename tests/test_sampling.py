@@ -1,4 +1,5 @@
 """Rollout sampling: the distribution is softmax(logits / T) after top-k / top-p and nothing else."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from gspo.models import load_tokenizer
 from gspo.engines import generate_rollout
+from gspo.models import load_tokenizer
 from gspo.sampling import filter_logits, plain_generation, sample_tokens
 
 P4 = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
@@ -31,8 +32,10 @@ def test_filter_logits_hand_values():
     assert torch.allclose(_kept_probs(temperature=2.0), root / root.sum(), atol=1e-7)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9),
-                                                     (1.3, 20, 0.8), (0.5, 3, 0.3)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.8), (0.5, 3, 0.3)],
+)
 def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
     """Oracle: transformers' own warpers, applied in generate's order (temperature, top-k, top-p)."""
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Tests for gspo.tracking (metrics sinks, progress, sample tables) and gspo.plotting."""
+
 from __future__ import annotations
 
 import json
@@ -106,8 +107,7 @@ def test_wandb_missing_warns_once_and_continues(tmp_path, monkeypatch):
 def test_progress_without_tty_prints_compact_lines(capsys):
     progress = Progress(total_steps=10, initial_step=2, print_every=2)
     for step in range(3, 11):
-        progress.update(step, {"raw_reward_mean": torch.tensor(0.25), "kl_divergence": 0.0012,
-                               "step_time_s": 0.5})
+        progress.update(step, {"raw_reward_mean": torch.tensor(0.25), "kl_divergence": 0.0012, "step_time_s": 0.5})
     progress.close()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4  # steps 4, 6, 8, 10
@@ -152,11 +152,19 @@ def test_ema_smooths_and_starts_unbiased():
 def _synthetic_run(path, steps=120, with_eval=True):
     rows = []
     for s in range(1, steps + 1):
-        row = {"step": s, "raw_reward_mean": 1 - math.exp(-s / 40) + 0.1 * math.sin(s),
-               "raw_reward_std": 0.2, "kl_divergence": 1e-3 * s, "kl_coef": 0.2 * (1 + s / 400),
-               "clip_fraction_seq": 0.1 + 0.05 * math.cos(s), "clip_fraction_token": 0.05,
-               "completion_length_mean": 30 + s / 10, "truncated_fraction": max(0.0, 0.3 - s / 400),
-               "entropy": 2.0 - s / 100, "policy_loss": 0.01 * math.sin(s / 3)}
+        row = {
+            "step": s,
+            "raw_reward_mean": 1 - math.exp(-s / 40) + 0.1 * math.sin(s),
+            "raw_reward_std": 0.2,
+            "kl_divergence": 1e-3 * s,
+            "kl_coef": 0.2 * (1 + s / 400),
+            "clip_fraction_seq": 0.1 + 0.05 * math.cos(s),
+            "clip_fraction_token": 0.05,
+            "completion_length_mean": 30 + s / 10,
+            "truncated_fraction": max(0.0, 0.3 - s / 400),
+            "entropy": 2.0 - s / 100,
+            "policy_loss": 0.01 * math.sin(s / 3),
+        }
         if s == 50:
             row["policy_loss"] = None  # a skipped (non-finite) update
         rows.append(row)
@@ -175,7 +183,8 @@ def test_plot_run_writes_png(tmp_path):
 
 def test_plot_run_subset_of_keys_and_explicit_output(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "policy_loss": 1.0 / s}) + "\n" for s in range(1, 4)))
+        "".join(json.dumps({"step": s, "policy_loss": 1.0 / s}) + "\n" for s in range(1, 4))
+    )
     out = plot_run(tmp_path / "metrics.jsonl", tmp_path / "plots" / "curves.png")
     assert out.is_file() and out.stat().st_size > 0
 

@@ -1,4 +1,5 @@
 """GSPOTrainer end to end on a tiny local model: metrics, invariances, the seed's examples."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from conftest import small_config
 from gspo.config import ConfigError, GSPOConfig
 from gspo.trainer import GSPOTrainer
 
 REQUIRED_METRICS = (
-    "raw_reward_mean", "raw_reward_std", "relative_advantage_std", "kl_divergence", "kl_coef", "policy_loss",
-    "entropy", "clip_fraction_seq", "clip_fraction_token", "frac_reward_zero_std", "completion_length_mean",
-    "truncated_fraction", "step_time_s", "skipped_updates",
+    "raw_reward_mean",
+    "raw_reward_std",
+    "relative_advantage_std",
+    "kl_divergence",
+    "kl_coef",
+    "policy_loss",
+    "entropy",
+    "clip_fraction_seq",
+    "clip_fraction_token",
+    "frac_reward_zero_std",
+    "completion_length_mean",
+    "truncated_fraction",
+    "step_time_s",
+    "skipped_updates",
 )
 
 
@@ -30,8 +42,15 @@ def params_of(model):
 
 
 def test_training_steps_produce_every_metric_and_change_weights(tiny_model_dir, arithmetic_rows, tmp_path):
-    cfg = small_config(tiny_model_dir, tmp_path, reward_funcs=["exact_answer"], batch_size=2, group_size=4,
-                       gspo_epochs=2, num_mini_batches=2)
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        reward_funcs=["exact_answer"],
+        batch_size=2,
+        group_size=4,
+        gspo_epochs=2,
+        num_mini_batches=2,
+    )
     trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
     before = params_of(trainer.model)
     history = trainer.train(arithmetic_rows)
@@ -96,38 +115,76 @@ def _assert_same_params(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("level,aggregation", [("sequence", None), ("sequence_token", None), ("token", "token-mean"),
-                                               ("token", "seq-mean-token-sum")])
+@pytest.mark.parametrize(
+    "level,aggregation",
+    [("sequence", None), ("sequence_token", None), ("token", "token-mean"), ("token", "seq-mean-token-sum")],
+)
 def test_gradient_accumulation_changes_nothing(tiny_model_dir, arithmetic_rows, tmp_path, level, aggregation):
     """Same seed -> same rollout; 1 vs 2 micro-batches must give the same updated weights.
 
     Plain SGD replaces AdamW here: Adam divides by sqrt(v), which turns float rounding in a
     near-zero gradient into a full learning-rate-sized step, hiding what we test (the gradient).
     """
-    results = [_sgd_step_params(small_config(tiny_model_dir, tmp_path / str(accum), group_size=4, max_steps=1,
-                                             gspo_epochs=2, importance_sampling_level=level,
-                                             loss_aggregation=aggregation, gradient_accumulation_steps=accum,
-                                             max_grad_norm=0.0), arithmetic_rows)
-               for accum in (1, 2)]
+    results = [
+        _sgd_step_params(
+            small_config(
+                tiny_model_dir,
+                tmp_path / str(accum),
+                group_size=4,
+                max_steps=1,
+                gspo_epochs=2,
+                importance_sampling_level=level,
+                loss_aggregation=aggregation,
+                gradient_accumulation_steps=accum,
+                max_grad_norm=0.0,
+            ),
+            arithmetic_rows,
+        )
+        for accum in (1, 2)
+    ]
     _assert_same_params(*results)
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
-def test_gradient_checkpointing_and_bounded_head_change_nothing(tiny_model_dir, arithmetic_rows, tmp_path,
-                                                                entropy_coef):
+def test_gradient_checkpointing_and_bounded_head_change_nothing(
+    tiny_model_dir, arithmetic_rows, tmp_path, entropy_coef
+):
     """gradient_checkpointing recomputes the layers and runs the output head a chunk at a time
     (entropy_chunk_size=3 here, so several chunks per micro-batch): same weights as without it."""
-    results = [_sgd_step_params(small_config(tiny_model_dir, tmp_path / str(ckpt), group_size=4, max_steps=1,
-                                             gspo_epochs=2, num_mini_batches=2, gradient_checkpointing=ckpt,
-                                             entropy_chunk_size=3, entropy_coef=entropy_coef, kl_coef=0.1,
-                                             adaptive_kl=False, max_grad_norm=0.0), arithmetic_rows)
-               for ckpt in (False, True)]
+    results = [
+        _sgd_step_params(
+            small_config(
+                tiny_model_dir,
+                tmp_path / str(ckpt),
+                group_size=4,
+                max_steps=1,
+                gspo_epochs=2,
+                num_mini_batches=2,
+                gradient_checkpointing=ckpt,
+                entropy_chunk_size=3,
+                entropy_coef=entropy_coef,
+                kl_coef=0.1,
+                adaptive_kl=False,
+                max_grad_norm=0.0,
+            ),
+            arithmetic_rows,
+        )
+        for ckpt in (False, True)
+    ]
     _assert_same_params(*results)
 
 
 def test_lora_trains_adapters_only_and_uses_base_as_reference(tiny_model_dir, arithmetic_rows, tmp_path):
-    cfg = small_config(tiny_model_dir, tmp_path, use_lora=True, lora_r=4, lora_alpha=8,
-                       lora_target_modules=["q_proj", "v_proj"], gspo_epochs=1, max_steps=1)
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        gspo_epochs=1,
+        max_steps=1,
+    )
     trainer = GSPOTrainer(cfg, reward_funcs=[length_reward])
     assert trainer.ref_model is None  # no second copy: adapters disabled instead
     before = params_of(trainer.model)
@@ -157,7 +214,7 @@ def test_evaluate_reports_greedy_accuracy(tiny_model_dir, arithmetic_rows, tmp_p
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
 
 
-SEED_8_1 = '''
+SEED_8_1 = """
 from gspo_train import GSPOConfig, GSPOTrainer, GSPODataset
 
 # 创建配置
@@ -179,9 +236,9 @@ trainer = GSPOTrainer(config)
 
 # 开始训练
 trainer.train(dataset)
-'''
+"""
 
-SEED_8_2 = '''
+SEED_8_2 = """
 # 长序列任务配置
 config = GSPOConfig(
     group_size=6,  # 更大的组
@@ -199,7 +256,7 @@ config = GSPOConfig(
     use_group_normalization=False,  # 不使用标准化
     advantage_type="relative"  # 使用相对优势
 )
-'''
+"""
 
 
 def test_seed_example_8_1_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
@@ -212,8 +269,10 @@ def test_seed_example_8_1_runs_as_written(tiny_model_dir, tmp_path, monkeypatch)
     # The snippet uses two names it never defines: the user's data loader, and transformers' AutoTokenizer.
     from transformers import AutoTokenizer
 
-    namespace = {"load_training_data": lambda: ["1+2=", "3+4=", "5+6=", "7+8=", "9+1=", "2+3=", "4+5=", "6+7="],
-                 "AutoTokenizer": AutoTokenizer}
+    namespace = {
+        "load_training_data": lambda: ["1+2=", "3+4=", "5+6=", "7+8=", "9+1=", "2+3=", "4+5=", "6+7="],
+        "AutoTokenizer": AutoTokenizer,
+    }
     monkeypatch.setattr(GSPOConfig, "__post_init__", _short_generation(GSPOConfig.__post_init__))
     exec(compile(code, "seed_8_1", "exec"), namespace)
     history = namespace["trainer"].history
@@ -223,9 +282,11 @@ def test_seed_example_8_1_runs_as_written(tiny_model_dir, tmp_path, monkeypatch)
 
 def _short_generation(post_init):
     """The seed's defaults generate 128 tokens x gspo_epochs=4; keep the test fast by capping length only."""
+
     def patched(self):
         self.max_new_tokens = 8
         post_init(self)
+
     return patched
 
 

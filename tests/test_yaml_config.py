@@ -1,4 +1,5 @@
 """gspo.yaml_config: precedence, unknown keys, value parsing, the example configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import pytest
 import yaml
 
 from gspo.config import ConfigError, GSPOConfig
-from gspo.yaml_config import (config_fields, config_to_yaml, field_type, load_config, parse_cli_value, read_yaml)
+from gspo.yaml_config import config_fields, config_to_yaml, field_type, load_config, parse_cli_value, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -28,8 +29,8 @@ def test_defaults_when_nothing_given():
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     path = write(tmp_path, "group_size: 6\nlearning_rate: 2.0e-5\nkl_coef: 0.1\n")
     cfg = load_config(path, {"group_size": 8})
-    assert cfg.group_size == 8            # flag beats YAML
-    assert cfg.learning_rate == 2e-5      # YAML beats default
+    assert cfg.group_size == 8  # flag beats YAML
+    assert cfg.learning_rate == 2e-5  # YAML beats default
     assert cfg.kl_coef == 0.1
     assert cfg.batch_size == GSPOConfig().batch_size  # untouched default
 
@@ -101,9 +102,21 @@ def test_invalid_value_from_yaml_names_the_field(tmp_path):
 
 
 # ------------------------------------------------------------------ parse_cli_value
-@pytest.mark.parametrize("text,expected", [
-    ("true", True), ("True", True), ("1", True), ("yes", True), ("on", True),
-    ("false", False), ("FALSE", False), ("0", False), ("no", False), ("off", False)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("true", True),
+        ("True", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_parse_bool(text, expected):
     assert parse_cli_value("adaptive_kl", text) is expected
 
@@ -137,13 +150,17 @@ def test_parse_str_is_verbatim():
     assert parse_cli_value("importance_sampling_level", "sequence_token") == "sequence_token"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("exact_answer", ["exact_answer"]),
-    ("exact_answer,length_penalty", ["exact_answer", "length_penalty"]),
-    ("exact_answer, examples/custom_reward.py:my_reward", ["exact_answer", "examples/custom_reward.py:my_reward"]),
-    ("[a, b]", ["a", "b"]),
-    ("[]", []),
-    ("", [])])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("exact_answer", ["exact_answer"]),
+        ("exact_answer,length_penalty", ["exact_answer", "length_penalty"]),
+        ("exact_answer, examples/custom_reward.py:my_reward", ["exact_answer", "examples/custom_reward.py:my_reward"]),
+        ("[a, b]", ["a", "b"]),
+        ("[]", []),
+        ("", []),
+    ],
+)
 def test_parse_string_list(text, expected):
     assert parse_cli_value("reward_funcs", text) == expected
 
@@ -155,9 +172,16 @@ def test_parse_float_list():
         parse_cli_value("reward_weights", "1,heavy")
 
 
-@pytest.mark.parametrize("field,text", [
-    ("adaptive_kl", "maybe"), ("group_size", "four"), ("group_size", "2.5"), ("learning_rate", "fast"),
-    ("reward_funcs", "[a, b")])
+@pytest.mark.parametrize(
+    "field,text",
+    [
+        ("adaptive_kl", "maybe"),
+        ("group_size", "four"),
+        ("group_size", "2.5"),
+        ("learning_rate", "fast"),
+        ("reward_funcs", "[a, b"),
+    ],
+)
 def test_parse_errors_name_field_and_value(field, text):
     with pytest.raises(ConfigError) as info:
         parse_cli_value(field, text)
@@ -181,8 +205,15 @@ def test_every_field_type_is_supported():
 
 # ------------------------------------------------------------------ round trip
 def test_config_to_yaml_round_trips(tmp_path):
-    cfg = GSPOConfig(group_size=6, clip_range_low=3e-4, clip_range_high=4e-4, reward_funcs=["exact_answer"],
-                     reward_weights=[0.5], report_to=["jsonl", "tensorboard"], loss_aggregation=None)
+    cfg = GSPOConfig(
+        group_size=6,
+        clip_range_low=3e-4,
+        clip_range_high=4e-4,
+        reward_funcs=["exact_answer"],
+        reward_weights=[0.5],
+        report_to=["jsonl", "tensorboard"],
+        loss_aggregation=None,
+    )
     text = config_to_yaml(cfg)
     assert load_config(write(tmp_path, text)) == cfg
     assert list(yaml.safe_load(text)) == list(config_fields())  # every field, in order
@@ -199,16 +230,32 @@ def test_example_yaml_loads(path, monkeypatch):
 
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"default.yaml", "long_sequence.yaml", "short_sequence.yaml", "paper.yaml",
-            "custom_reward.yaml"} <= names
+    assert {"default.yaml", "long_sequence.yaml", "short_sequence.yaml", "paper.yaml", "custom_reward.yaml"} <= names
 
 
 def test_brief_section_8_2_values():
-    long, short = read_yaml(str(ROOT / "examples/long_sequence.yaml")), read_yaml(str(ROOT / "examples/short_sequence.yaml"))
-    assert {k: long[k] for k in ("group_size", "gspo_epochs", "clip_range", "use_group_normalization", "advantage_type")} == \
-        {"group_size": 6, "gspo_epochs": 5, "clip_range": 0.15, "use_group_normalization": True, "advantage_type": "normalized"}
-    assert {k: short[k] for k in ("group_size", "gspo_epochs", "clip_range", "use_group_normalization", "advantage_type")} == \
-        {"group_size": 3, "gspo_epochs": 3, "clip_range": 0.25, "use_group_normalization": False, "advantage_type": "relative"}
+    long, short = (
+        read_yaml(str(ROOT / "examples/long_sequence.yaml")),
+        read_yaml(str(ROOT / "examples/short_sequence.yaml")),
+    )
+    assert {
+        k: long[k] for k in ("group_size", "gspo_epochs", "clip_range", "use_group_normalization", "advantage_type")
+    } == {
+        "group_size": 6,
+        "gspo_epochs": 5,
+        "clip_range": 0.15,
+        "use_group_normalization": True,
+        "advantage_type": "normalized",
+    }
+    assert {
+        k: short[k] for k in ("group_size", "gspo_epochs", "clip_range", "use_group_normalization", "advantage_type")
+    } == {
+        "group_size": 3,
+        "gspo_epochs": 3,
+        "clip_range": 0.25,
+        "use_group_normalization": False,
+        "advantage_type": "relative",
+    }
 
 
 def test_paper_preset_values():

@@ -1,4 +1,5 @@
 """gspo: Group Sequence Policy Optimization for Hugging Face causal language models."""
+
 import os
 
 from gspo.config import ConfigError, GSPOConfig
@@ -25,8 +26,10 @@ __all__ = ["GSPOConfig", "ConfigError", "GSPOTrainer", "GSPODataset", "__version
 def __getattr__(name):  # keep `import gspo` light: the trainer pulls in transformers
     if name == "GSPOTrainer":
         from gspo.trainer import GSPOTrainer
+
         return GSPOTrainer
     if name == "GSPODataset":
         from gspo.data import GSPODataset
+
         return GSPODataset
     raise AttributeError(name)

@@ -1,4 +1,5 @@
 """`python -m gspo ...` and `accelerate launch -m gspo train ...` run the `gspo` command."""
+
 import sys
 
 from gspo.cli import main

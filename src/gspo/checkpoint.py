@@ -17,6 +17,7 @@ Sharded back-ends (gspo.backends) read the same files with `read_full_model_stat
 Security: weights only through safetensors, other state only through
 `torch.load(weights_only=True)`, so loading a checkpoint cannot execute code.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,8 +124,7 @@ def _rng_state() -> dict:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "python": [version, list(internal), gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                  float(np_gauss)],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -150,8 +150,18 @@ def _set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------
-def _write_contents(tmp: Path, step: int, model, *, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    model_state: Optional[dict], optimizer_state: Optional[dict]) -> None:
+def _write_contents(
+    tmp: Path,
+    step: int,
+    model,
+    *,
+    tokenizer,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    model_state: Optional[dict],
+    optimizer_state: Optional[dict],
+) -> None:
     # Serialise the trainer state first: a non-JSON value should fail before anything big is written.
     state_json = json.dumps({"step": int(step), **trainer_state}, indent=2, allow_nan=False)
     _save_weights(model, tmp, model_state)
@@ -181,10 +191,20 @@ def open_staging(output_dir, step: int) -> Path:
     return tmp
 
 
-def save_checkpoint(output_dir, step: int, model, *, tokenizer=None, optimizer=None, scheduler=None,
-                    trainer_state: Optional[dict] = None, save_total_limit: Optional[int] = None,
-                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
-                    staged: Optional[Path] = None) -> Path:
+def save_checkpoint(
+    output_dir,
+    step: int,
+    model,
+    *,
+    tokenizer=None,
+    optimizer=None,
+    scheduler=None,
+    trainer_state: Optional[dict] = None,
+    save_total_limit: Optional[int] = None,
+    model_state: Optional[dict] = None,
+    optimizer_state: Optional[dict] = None,
+    staged: Optional[Path] = None,
+) -> Path:
     """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
 
     Call on the main process only. Saving the same step twice replaces the earlier one.
@@ -204,8 +224,17 @@ def save_checkpoint(output_dir, step: int, model, *, tokenizer=None, optimizer=N
             shutil.rmtree(tmp)
         tmp.mkdir()
     try:
-        _write_contents(tmp, step, _unwrap(model), tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state=trainer_state or {}, model_state=model_state, optimizer_state=optimizer_state)
+        _write_contents(
+            tmp,
+            step,
+            _unwrap(model),
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state=trainer_state or {},
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+        )
         _fsync_tree(tmp)  # data must be durable before the marker claims completeness
         with open(tmp / COMPLETE_MARKER, "w") as fh:
             fh.write(f"{int(step)}\n")
@@ -268,8 +297,10 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     if str(spec) == "latest":
         found = find_latest_checkpoint(output_dir)
         if found is None:
-            raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir} holds no complete "
-                                    f"{CHECKPOINT_PREFIX}<step> directory")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint='latest' but {output_dir} holds no complete "
+                f"{CHECKPOINT_PREFIX}<step> directory"
+            )
         return found
     path = Path(spec).expanduser()
     if not path.exists():
@@ -281,8 +312,10 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     inner = find_latest_checkpoint(path)
     if inner is not None:
         return inner
-    raise ValueError(f"{path} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: the save was "
-                     f"interrupted) and holds no complete {CHECKPOINT_PREFIX}<step> directory")
+    raise ValueError(
+        f"{path} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: the save was "
+        f"interrupted) and holds no complete {CHECKPOINT_PREFIX}<step> directory"
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -306,7 +339,9 @@ def _load_safetensors_dir(path: Path, stem: str) -> dict:
 def _tied_groups(model) -> dict[str, set[str]]:
     """name -> all names sharing its storage (tied embeddings etc.), from the live model."""
     by_ptr: dict[int, set[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
         by_ptr.setdefault(t.data_ptr(), set()).add(name)
     return {name: group for group in by_ptr.values() for name in group}
 
@@ -361,8 +396,10 @@ def holds_adapter(path) -> bool:
 def _check_same_kind(path: Path, model) -> None:
     has_adapter = holds_adapter(path)
     if has_adapter != _is_peft(model):
-        raise ValueError(f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
-                         f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting")
+        raise ValueError(
+            f"{path} holds {'a LoRA adapter' if has_adapter else 'full model weights'} but the model "
+            f"is {'not ' if has_adapter else ''}a peft model: resume with the same use_lora setting"
+        )
 
 
 def load_weights(path, model) -> None:
@@ -387,8 +424,11 @@ def read_state_file(path, name: str, for_what: str = "") -> dict:
     """optimizer.pt / scheduler.pt, loaded safely (tensors and plain containers only)."""
     path = Path(path)
     if not (path / name).is_file():
-        hint = " (written by a DeepSpeed run: resume it under the same DeepSpeed launch)" if (
-            path / "deepspeed").is_dir() else ""
+        hint = (
+            " (written by a DeepSpeed run: resume it under the same DeepSpeed launch)"
+            if (path / "deepspeed").is_dir()
+            else ""
+        )
         raise FileNotFoundError(f"{path}: no {name} to restore {for_what or name} from{hint}")
     # map_location cpu: optimizers move their state to each parameter's device on load.
     return torch.load(path / name, map_location="cpu", weights_only=True)
@@ -414,8 +454,10 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore
     if optimizer is not None:
         state = read_state_file(path, OPTIMIZER_FILE, type(optimizer).__name__)
         if keyed_by_name(state):
-            raise ValueError(f"{path}: the optimizer state is keyed by parameter name (a sharded run wrote it); "
-                             f"resume it through GSPOTrainer(resume_from_checkpoint=...), whose back-end reads it")
+            raise ValueError(
+                f"{path}: the optimizer state is keyed by parameter name (a sharded run wrote it); "
+                f"resume it through GSPOTrainer(resume_from_checkpoint=...), whose back-end reads it"
+            )
         optimizer.load_state_dict(state)
     if scheduler is not None:
         scheduler.load_state_dict(read_state_file(path, SCHEDULER_FILE, type(scheduler).__name__))
@@ -429,8 +471,14 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore
 # ----------------------------------------------------------------------------------
 # Files a previous export may have left that would change how the directory loads
 # (e.g. a stale adapter_config.json makes from_pretrained treat it as an adapter).
-_MODEL_FILE_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-                        "adapter_model.safetensors", "adapter_config.json", "pytorch_model*.bin")
+_MODEL_FILE_PATTERNS = (
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "pytorch_model*.bin",
+)
 
 
 def save_final_model(model, tokenizer, output_dir, merge_lora: bool = False, state_dict: Optional[dict] = None) -> Path:

@@ -13,6 +13,7 @@ dataclass defaults. Multi-process runs: `accelerate launch -m gspo train ...`.
 User mistakes (a bad config value, unreadable data, a broken reward function) print
 "gspo: error: <message>" and exit with status 2, without a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,11 +73,13 @@ def field_help_line(f: dataclasses.Field) -> str:
 
 def _converter(name: str) -> Callable[[str], Any]:
     """argparse `type=`: parse_cli_value, with its message turned into argparse's error."""
+
     def convert(text: str) -> Any:
         try:
             return parse_cli_value(name, text)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     convert.__name__ = type_name(name)  # argparse names the type in some messages
     return convert
 
@@ -86,8 +89,14 @@ def add_field_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("GSPOConfig fields (override the YAML file)")
     for name, f in config_fields().items():
         metavar = type_name(name).split("[")[0].split(" ")[0].upper()
-        group.add_argument(f"--{name}", dest=name, type=_converter(name), default=argparse.SUPPRESS,
-                           metavar=metavar, help=field_help_line(f).replace("%", "%%"))
+        group.add_argument(
+            f"--{name}",
+            dest=name,
+            type=_converter(name),
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=field_help_line(f).replace("%", "%%"),
+        )
 
 
 def field_overrides(args: argparse.Namespace) -> dict:
@@ -100,8 +109,14 @@ def _fields_epilog() -> str:
     lines = ["config fields (YAML keys, and --<field> flags of train / eval / config):"]
     for name, f in config_fields().items():
         lines.append(f"  {name} ({type_name(name)})")
-        lines += textwrap.wrap(field_help_line(f), 88, initial_indent="      ", subsequent_indent="      ",
-                               break_on_hyphens=False, break_long_words=False)
+        lines += textwrap.wrap(
+            field_help_line(f),
+            88,
+            initial_indent="      ",
+            subsequent_indent="      ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
     return "\n".join(lines)
 
 
@@ -113,47 +128,76 @@ def _wrap(text: str) -> str:
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest="config_path", metavar="YAML", default=None,
-                        help="YAML file of GSPOConfig fields (see examples/); flags override it.")
+    parser.add_argument(
+        "--config",
+        dest="config_path",
+        metavar="YAML",
+        default=None,
+        help="YAML file of GSPOConfig fields (see examples/); flags override it.",
+    )
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", usage=f"{PROG} train [--config YAML] [--<field> VALUE ...]", help="Train with GSPO (reads dataset_path from the config).",
-                       description=_wrap("Train a policy with GSPO on dataset_path. Precedence: GSPOConfig "
-                                         "defaults < --config YAML < --<field> flags. Multi-process: "
-                                         "accelerate launch -m gspo train ..."),
-                       formatter_class=_HelpFormatter)
+    p = sub.add_parser(
+        "train",
+        usage=f"{PROG} train [--config YAML] [--<field> VALUE ...]",
+        help="Train with GSPO (reads dataset_path from the config).",
+        description=_wrap(
+            "Train a policy with GSPO on dataset_path. Precedence: GSPOConfig "
+            "defaults < --config YAML < --<field> flags. Multi-process: "
+            "accelerate launch -m gspo train ..."
+        ),
+        formatter_class=_HelpFormatter,
+    )
     _add_config_option(p)
     add_field_flags(p)
     p.set_defaults(handler=cmd_train)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", usage=f"{PROG} eval [--model DIR] [--dataset PATH] [--out JSON] [--max_samples N] "
-                                     "[--config YAML] [--<field> VALUE ...]", help="Greedy-decode a model on a prompt set and score it with reward functions.",
-                       description=_wrap("Evaluate a model: greedy decoding, rewards, eval/accuracy (the share "
-                                         "of prompts whose total reward >= accuracy_threshold). Prints the "
-                                         "metrics as JSON. No reference model is loaded."),
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="Model to evaluate (a directory, hub id or builtin:tiny-arithmetic); "
-                        "default: policy_model_name.")
-    p.add_argument("--dataset", default=None, metavar="PATH",
-                   help="Prompts: a file, dataset directory or builtin:arithmetic-eval; default: eval_dataset_path.")
+    p = sub.add_parser(
+        "eval",
+        usage=f"{PROG} eval [--model DIR] [--dataset PATH] [--out JSON] [--max_samples N] "
+        "[--config YAML] [--<field> VALUE ...]",
+        help="Greedy-decode a model on a prompt set and score it with reward functions.",
+        description=_wrap(
+            "Evaluate a model: greedy decoding, rewards, eval/accuracy (the share "
+            "of prompts whose total reward >= accuracy_threshold). Prints the "
+            "metrics as JSON. No reference model is loaded."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="Model to evaluate (a directory, hub id or builtin:tiny-arithmetic); default: policy_model_name.",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        metavar="PATH",
+        help="Prompts: a file, dataset directory or builtin:arithmetic-eval; default: eval_dataset_path.",
+    )
     p.add_argument("--out", default=None, metavar="JSON", help="Also write the metrics to this JSON file.")
-    p.add_argument("--max_samples", type=int, default=None, metavar="N",
-                   help="Evaluate at most N prompts (sets eval_max_samples).")
+    p.add_argument(
+        "--max_samples", type=int, default=None, metavar="N", help="Evaluate at most N prompts (sets eval_max_samples)."
+    )
     _add_config_option(p)
     add_field_flags(p)
     p.set_defaults(handler=cmd_eval)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="Offline demo: GSPO on the built-in arithmetic task with the tiny model.",
-                       formatter_class=_HelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="Offline demo: GSPO on the built-in arithmetic task with the tiny model.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--output_dir", default="outputs/demo", metavar="DIR", help="Default: outputs/demo.")
-    p.add_argument("--max_steps", type=int, default=None, metavar="N",
-                   help="Training steps (default: the demo's tuned value).")
+    p.add_argument(
+        "--max_steps", type=int, default=None, metavar="N", help="Training steps (default: the demo's tuned value)."
+    )
     p.set_defaults(handler=cmd_demo)
 
 
@@ -165,8 +209,12 @@ def _add_plot(sub) -> None:
 
 
 def _add_config(sub) -> None:
-    p = sub.add_parser("config", usage=f"{PROG} config [--config YAML] [--<field> VALUE ...]", help="Print the resolved config as YAML (checks precedence and values).",
-                       formatter_class=_HelpFormatter)
+    p = sub.add_parser(
+        "config",
+        usage=f"{PROG} config [--config YAML] [--<field> VALUE ...]",
+        help="Print the resolved config as YAML (checks precedence and values).",
+        formatter_class=_HelpFormatter,
+    )
     _add_config_option(p)
     add_field_flags(p)
     p.set_defaults(handler=cmd_config)
@@ -176,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     from gspo import __version__
 
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0] + "\n\n" + textwrap.dedent(__doc__.split("\n\n")[1]),
-        epilog=_fields_epilog(), formatter_class=_HelpFormatter, allow_abbrev=False)
+        prog=PROG,
+        description=__doc__.split("\n\n")[0] + "\n\n" + textwrap.dedent(__doc__.split("\n\n")[1]),
+        epilog=_fields_epilog(),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_eval, _add_demo, _add_plot, _add_config):
@@ -193,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _require_reward(cfg: GSPOConfig, command: str) -> None:
     """Fail before any model is loaded when the run could not score a completion."""
     if not cfg.reward_funcs and not cfg.reward_model_name:
-        raise ConfigError(f"gspo {command} needs a reward: pass --reward_funcs NAME[,NAME] "
-                          "(e.g. exact_answer, or path/to/file.py:function) or --reward_model_name")
+        raise ConfigError(
+            f"gspo {command} needs a reward: pass --reward_funcs NAME[,NAME] "
+            "(e.g. exact_answer, or path/to/file.py:function) or --reward_model_name"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -274,11 +328,13 @@ def user_errors() -> tuple:
     errors: list = [ConfigError]
     try:
         from gspo.data import DataError
+
         errors.append(DataError)
     except ImportError:
         pass
     try:
         from gspo.rewards import RewardError
+
         errors.append(RewardError)
     except ImportError:
         pass

@@ -14,6 +14,7 @@ The seed's fields keep the seed's names and defaults (`group_size=4`,
   defaults "relative" + True). `advantage_type="normalized"` with
   `use_group_normalization=False` contradicts itself and is rejected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,97 +41,206 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class GSPOConfig:
     # --- models ---------------------------------------------------------------------
-    policy_model_name: str = _f("builtin:tiny-arithmetic", "Policy model: a Hugging Face hub id, a local directory, or 'builtin:tiny-arithmetic' (the offline demo model, built locally on first use).")
-    reward_model_name: Optional[str] = _f(None, "Optional reward model (AutoModelForSequenceClassification with one output label) scoring prompt + completion; its score is added to the reward functions' weighted sum.")
+    policy_model_name: str = _f(
+        "builtin:tiny-arithmetic",
+        "Policy model: a Hugging Face hub id, a local directory, or 'builtin:tiny-arithmetic' (the offline demo "
+        "model, built locally on first use).",
+    )
+    reward_model_name: Optional[str] = _f(
+        None,
+        "Optional reward model (AutoModelForSequenceClassification with one output label) scoring prompt + "
+        "completion; its score is added to the reward functions' weighted sum.",
+    )
     reward_model_weight: float = _f(1.0, "Weight of the reward model's score in the total reward.")
-    reward_funcs: list = _f([], "Reward functions by reference: built-in names, 'module:function' or 'path/to/file.py:function'. Python callers may also pass callables to GSPOTrainer(reward_funcs=...).")
+    reward_funcs: list = _f(
+        [],
+        "Reward functions by reference: built-in names, 'module:function' or 'path/to/file.py:function'. Python "
+        "callers may also pass callables to GSPOTrainer(reward_funcs=...).",
+    )
     reward_weights: Optional[list] = _f(None, "One weight per reward function (default: all 1.0).")
-    reward_error_policy: str = _f("raise", "What a failing reward function does: 'raise' (stop with an error naming the function and sample) or 'penalty' (use reward_penalty_value for that sample and count it in the metric reward_penalized).", choices=("raise", "penalty"))
-    reward_penalty_value: float = _f(0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'.")
-    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless you trust the source.")
+    reward_error_policy: str = _f(
+        "raise",
+        "What a failing reward function does: 'raise' (stop with an error naming the function and sample) or "
+        "'penalty' (use reward_penalty_value for that sample and count it in the metric reward_penalized).",
+        choices=("raise", "penalty"),
+    )
+    reward_penalty_value: float = _f(
+        0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'."
+    )
+    trust_remote_code: bool = _f(
+        False, "Allow model repositories to run their own code. Off unless you trust the source."
+    )
     torch_dtype: str = _f("float32", "Dtype the models are loaded in.", choices=("float32", "bfloat16", "float16"))
-    mixed_precision: str = _f("no", "'bf16': forward passes (rollouts, reference, training) run under bfloat16 autocast "
-                                 "while weights, gradients, AdamW state and the loss math stay float32, like "
-                                 "TrainingArguments(bf16=True). Measured ~3x faster matmuls on a CPU with AMX (bench/README.md; not "
-                                 "measured on GPUs); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
-                                 "Under DeepSpeed, set mixed_precision in the accelerate config instead.",
-                              choices=("no", "bf16"))
-    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass: "
-                                        "layer activations are recomputed, and the output head runs "
-                                        "entropy_chunk_size tokens at a time, recomputed in backward, so no "
-                                        "[tokens, vocabulary] logits tensor is ever held (without it this happens "
-                                        "only when a micro-batch's fp32 logits would exceed 1 GiB).")
-    fsdp: bool = _f(False, "Shard parameters, gradients and optimizer state across processes with PyTorch FSDP2 "
-                          "(fully_shard on every decoder layer, then the root) instead of replicating them (DDP). "
-                          "Only when launched with more than one process; works with gloo (CPU) and NCCL. The "
-                          "rollout is generated with the full weights gathered once per step; the reference "
-                          "model is sharded too.")
+    mixed_precision: str = _f(
+        "no",
+        "'bf16': forward passes (rollouts, reference, training) run under bfloat16 autocast "
+        "while weights, gradients, AdamW state and the loss math stay float32, like "
+        "TrainingArguments(bf16=True). Measured ~3x faster matmuls on a CPU with AMX (bench/README.md; not "
+        "measured on GPUs); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
+        "Under DeepSpeed, set mixed_precision in the accelerate config instead.",
+        choices=("no", "bf16"),
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Trade compute for memory in the policy's backward pass: "
+        "layer activations are recomputed, and the output head runs "
+        "entropy_chunk_size tokens at a time, recomputed in backward, so no "
+        "[tokens, vocabulary] logits tensor is ever held (without it this happens "
+        "only when a micro-batch's fp32 logits would exceed 1 GiB).",
+    )
+    fsdp: bool = _f(
+        False,
+        "Shard parameters, gradients and optimizer state across processes with PyTorch FSDP2 "
+        "(fully_shard on every decoder layer, then the root) instead of replicating them (DDP). "
+        "Only when launched with more than one process; works with gloo (CPU) and NCCL. The "
+        "rollout is generated with the full weights gathered once per step; the reference "
+        "model is sharded too.",
+    )
     # --- data -----------------------------------------------------------------------
-    dataset_path: Optional[str] = _f(None, "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory ('builtin:arithmetic' for the demo task).")
-    prompt_column: str = _f("prompt", "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat template). Other columns reach the reward functions as keyword arguments.")
+    dataset_path: Optional[str] = _f(
+        None,
+        "Training prompts: a .jsonl/.json/.csv/.parquet file or a local Hugging Face dataset directory "
+        "('builtin:arithmetic' for the demo task).",
+    )
+    prompt_column: str = _f(
+        "prompt",
+        "Column holding the prompt (a string, or a list of chat messages formatted with the tokenizer's chat "
+        "template). Other columns reach the reward functions as keyword arguments.",
+    )
     eval_dataset_path: Optional[str] = _f(None, "Evaluation prompts, same formats as dataset_path.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; see prompt_truncation.")
-    prompt_truncation: str = _f("error", "A prompt longer than max_prompt_length: 'error' stops with the offending row, 'left' keeps its last max_prompt_length tokens and warns once.", choices=("error", "left"))
+    prompt_truncation: str = _f(
+        "error",
+        "A prompt longer than max_prompt_length: 'error' stops with the offending row, 'left' keeps its last "
+        "max_prompt_length tokens and warns once.",
+        choices=("error", "left"),
+    )
     # --- batch shape ----------------------------------------------------------------
     batch_size: int = _f(8, "Prompts per rollout batch (one training step), across all processes.")
     group_size: int = _f(4, "Completions sampled per prompt (G). Advantages compare completions within a group.")
-    num_mini_batches: int = _f(1, "Optimizer updates per pass over a rollout batch (the paper uses 4). More than 1 makes later updates off-policy.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches each mini-batch is split into for the forward/backward pass; changes memory, not the result.")
+    num_mini_batches: int = _f(
+        1,
+        "Optimizer updates per pass over a rollout batch (the paper uses 4). More than 1 makes later updates "
+        "off-policy.",
+    )
+    gradient_accumulation_steps: int = _f(
+        1, "Micro-batches each mini-batch is split into for the forward/backward pass; changes memory, not the result."
+    )
     # --- schedule -------------------------------------------------------------------
     num_epochs: int = _f(3, "Passes over the prompt dataset.")
     max_steps: int = _f(-1, "Stop after this many training steps (rollout batches); -1 means num_epochs decides.")
-    gspo_epochs: int = _f(4, "Passes over each rollout batch (PPO-style epochs). 1 with num_mini_batches=1 is strictly on-policy.")
+    gspo_epochs: int = _f(
+        4, "Passes over each rollout batch (PPO-style epochs). 1 with num_mini_batches=1 is strictly on-policy."
+    )
     learning_rate: float = _f(1e-5, "AdamW peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
-    lr_scheduler_type: str = _f("constant", "Learning-rate schedule after warmup, over optimizer updates.", choices=("constant", "linear", "cosine"))
+    lr_scheduler_type: str = _f(
+        "constant",
+        "Learning-rate schedule after warmup, over optimizer updates.",
+        choices=("constant", "linear", "cosine"),
+    )
     warmup_steps: int = _f(0, "Optimizer updates of linear warmup.")
     seed: int = _f(42, "Seed for Python, NumPy and torch (sampling included).")
     # --- algorithm ------------------------------------------------------------------
-    importance_sampling_level: str = _f("sequence", "'sequence' = GSPO (paper Eq. 5-7), 'sequence_token' = GSPO-token (Eq. 13-14), 'token' = GRPO-style per-token ratios.", choices=IMPORTANCE_LEVELS)
-    clip_range: Optional[float] = _f(None, "Symmetric clip epsilon. None: the level's recommended value (3e-4/4e-4 for the sequence levels, 0.2 for token level).")
+    importance_sampling_level: str = _f(
+        "sequence",
+        "'sequence' = GSPO (paper Eq. 5-7), 'sequence_token' = GSPO-token (Eq. 13-14), 'token' = GRPO-style "
+        "per-token ratios.",
+        choices=IMPORTANCE_LEVELS,
+    )
+    clip_range: Optional[float] = _f(
+        None,
+        "Symmetric clip epsilon. None: the level's recommended value (3e-4/4e-4 for the sequence levels, 0.2 for "
+        "token level).",
+    )
     clip_range_low: Optional[float] = _f(None, "Lower clip epsilon (ratio floor 1 - eps); overrides clip_range.")
     clip_range_high: Optional[float] = _f(None, "Upper clip epsilon (ratio ceiling 1 + eps); overrides clip_range.")
-    loss_aggregation: Optional[str] = _f(None, "Token level only: 'seq-mean-token-mean' (default), 'token-mean' or 'seq-mean-token-sum'. The sequence levels are mean over sequences by definition and accept only None or 'seq-mean-token-mean'.", choices=(None,) + AGGREGATIONS)
+    loss_aggregation: Optional[str] = _f(
+        None,
+        "Token level only: 'seq-mean-token-mean' (default), 'token-mean' or 'seq-mean-token-sum'. The sequence "
+        "levels are mean over sequences by definition and accept only None or 'seq-mean-token-mean'.",
+        choices=(None,) + AGGREGATIONS,
+    )
     max_log_ratio: float = _f(20.0, "Clamp on |log ratio| before exp, so an outlier cannot overflow to inf/NaN.")
-    advantage_type: str = _f("relative", "'relative': A = r - mean(group); 'normalized': also divide by the group std. See use_group_normalization.", choices=("relative", "normalized"))
-    use_group_normalization: bool = _f(True, "Divide advantages by the group's sample std (+1e-8). Normalisation happens when this is True or advantage_type='normalized'.")
+    advantage_type: str = _f(
+        "relative",
+        "'relative': A = r - mean(group); 'normalized': also divide by the group std. See use_group_normalization.",
+        choices=("relative", "normalized"),
+    )
+    use_group_normalization: bool = _f(
+        True,
+        "Divide advantages by the group's sample std (+1e-8). Normalisation happens when this is True or "
+        "advantage_type='normalized'.",
+    )
     entropy_coef: float = _f(0.01, "Weight of the entropy bonus (mean per-token entropy over completion tokens).")
-    kl_coef: float = _f(0.2, "Initial weight of the KL penalty to the frozen reference model. 0 with adaptive_kl off loads no reference model.")
-    kl_estimator: str = _f("k3", "Per-token KL estimator: 'k1' (log ratio), 'k2' (half squared log ratio), 'k3' (exp(ref-logp)-(ref-logp)-1, unbiased and >= 0).", choices=KL_ESTIMATORS)
+    kl_coef: float = _f(
+        0.2,
+        "Initial weight of the KL penalty to the frozen reference model. 0 with adaptive_kl off loads no reference "
+        "model.",
+    )
+    kl_estimator: str = _f(
+        "k3",
+        "Per-token KL estimator: 'k1' (log ratio), 'k2' (half squared log ratio), 'k3' (exp(ref-logp)-(ref-logp)-1, "
+        "unbiased and >= 0).",
+        choices=KL_ESTIMATORS,
+    )
     target_kl: float = _f(0.01, "KL the adaptive controller steers towards.")
-    adaptive_kl: bool = _f(True, "Adapt kl_coef (Ziegler et al. 2019): kl_coef *= 1 + clip(kl/target_kl - 1, -0.2, 0.2) * batch/horizon.")
+    adaptive_kl: bool = _f(
+        True, "Adapt kl_coef (Ziegler et al. 2019): kl_coef *= 1 + clip(kl/target_kl - 1, -0.2, 0.2) * batch/horizon."
+    )
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in samples.")
-    entropy_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs and entropy over the vocabulary, bounding peak memory "
-                                      "(the output head too, in no-grad passes and under gradient_checkpointing).")
+    entropy_chunk_size: int = _f(
+        1024,
+        "Tokens per chunk when computing log-probs and entropy over the vocabulary, bounding peak memory "
+        "(the output head too, in no-grad passes and under gradient_checkpointing).",
+    )
     # --- generation -----------------------------------------------------------------
     max_new_tokens: int = _f(128, "Longest completion in tokens; a completion cut here counts as truncated.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
     # --- LoRA -----------------------------------------------------------------------
-    use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; the reference policy is the base model with adapters disabled.")
+    use_lora: bool = _f(
+        False,
+        "Train LoRA adapters (peft) instead of all weights; the reference policy is the base model with adapters "
+        "disabled.",
+    )
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_target_modules: list = _f(["all-linear"], "Modules to adapt ('all-linear' or module names such as q_proj, v_proj).")
-    merge_lora_on_save: bool = _f(False, "Save the final model with adapters merged into the base weights instead of the adapter alone.")
+    lora_target_modules: list = _f(
+        ["all-linear"], "Modules to adapt ('all-linear' or module names such as q_proj, v_proj)."
+    )
+    merge_lora_on_save: bool = _f(
+        False, "Save the final model with adapters merged into the base weights instead of the adapter alone."
+    )
     # --- output, logging, evaluation, checkpoints -----------------------------------
     output_dir: str = _f("outputs/gspo", "Where metrics, plots, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Print a progress line every N steps (metrics.jsonl always gets every step).")
     log_completions_steps: int = _f(10, "Print a table of sampled completions and rewards every N steps (0 disables).")
     report_to: list = _f(["jsonl"], "Metric sinks: any of 'jsonl' (always on), 'tensorboard', 'wandb'.")
     progress_bar: bool = _f(True, "Show a live progress bar.")
-    eval_steps: int = _f(0, "Evaluate on eval_dataset_path every N steps with greedy decoding (0: only at the end, if an eval set is given).")
+    eval_steps: int = _f(
+        0,
+        "Evaluate on eval_dataset_path every N steps with greedy decoding (0: only at the end, if an eval set is "
+        "given).",
+    )
     eval_max_samples: int = _f(256, "Evaluate on at most this many eval prompts.")
     eval_batch_size: int = _f(64, "Prompts per greedy-decoding batch during evaluation.")
-    accuracy_threshold: float = _f(1.0, "A completion counts as correct in eval/accuracy when its total reward is >= this.")
+    accuracy_threshold: float = _f(
+        1.0, "A completion counts as correct in eval/accuracy when its total reward is >= this."
+    )
     save_steps: int = _f(0, "Save a checkpoint every N steps (0 disables; the final model is always saved).")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
-    resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint directory, or 'latest' for the newest complete one in output_dir.")
-    max_consecutive_skipped_updates: int = _f(3, "A non-finite loss or gradient skips that update; this many in a row stops the run with a checkpoint.")
+    resume_from_checkpoint: Optional[str] = _f(
+        None, "A checkpoint directory, or 'latest' for the newest complete one in output_dir."
+    )
+    max_consecutive_skipped_updates: int = _f(
+        3, "A non-finite loss or gradient skips that update; this many in a row stops the run with a checkpoint."
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -179,9 +289,17 @@ def _check_choices(cfg: GSPOConfig) -> None:
 
 
 # Fields whose default is None: the type of a value that is not None.
-_OPTIONAL_TYPES = {"reward_model_name": str, "reward_weights": list, "dataset_path": str, "eval_dataset_path": str,
-                   "clip_range": float, "clip_range_low": float, "clip_range_high": float, "save_total_limit": int,
-                   "resume_from_checkpoint": str}
+_OPTIONAL_TYPES = {
+    "reward_model_name": str,
+    "reward_weights": list,
+    "dataset_path": str,
+    "eval_dataset_path": str,
+    "clip_range": float,
+    "clip_range_low": float,
+    "clip_range_high": float,
+    "save_total_limit": int,
+    "resume_from_checkpoint": str,
+}
 
 
 def _check_types(cfg: GSPOConfig) -> None:
@@ -204,20 +322,47 @@ def _check_types(cfg: GSPOConfig) -> None:
         else:
             ok = isinstance(v, type(d))
         if not ok:
-            raise _err(f.name, v, f"expected a {'finite ' if isinstance(d, float) else ''}{type(d).__name__}"
-                       + (" or None" if f.default is None else ""))
+            raise _err(
+                f.name,
+                v,
+                f"expected a {'finite ' if isinstance(d, float) else ''}{type(d).__name__}"
+                + (" or None" if f.default is None else ""),
+            )
 
 
 def _check_ranges(cfg: GSPOConfig) -> None:
-    positive = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs",
-                "gspo_epochs", "max_new_tokens", "max_prompt_length", "kl_horizon",
-                "entropy_chunk_size", "eval_batch_size", "eval_max_samples",
-                "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha")
+    positive = (
+        "batch_size",
+        "num_mini_batches",
+        "gradient_accumulation_steps",
+        "num_epochs",
+        "gspo_epochs",
+        "max_new_tokens",
+        "max_prompt_length",
+        "kl_horizon",
+        "entropy_chunk_size",
+        "eval_batch_size",
+        "eval_max_samples",
+        "logging_steps",
+        "max_consecutive_skipped_updates",
+        "lora_r",
+        "lora_alpha",
+    )
     for name in positive:
         if getattr(cfg, name) < 1:
             raise _err(name, getattr(cfg, name), "must be >= 1")
-    non_negative = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef",
-                    "eval_steps", "save_steps", "log_completions_steps", "top_k", "lora_dropout")
+    non_negative = (
+        "weight_decay",
+        "max_grad_norm",
+        "warmup_steps",
+        "entropy_coef",
+        "kl_coef",
+        "eval_steps",
+        "save_steps",
+        "log_completions_steps",
+        "top_k",
+        "lora_dropout",
+    )
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise _err(name, getattr(cfg, name), "must be >= 0")
@@ -230,7 +375,11 @@ def _check_ranges(cfg: GSPOConfig) -> None:
         if v is not None and not (isinstance(v, (int, float)) and 0 < v):
             raise _err(name, v, "must be a number > 0, or None for the level's recommended value")
     if cfg.clip_low >= 1:
-        raise _err("clip_range_low" if cfg.clip_range_low is not None else "clip_range", cfg.clip_low, "the lower epsilon must be < 1 (the ratio floor is 1 - eps)")
+        raise _err(
+            "clip_range_low" if cfg.clip_range_low is not None else "clip_range",
+            cfg.clip_low,
+            "the lower epsilon must be < 1 (the ratio floor is 1 - eps)",
+        )
     if cfg.seed < 0:
         raise _err("seed", cfg.seed, "must be >= 0 (NumPy rejects negative seeds)")
     if not 0 <= cfg.lora_dropout < 1:
@@ -256,29 +405,47 @@ def _check_ranges(cfg: GSPOConfig) -> None:
 
 def _check_combinations(cfg: GSPOConfig) -> None:
     if cfg.advantage_type == "normalized" and not cfg.use_group_normalization:
-        raise ConfigError("GSPOConfig.advantage_type='normalized' contradicts use_group_normalization=False: "
-                          "set use_group_normalization=True, or advantage_type='relative' for unnormalised advantages.")
+        raise ConfigError(
+            "GSPOConfig.advantage_type='normalized' contradicts use_group_normalization=False: "
+            "set use_group_normalization=True, or advantage_type='relative' for unnormalised advantages."
+        )
     if cfg.importance_sampling_level != "token" and cfg.loss_aggregation not in (None, "seq-mean-token-mean"):
-        raise _err("loss_aggregation", cfg.loss_aggregation,
-                   f"importance_sampling_level={cfg.importance_sampling_level!r} is defined per sequence "
-                   "(mean over sequences); only None or 'seq-mean-token-mean' apply")
+        raise _err(
+            "loss_aggregation",
+            cfg.loss_aggregation,
+            f"importance_sampling_level={cfg.importance_sampling_level!r} is defined per sequence "
+            "(mean over sequences); only None or 'seq-mean-token-mean' apply",
+        )
     rollout = cfg.batch_size * cfg.group_size
     if rollout % cfg.num_mini_batches:
-        raise _err("num_mini_batches", cfg.num_mini_batches,
-                   f"must divide batch_size * group_size = {cfg.batch_size} * {cfg.group_size} = {rollout}")
+        raise _err(
+            "num_mini_batches",
+            cfg.num_mini_batches,
+            f"must divide batch_size * group_size = {cfg.batch_size} * {cfg.group_size} = {rollout}",
+        )
     mini = rollout // cfg.num_mini_batches
     if mini % cfg.gradient_accumulation_steps:
-        raise _err("gradient_accumulation_steps", cfg.gradient_accumulation_steps,
-                   f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)")
+        raise _err(
+            "gradient_accumulation_steps",
+            cfg.gradient_accumulation_steps,
+            f"must divide the mini-batch of {mini} sequences (batch_size * group_size / num_mini_batches)",
+        )
     if cfg.mixed_precision == "bf16" and cfg.torch_dtype == "float16":
-        raise _err("mixed_precision", cfg.mixed_precision, "bf16 autocast over float16 weights mixes two half "
-                   "precisions: use torch_dtype='float32' (master weights) or 'bfloat16'")
+        raise _err(
+            "mixed_precision",
+            cfg.mixed_precision,
+            "bf16 autocast over float16 weights mixes two half "
+            "precisions: use torch_dtype='float32' (master weights) or 'bfloat16'",
+        )
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.reward_funcs):
-        raise _err("reward_weights", cfg.reward_weights,
-                   f"needs one weight per entry of reward_funcs ({len(cfg.reward_funcs)})")
+        raise _err(
+            "reward_weights",
+            cfg.reward_weights,
+            f"needs one weight per entry of reward_funcs ({len(cfg.reward_funcs)})",
+        )
 
 
 def _looks_local(name: str) -> bool:

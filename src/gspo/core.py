@@ -13,6 +13,7 @@ Departures from the paper, on purpose:
 * the loss denominators (number of sequences / tokens) can be passed in, so that a
   batch split into micro-batches or across ranks gives the same gradient as the whole.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -144,22 +145,30 @@ def clipped_surrogate(
 def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, *, level, aggregation) -> str:
     _check_level(level)
     if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
-        raise ValueError("logprobs, old_logprobs and mask must share one [N, T] shape, got "
-                         f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            "logprobs, old_logprobs and mask must share one [N, T] shape, got "
+            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
     if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(f"advantages must be [N]={tuple(logprobs.shape[:1])} or [N, T]={tuple(logprobs.shape)}, "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be [N]={tuple(logprobs.shape[:1])} or [N, T]={tuple(logprobs.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
     if level == "sequence" and advantages.dim() == 2:
-        raise ValueError("level 'sequence' (GSPO, Eq. 5) takes one advantage per sequence [N]; "
-                         "use level 'sequence_token' (Eq. 13) for per-token advantages")
+        raise ValueError(
+            "level 'sequence' (GSPO, Eq. 5) takes one advantage per sequence [N]; "
+            "use level 'sequence_token' (Eq. 13) for per-token advantages"
+        )
     if level == "token":
         aggregation = aggregation or "seq-mean-token-mean"
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"loss aggregation {aggregation!r} is not one of {list(AGGREGATIONS)}")
         return aggregation
     if aggregation not in (None, "seq-mean-token-mean"):
-        raise ValueError(f"level {level!r} is defined per sequence (Eq. 5 / Eq. 14: mean over sequences); "
-                         f"aggregation must be None or 'seq-mean-token-mean', got {aggregation!r}")
+        raise ValueError(
+            f"level {level!r} is defined per sequence (Eq. 5 / Eq. 14: mean over sequences); "
+            f"aggregation must be None or 'seq-mean-token-mean', got {aggregation!r}"
+        )
     return "seq-mean-token-mean"
 
 
@@ -233,7 +242,7 @@ def kl_per_token(
     if estimator == "k1":
         return -log_r
     if estimator == "k2":
-        return 0.5 * log_r ** 2
+        return 0.5 * log_r**2
     if estimator == "k3":
         return torch.exp(log_r) - log_r - 1
     raise ValueError(f"KL estimator {estimator!r} is not one of {list(KL_ESTIMATORS)}")
@@ -359,8 +368,7 @@ def _row_blocks(logits: torch.Tensor) -> list:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False,
-                  entropy_grad: bool = False):
+def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False, entropy_grad: bool = False):
     """[C, V] logits, [C] labels -> ([C] log p(label) with grad, [C] entropy or None).
 
     The entropy (with_entropy) has no gradient unless entropy_grad. Low-precision logits are computed

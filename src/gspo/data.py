@@ -22,6 +22,7 @@ Choices, on purpose:
 * Rows that lack a column other rows have get None for it, so every item has the
   same keys and the trainer can repeat columns per completion without gaps.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,7 +124,7 @@ def _load_json(path: str) -> list:
     if isinstance(payload, list):
         return payload
     raise DataError(
-        f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, got {type(payload).__name__}"
+        f'{path}: expected a JSON list of objects or {{"data": [...]}}, got {type(payload).__name__}'
         + (f" with keys {sorted(payload)[:10]}" if isinstance(payload, dict) else "")
     )
 
@@ -149,7 +150,9 @@ def _check_rows(rows: list, source: str, prompt_column: str) -> list[dict]:
         raise DataError(f"dataset {source!r} is empty (no rows)")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{source}: row {i} is a {type(row).__name__}, expected an object with a {prompt_column!r} field")
+            raise DataError(
+                f"{source}: row {i} is a {type(row).__name__}, expected an object with a {prompt_column!r} field"
+            )
         if prompt_column not in row:
             raise DataError(
                 f"{source}: row {i} has no prompt column {prompt_column!r}; "
@@ -312,18 +315,21 @@ def steps_per_epoch(num_rows: int, *, batch_size: int, world_size: int) -> int:
     from gspo.config import ConfigError
 
     if batch_size % world_size:
-        raise ConfigError(f"GSPOConfig.batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+        raise ConfigError(
+            f"GSPOConfig.batch_size={batch_size} must be divisible by the number of processes ({world_size})"
+        )
     if num_rows < batch_size:
         raise ConfigError(f"the dataset has {num_rows} prompts, fewer than GSPOConfig.batch_size={batch_size}")
     return num_rows // batch_size
 
 
-def rank_batch(dataset, *, step: int, steps_per_epoch: int, batch_size: int, seed: int, rank: int,
-               world_size: int) -> list:
+def rank_batch(
+    dataset, *, step: int, steps_per_epoch: int, batch_size: int, seed: int, rank: int, world_size: int
+) -> list:
     """This rank's prompts for `step`: a deterministic function of (seed, step), so resume needs no sampler
     state; each epoch is a fresh permutation, split into batch_size prompts per step, batch_size / world per rank."""
     epoch, k = divmod(step, steps_per_epoch)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
     per_rank = batch_size // world_size
     start = k * batch_size + rank * per_rank
-    return [dataset[int(i)] for i in order[start:start + per_rank]]
+    return [dataset[int(i)] for i in order[start : start + per_rank]]

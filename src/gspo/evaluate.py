@@ -6,6 +6,7 @@ lengths are gathered, so every rank returns the same metrics. The engine's sessi
 around all batches: ranks may hold different numbers of batches, and a sharded back-end's gather
 is a collective.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -15,15 +16,25 @@ import torch
 from gspo.engines import RolloutEngine, SamplingParams
 
 
-def evaluate(engine: RolloutEngine, scorer: Callable, rows: Sequence[dict], *, max_new_tokens: int,
-             batch_size: int, accuracy_threshold: float, max_samples: Optional[int] = None, rank: int = 0,
-             world_size: int = 1, gather: Optional[Callable] = None) -> dict:
+def evaluate(
+    engine: RolloutEngine,
+    scorer: Callable,
+    rows: Sequence[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    accuracy_threshold: float,
+    max_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Optional[Callable] = None,
+) -> dict:
     """Metrics 'eval/reward_mean', 'eval/accuracy' (share with total reward >= accuracy_threshold),
     'eval/completion_length_mean', 'eval/num_samples'. `rows` hold "prompt" and "prompt_ids";
     `gather(list) -> list` concatenates every rank's list (identity in one process)."""
     n = len(rows) if max_samples is None else min(len(rows), max_samples)
     shard = list(range(rank, n, world_size))
-    batches = [[rows[i] for i in shard[start:start + batch_size]] for start in range(0, len(shard), batch_size)]
+    batches = [[rows[i] for i in shard[start : start + batch_size]] for start in range(0, len(shard), batch_size)]
     rewards, lengths = [], []
     with torch.no_grad(), engine.session():
         for batch in batches:
@@ -33,10 +44,12 @@ def evaluate(engine: RolloutEngine, scorer: Callable, rows: Sequence[dict], *, m
     if gather is not None:
         rewards, lengths = gather(rewards), gather(lengths)
     total = torch.tensor(rewards, dtype=torch.float64)
-    return {"eval/reward_mean": total.mean().item() if len(rewards) else float("nan"),
-            "eval/accuracy": (total >= accuracy_threshold).double().mean().item() if len(rewards) else float("nan"),
-            "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
-            "eval/num_samples": float(len(rewards))}
+    return {
+        "eval/reward_mean": total.mean().item() if len(rewards) else float("nan"),
+        "eval/accuracy": (total >= accuracy_threshold).double().mean().item() if len(rewards) else float("nan"),
+        "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
+        "eval/num_samples": float(len(rewards)),
+    }
 
 
 def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=None) -> dict:
@@ -52,17 +65,30 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     from gspo.rewards import RewardModelScorer, RewardScorer
 
     state = PartialState()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.policy_model_name, config.trust_remote_code)
+    tokenizer = (
+        tokenizer if tokenizer is not None else load_tokenizer(config.policy_model_name, config.trust_remote_code)
+    )
     model = (model if model is not None else load_causal_lm(config.policy_model_name, config)).to(state.device).eval()
-    reward_model = (RewardModelScorer(config.reward_model_name, device=state.device,
-                                      trust_remote_code=config.trust_remote_code) if config.reward_model_name else None)
+    reward_model = (
+        RewardModelScorer(config.reward_model_name, device=state.device, trust_remote_code=config.trust_remote_code)
+        if config.reward_model_name
+        else None
+    )
     scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model)
     if not isinstance(dataset, GSPODataset):
         rows = load_rows(dataset, config.prompt_column, seed=config.seed) if isinstance(dataset, str) else dataset
         dataset = GSPODataset(rows, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
     mode = mixed_precision_mode(config, deepspeed=False)
     engine = TransformersEngine(model, tokenizer, precision_context=lambda: autocast(state.device, mode))
-    return evaluate(engine, scorer, dataset, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
-                    accuracy_threshold=config.accuracy_threshold, max_samples=config.eval_max_samples,
-                    rank=state.process_index, world_size=state.num_processes,
-                    gather=gather_object if state.num_processes > 1 else None)
+    return evaluate(
+        engine,
+        scorer,
+        dataset,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval_batch_size,
+        accuracy_threshold=config.accuracy_threshold,
+        max_samples=config.eval_max_samples,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        gather=gather_object if state.num_processes > 1 else None,
+    )

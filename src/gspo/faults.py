@@ -4,6 +4,7 @@ SIGINT / SIGTERM do not kill the run mid-step: the handler only records the sign
 the trainer finishes the current step, saves a checkpoint and exits with 128 + signum.
 A second SIGINT while waiting raises KeyboardInterrupt at once (the user insists).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,11 @@ class InterruptGuard:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n[gspo] received {signal.Signals(signum).name}: finishing the current step, "
-              "then saving a checkpoint (press Ctrl-C again to abort without saving)", flush=True)
+        print(
+            f"\n[gspo] received {signal.Signals(signum).name}: finishing the current step, "
+            "then saving a checkpoint (press Ctrl-C again to abort without saving)",
+            flush=True,
+        )
 
     def __enter__(self) -> "InterruptGuard":
         if threading.current_thread() is threading.main_thread():
@@ -70,8 +74,12 @@ class SkipCounter:
             return True
         self.total += 1
         self.in_a_row += 1
-        warnings.warn(f"non-finite loss or gradient (grad norm {grad_norm}) at {where}: update skipped "
-                      f"({self.in_a_row} in a row, limit {self.limit})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"non-finite loss or gradient (grad norm {grad_norm}) at {where}: update skipped "
+            f"({self.in_a_row} in a row, limit {self.limit})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
 
     @property

@@ -8,6 +8,7 @@ at a time, so memory is one [chunk, V] block whatever the length and vocabulary.
 Log-probs are of softmax(logits / temperature): the distribution rollouts were sampled
 from, so the importance ratio compares like with like.
 """
+
 from __future__ import annotations
 
 import enum
@@ -20,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 from gspo.core import label_logprob, logprobs_and_entropy
 
 
-
 class HeadMode(enum.Enum):
     """How the output head runs in a log-prob pass (the back-end picks it: gspo.backends)."""
 
@@ -31,8 +31,8 @@ class HeadMode(enum.Enum):
 
 _NO_LOGITS_TO_KEEP: set = set()  # model classes whose forward rejected `logits_to_keep`
 _HEAD_NOT_FINAL: set = set()  # model classes whose logits are not exactly lm_head(final hidden state)
-# HeadMode.CHUNKED recomputes the head's chunks in backward when a micro-batch's fp32 logits would exceed this: above it the
-# memory matters more than the extra head matmul the backward recompute costs.
+# HeadMode.CHUNKED recomputes the head's chunks in backward when a micro-batch's fp32 logits would exceed
+# this: above it the memory matters more than the extra head matmul the backward recompute costs.
 AUTO_BOUND_BYTES = 1 << 30
 
 
@@ -52,8 +52,13 @@ def _model_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
     kind = type(model)
     if kind not in _NO_LOGITS_TO_KEEP:
         try:
-            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         logits_to_keep=keep, use_cache=False).logits
+            return model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=keep,
+                use_cache=False,
+            ).logits
         except TypeError:
             _NO_LOGITS_TO_KEEP.add(kind)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
@@ -114,8 +119,9 @@ def _head_chunk(head, hidden, labels, temperature: float, entropy: Optional[str]
     return label_logprob(logits, labels, with_entropy=entropy == "metric", entropy_grad=entropy == "grad")
 
 
-def _head_logprobs(head, hidden, labels, *, temperature: float, chunk_size: int, entropy: Optional[str],
-                   recompute: bool = True):
+def _head_logprobs(
+    head, hidden, labels, *, temperature: float, chunk_size: int, entropy: Optional[str], recompute: bool = True
+):
     """[n, t, H] hidden -> ([n, t] log p, [n, t] entropy or None), the head applied `chunk_size` rows at a
     time. `recompute`: under autograd each chunk is checkpointed, backward recomputes its logits, so
     peak memory is one [chunk_size, V] block whatever the length or the vocabulary (one more head
@@ -146,6 +152,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     head: HeadMode = HeadMode.WHOLE,
+    recompute_above_bytes: int = AUTO_BOUND_BYTES,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
 
@@ -156,7 +163,7 @@ def completion_logprobs(
     `head=HeadMode.RECOMPUTED`: the output head itself runs a chunk at a time (recomputed in backward),
     so no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
     their logits after the head. `HeadMode.CHUNKED`: the head runs a chunk at a time too, recomputed
-    only when the fp32 logits would exceed AUTO_BOUND_BYTES (else kept: no extra matmul, and no
+    only when the fp32 logits would exceed `recompute_above_bytes` (default 1 GiB; else kept: no extra matmul, and no
     full-size slice, copy or concatenation of logits gradients). `HeadMode.WHOLE`: one head call
     over all positions (for ZeRO-3, where each head call gathers its weight).
     """
@@ -172,17 +179,25 @@ def completion_logprobs(
     if head is HeadMode.CHUNKED:
         out_head = _output_head(model)
         vocab = getattr(out_head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        recompute = labels.numel() * vocab * 4 > AUTO_BOUND_BYTES
+        recompute = labels.numel() * vocab * 4 > recompute_above_bytes
     found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if head is not HeadMode.WHOLE else None
     if found is not None:
         hidden, head_module = found
-        logp, entropy = _head_logprobs(head_module, hidden[:, :-1], labels, temperature=temperature,
-                                       chunk_size=chunk_size, entropy=entropy_mode, recompute=recompute)
+        logp, entropy = _head_logprobs(
+            head_module,
+            hidden[:, :-1],
+            labels,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            entropy=entropy_mode,
+            recompute=recompute,
+        )
     else:
         logits = _forward_logits(model, input_ids, attention_mask, keep=t + 1)[:, :-1]  # [n, t, V] predicts c_ids
         if temperature != 1.0:
             logits = logits / temperature
-        logp, entropy = logprobs_and_entropy(logits, labels, chunk_size, with_entropy=entropy_mode is not None,
-                                             entropy_grad=entropy_mode == "grad")
+        logp, entropy = logprobs_and_entropy(
+            logits, labels, chunk_size, with_entropy=entropy_mode is not None, entropy_grad=entropy_mode == "grad"
+        )
     pad = (0, full_t - t)
     return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)

@@ -3,6 +3,7 @@
 `policy_model_name` is a hub id or a local directory (loaded with `from_pretrained`), or
 'builtin:tiny-arithmetic', the offline demo model built locally on first use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name: str) -> str:
     if name.startswith(BUILTIN_MODEL_PREFIX):
         from gspo.tasks.tiny_model import ensure_tiny_model
+
         return str(ensure_tiny_model())
     return name
 
@@ -36,7 +38,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_causal_lm(name: str, config: GSPOConfig):
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name), dtype=DTYPES[config.torch_dtype], trust_remote_code=config.trust_remote_code)
+        resolve_model_path(name), dtype=DTYPES[config.torch_dtype], trust_remote_code=config.trust_remote_code
+    )
     disable_dropout(model)
     return model
 
@@ -54,8 +57,12 @@ def apply_lora(model, config: GSPOConfig):
 
     targets = config.lora_target_modules
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -75,12 +82,16 @@ def mixed_precision_mode(config: GSPOConfig, deepspeed: bool) -> str:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if deepspeed:
         if config.mixed_precision != "no":
-            raise ConfigError(f"GSPOConfig.mixed_precision={config.mixed_precision!r} under DeepSpeed: set "
-                              f"mixed_precision: bf16 in the accelerate config instead (DeepSpeed's own bf16)")
+            raise ConfigError(
+                f"GSPOConfig.mixed_precision={config.mixed_precision!r} under DeepSpeed: set "
+                f"mixed_precision: bf16 in the accelerate config instead (DeepSpeed's own bf16)"
+            )
         return "no"
     if launcher == "fp16":
-        raise ConfigError("accelerate launch --mixed_precision fp16 is not supported (no loss scaling): use "
-                          "bf16, i.e. --mixed_precision bf16 or GSPOConfig.mixed_precision='bf16'")
+        raise ConfigError(
+            "accelerate launch --mixed_precision fp16 is not supported (no loss scaling): use "
+            "bf16, i.e. --mixed_precision bf16 or GSPOConfig.mixed_precision='bf16'"
+        )
     if config.mixed_precision == "no" and launcher == "bf16":
         log.warning("gspo: bf16 autocast from the launcher's --mixed_precision bf16")
         return "bf16"

@@ -5,6 +5,7 @@ points, KL divergence with the adaptive KL coefficient on a twin axis, clip frac
 completion length with the truncated fraction on a twin axis, entropy, policy loss.
 Noisy series are drawn as faint raw points plus an exponential moving average.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,16 @@ def _noisy_line(ax, rows, key, label, color) -> bool:
     if not steps:
         return False
     smooth = len(values) >= 10  # smoothing a handful of points only hides them
-    ax.plot(steps, values, color=color, alpha=0.3 if smooth else 0.9, lw=1,
-            marker="o" if len(values) < 30 else None, ms=3, label=None if smooth else label)
+    ax.plot(
+        steps,
+        values,
+        color=color,
+        alpha=0.3 if smooth else 0.9,
+        lw=1,
+        marker="o" if len(values) < 30 else None,
+        ms=3,
+        label=None if smooth else label,
+    )
     if smooth:
         ax.plot(steps, ema(values), color=color, lw=2, label=f"{label} (EMA)")
     return True
@@ -71,8 +80,15 @@ def _panel_reward(ax, rows) -> bool:
     pairs = [(s, by_step[s], d) for s, d in zip(s_steps, std) if s in by_step]
     if pairs:
         xs, ms, ds = zip(*pairs)
-        ax.fill_between(xs, [m - d for m, d in zip(ms, ds)], [m + d for m, d in zip(ms, ds)],
-                        color="tab:blue", alpha=0.12, lw=0, label="± std (within batch)")
+        ax.fill_between(
+            xs,
+            [m - d for m, d in zip(ms, ds)],
+            [m + d for m, d in zip(ms, ds)],
+            color="tab:blue",
+            alpha=0.12,
+            lw=0,
+            label="± std (within batch)",
+        )
     for key, label, color in (("eval/reward_mean", "eval reward", "tab:red"),):
         e_steps, e_vals = _series(rows, key)
         if e_steps:
@@ -125,18 +141,47 @@ def _panel_lines(ax, rows, specs, ylabel) -> bool:
 # (title, needed keys (any), draw function)
 _PANELS = [
     ("Reward", ("raw_reward_mean", "eval/reward_mean", "eval/accuracy"), _panel_reward),
-    ("KL to reference", ("kl_divergence", "kl_coef"), lambda ax, rows: _panel_with_twin(
-        ax, rows, ("kl_divergence", "KL divergence", "tab:purple"), ("kl_coef", "KL coef", "tab:gray"), "KL")),
-    ("Clipped fraction", ("clip_fraction_seq", "clip_fraction_token"), lambda ax, rows: _panel_lines(
-        ax, rows, [("clip_fraction_seq", "sequences clipped", "tab:orange"),
-                   ("clip_fraction_token", "tokens clipped", "tab:brown")], "fraction")),
-    ("Completion length", ("completion_length_mean", "truncated_fraction"), lambda ax, rows: _panel_with_twin(
-        ax, rows, ("completion_length_mean", "mean length", "tab:cyan"),
-        ("truncated_fraction", "truncated fraction", "tab:red"), "tokens")),
-    ("Entropy", ("entropy",), lambda ax, rows: _panel_lines(
-        ax, rows, [("entropy", "entropy (nats/token)", "tab:olive")], "nats")),
-    ("Policy loss", ("policy_loss",), lambda ax, rows: _panel_lines(
-        ax, rows, [("policy_loss", "policy loss", "tab:pink")], "loss")),
+    (
+        "KL to reference",
+        ("kl_divergence", "kl_coef"),
+        lambda ax, rows: _panel_with_twin(
+            ax, rows, ("kl_divergence", "KL divergence", "tab:purple"), ("kl_coef", "KL coef", "tab:gray"), "KL"
+        ),
+    ),
+    (
+        "Clipped fraction",
+        ("clip_fraction_seq", "clip_fraction_token"),
+        lambda ax, rows: _panel_lines(
+            ax,
+            rows,
+            [
+                ("clip_fraction_seq", "sequences clipped", "tab:orange"),
+                ("clip_fraction_token", "tokens clipped", "tab:brown"),
+            ],
+            "fraction",
+        ),
+    ),
+    (
+        "Completion length",
+        ("completion_length_mean", "truncated_fraction"),
+        lambda ax, rows: _panel_with_twin(
+            ax,
+            rows,
+            ("completion_length_mean", "mean length", "tab:cyan"),
+            ("truncated_fraction", "truncated fraction", "tab:red"),
+            "tokens",
+        ),
+    ),
+    (
+        "Entropy",
+        ("entropy",),
+        lambda ax, rows: _panel_lines(ax, rows, [("entropy", "entropy (nats/token)", "tab:olive")], "nats"),
+    ),
+    (
+        "Policy loss",
+        ("policy_loss",),
+        lambda ax, rows: _panel_lines(ax, rows, [("policy_loss", "policy loss", "tab:pink")], "loss"),
+    ),
 ]
 
 
@@ -148,8 +193,10 @@ def plot_run(run_dir_or_metrics_file, out_png=None) -> Path:
     out = Path(out_png) if out_png is not None else run_dir / PLOT_FILE
     panels = [p for p in _PANELS if any(_series(rows, k)[0] for k in p[1])]
     if not panels:
-        raise ValueError(f"{src}: none of the plotted metrics were logged "
-                         f"(expected e.g. raw_reward_mean, kl_divergence, policy_loss)")
+        raise ValueError(
+            f"{src}: none of the plotted metrics were logged "
+            f"(expected e.g. raw_reward_mean, kl_divergence, policy_loss)"
+        )
     ncols = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
@@ -164,7 +211,7 @@ def plot_run(run_dir_or_metrics_file, out_png=None) -> Path:
             # No "1e-5+2e-1" offset labels: a nearly constant KL coef must still read as its value;
             # "%.3g" keeps tiny values (an on-policy loss of ~1e-9) readable instead of 0.000000000.
             ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
         last = max(int(r["step"]) for r in rows)
         fig.suptitle(f"GSPO training — {run_dir.name} ({last} steps)", fontsize=13)

@@ -12,6 +12,7 @@ Nothing is broadcast or guessed: a wrong count, a non-number, NaN or inf, or an
 exception is an error naming the function and the sample (`error_policy="raise"`),
 or, with `error_policy="penalty"`, that sample gets `penalty_value` and is counted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -125,7 +126,10 @@ def resolve_reward_funcs(specs: Any, weights: Optional[Sequence[float]] = None) 
         specs = [specs]
     specs = list(specs)
     if weights is not None and len(weights) != len(specs):
-        raise RewardError(f"reward_weights has {len(weights)} entries but there are {len(specs)} reward functions; give one weight per function")
+        raise RewardError(
+            f"reward_weights has {len(weights)} entries but there are {len(specs)} reward functions; give one weight "
+            "per function"
+        )
     out: list[RewardFunction] = []
     for i, spec in enumerate(specs):
         target, dict_weight = _unpack_spec(spec, i)
@@ -152,7 +156,9 @@ def _unpack_spec(spec: Any, i: int) -> tuple[Any, Optional[float]]:
 def _pick_weight(i: int, from_dict: Any, from_list: Any) -> float:
     """The spec's weight; a dict weight and a reward_weights entry must agree."""
     if from_dict is not None and from_list is not None and float(from_dict) != float(from_list):
-        raise RewardError(f"reward spec {i} has weight {from_dict} in its dict but {from_list} in reward_weights; give it once")
+        raise RewardError(
+            f"reward spec {i} has weight {from_dict} in its dict but {from_list} in reward_weights; give it once"
+        )
     w = from_list if from_list is not None else from_dict if from_dict is not None else 1.0
     if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
         raise RewardError(f"reward spec {i} has weight {w!r}; weights must be finite real numbers")
@@ -228,8 +234,14 @@ class RewardModelScorer:
     model's own tokenizer and its default special tokens, right-padded, and cut on the
     left to the model's length limit so the completion's end is always scored."""
 
-    def __init__(self, name_or_path: str, device: Any = "cpu", torch_dtype: Any = torch.float32,
-                 trust_remote_code: bool = False, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        device: Any = "cpu",
+        torch_dtype: Any = torch.float32,
+        trust_remote_code: bool = False,
+        batch_size: int = 16,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if batch_size < 1:
@@ -239,11 +251,13 @@ class RewardModelScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         if self.model.config.num_labels != 1:
             raise RewardError(
                 f"reward model {self.name!r} has num_labels={self.model.config.num_labels}; "
-                "a reward model must output one score (num_labels=1)")
+                "a reward model must output one score (num_labels=1)"
+            )
         self.model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self._setup_padding()
@@ -252,7 +266,9 @@ class RewardModelScorer:
         tok = self.tokenizer
         if tok.pad_token is None:
             if tok.eos_token is None:
-                raise RewardError(f"reward model {self.name!r}: tokenizer has neither a pad nor an eos token to pad with")
+                raise RewardError(
+                    f"reward model {self.name!r}: tokenizer has neither a pad nor an eos token to pad with"
+                )
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
         tok.truncation_side = "left"
@@ -260,8 +276,11 @@ class RewardModelScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tok.pad_token_id
         limits = [getattr(self.model.config, "max_position_embeddings", None), tok.model_max_length]
-        self.max_length = min(int(x) for x in limits if x is not None and x < 10**7) if any(
-            x is not None and x < 10**7 for x in limits) else None
+        self.max_length = (
+            min(int(x) for x in limits if x is not None and x < 10**7)
+            if any(x is not None and x < 10**7 for x in limits)
+            else None
+        )
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
@@ -270,14 +289,21 @@ class RewardModelScorer:
         texts = [str(p) + completion_text(c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, return_tensors="pt",
-                                 truncation=self.max_length is not None, max_length=self.max_length)
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                return_tensors="pt",
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            )
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             scores.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
         for i, s in enumerate(scores):
             if not math.isfinite(s):
-                raise RewardError(f"reward model {self.name!r} gave a non-finite score {s} for sample {i} "
-                                  f"(prompt: {str(prompts[i])[:80]!r})")
+                raise RewardError(
+                    f"reward model {self.name!r} gave a non-finite score {s} for sample {i} "
+                    f"(prompt: {str(prompts[i])[:80]!r})"
+                )
         return scores
 
 
@@ -291,10 +317,18 @@ class RewardResult:
     num_penalized: int
 
 
-def compute_rewards(funcs: list[RewardFunction], prompts: list[str], completions: list[str],
-                    completion_ids: list[list[int]], *, extra: Optional[dict] = None, reward_model: Any = None,
-                    reward_model_weight: float = 1.0, error_policy: str = "raise",
-                    penalty_value: float = 0.0) -> RewardResult:
+def compute_rewards(
+    funcs: list[RewardFunction],
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]],
+    *,
+    extra: Optional[dict] = None,
+    reward_model: Any = None,
+    reward_model_weight: float = 1.0,
+    error_policy: str = "raise",
+    penalty_value: float = 0.0,
+) -> RewardResult:
     """Call every reward function once on the whole batch, check, and sum with weights.
 
     Raises RewardError (error_policy="raise") naming the function and the sample for
@@ -302,30 +336,41 @@ def compute_rewards(funcs: list[RewardFunction], prompts: list[str], completions
     bad samples get `penalty_value` and are counted in `num_penalized`.
     """
     extra = dict(extra or {})
-    n = _check_batch(funcs, prompts, completions, completion_ids, extra=extra, reward_model=reward_model,
-                     error_policy=error_policy, penalty_value=penalty_value)
+    n = _check_batch(
+        funcs,
+        prompts,
+        completions,
+        completion_ids,
+        extra=extra,
+        reward_model=reward_model,
+        error_policy=error_policy,
+        penalty_value=penalty_value,
+    )
     total = torch.zeros(n, dtype=torch.float64)
     per_func: dict[str, torch.Tensor] = {}
     penalized = 0
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **extra}
     for f in funcs:
-        values, bad = _call_checked(f, lambda f=f: f.fn(**kwargs), prompts, n=n, policy=error_policy,
-                                    penalty=penalty_value)
+        values, bad = _call_checked(
+            f, lambda f=f: f.fn(**kwargs), prompts, n=n, policy=error_policy, penalty=penalty_value
+        )
         per_func[f.name] = torch.tensor(values, dtype=torch.float32)
         total += f.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
     if reward_model is not None:
         rm = RewardFunction(REWARD_MODEL_KEY, reward_model, float(reward_model_weight))
-        values, bad = _call_checked(rm, lambda: reward_model(prompts, completions), prompts, n=n,
-                                    policy=error_policy, penalty=penalty_value)
+        values, bad = _call_checked(
+            rm, lambda: reward_model(prompts, completions), prompts, n=n, policy=error_policy, penalty=penalty_value
+        )
         per_func[REWARD_MODEL_KEY] = torch.tensor(values, dtype=torch.float32)
         total += rm.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
     return RewardResult(total=total.float(), per_func=per_func, num_penalized=penalized)
 
 
-def _check_batch(funcs, prompts, completions, completion_ids, *, extra, reward_model, error_policy,
-                 penalty_value) -> int:
+def _check_batch(
+    funcs, prompts, completions, completion_ids, *, extra, reward_model, error_policy, penalty_value
+) -> int:
     """Caller-side consistency: these are trainer bugs, so they always raise."""
     if error_policy not in ERROR_POLICIES:
         raise RewardError(f"error_policy must be one of {list(ERROR_POLICIES)}, got {error_policy!r}")
@@ -336,21 +381,28 @@ def _check_batch(funcs, prompts, completions, completion_ids, *, extra, reward_m
     n = len(completions)
     for what, seq in (("prompts", prompts), ("completion_ids", completion_ids), *extra.items()):
         if len(seq) != n:
-            raise RewardError(f"{what!r} has {len(seq)} entries but there are {n} completions; "
-                              "columns must be repeated once per completion")
+            raise RewardError(
+                f"{what!r} has {len(seq)} entries but there are {n} completions; "
+                "columns must be repeated once per completion"
+            )
     clash = sorted(set(extra) & set(RESERVED_KWARGS))
     if clash:
-        raise RewardError(f"dataset columns {clash} clash with reward-function arguments {list(RESERVED_KWARGS)}; rename them")
+        raise RewardError(
+            f"dataset columns {clash} clash with reward-function arguments {list(RESERVED_KWARGS)}; rename them"
+        )
     names = [f.name for f in funcs] + ([REWARD_MODEL_KEY] if reward_model is not None else [])
     dupes = sorted({x for x in names if names.count(x) > 1})
     if dupes:
-        raise RewardError(f"reward names {dupes} are used more than once (a function named "
-                          f"{REWARD_MODEL_KEY!r} clashes with the reward model); names must be unique")
+        raise RewardError(
+            f"reward names {dupes} are used more than once (a function named "
+            f"{REWARD_MODEL_KEY!r} clashes with the reward model); names must be unique"
+        )
     return n
 
 
-def _call_checked(f: RewardFunction, call: Callable, prompts: list, *, n: int, policy: str,
-                  penalty: float) -> tuple[list[float], int]:
+def _call_checked(
+    f: RewardFunction, call: Callable, prompts: list, *, n: int, policy: str, penalty: float
+) -> tuple[list[float], int]:
     """Run one reward and return (N floats, number penalized), or raise RewardError."""
     try:
         out = call()
@@ -363,8 +415,10 @@ def _call_checked(f: RewardFunction, call: Callable, prompts: list, *, n: int, p
     values = _as_list(out)
     if values is None or len(values) != n:
         got = f"{type(out).__name__}" if values is None else f"{len(values)} values"
-        msg = (f"reward function '{f.name}' returned {got}; expected a list/tuple/1-D tensor/1-D array "
-               f"of {n} numbers, one per completion")
+        msg = (
+            f"reward function '{f.name}' returned {got}; expected a list/tuple/1-D tensor/1-D array "
+            f"of {n} numbers, one per completion"
+        )
         if policy == "raise":
             raise RewardError(msg)
         return _whole_batch_penalty(f, msg, n, penalty)
@@ -392,8 +446,11 @@ def _whole_batch_penalty(f: RewardFunction, msg: str, n: int, penalty: float) ->
 def _warn_once(f: RewardFunction, msg: str) -> None:
     if not f.warned:
         f.warned = True
-        warnings.warn(f"{msg}; using the penalty value instead (further failures of '{f.name}' "
-                      "are counted in reward_penalized without warning)", stacklevel=4)
+        warnings.warn(
+            f"{msg}; using the penalty value instead (further failures of '{f.name}' "
+            "are counted in reward_penalized without warning)",
+            stacklevel=4,
+        )
 
 
 def _as_list(out: Any) -> Optional[list]:
@@ -425,25 +482,46 @@ class RewardScorer:
     """The reward of a Rollout: bound once to the reward functions, their weights, the reward model
     and the error policy; called by training and by evaluation alike."""
 
-    def __init__(self, funcs: list[RewardFunction], *, reward_model: Any = None, reward_model_weight: float = 1.0,
-                 error_policy: str = "raise", penalty_value: float = 0.0) -> None:
+    def __init__(
+        self,
+        funcs: list[RewardFunction],
+        *,
+        reward_model: Any = None,
+        reward_model_weight: float = 1.0,
+        error_policy: str = "raise",
+        penalty_value: float = 0.0,
+    ) -> None:
         if not funcs and reward_model is None:
             raise RewardError("no reward functions and no reward model: nothing to compute a reward from")
         self.funcs, self.reward_model = list(funcs), reward_model
         self.reward_model_weight, self.error_policy, self.penalty_value = (
-            float(reward_model_weight), error_policy, float(penalty_value))
+            float(reward_model_weight),
+            error_policy,
+            float(penalty_value),
+        )
 
     @classmethod
     def from_config(cls, config, extra_funcs: Sequence = (), reward_model: Any = None) -> "RewardScorer":
         """GSPOConfig's reward_funcs / reward_weights plus callables passed in code (weight 1.0)."""
         specs = list(config.reward_funcs) + list(extra_funcs)
         weights = list(config.reward_weights or [None] * len(config.reward_funcs)) + [None] * len(extra_funcs)
-        return cls(resolve_reward_funcs(specs, weights), reward_model=reward_model,
-                   reward_model_weight=config.reward_model_weight, error_policy=config.reward_error_policy,
-                   penalty_value=config.reward_penalty_value)
+        return cls(
+            resolve_reward_funcs(specs, weights),
+            reward_model=reward_model,
+            reward_model_weight=config.reward_model_weight,
+            error_policy=config.reward_error_policy,
+            penalty_value=config.reward_penalty_value,
+        )
 
     def __call__(self, rollout) -> RewardResult:
-        return compute_rewards(self.funcs, rollout.prompts, rollout.completions, rollout.completion_id_lists,
-                               extra=rollout.extra, reward_model=self.reward_model,
-                               reward_model_weight=self.reward_model_weight, error_policy=self.error_policy,
-                               penalty_value=self.penalty_value)
+        return compute_rewards(
+            self.funcs,
+            rollout.prompts,
+            rollout.completions,
+            rollout.completion_id_lists,
+            extra=rollout.extra,
+            reward_model=self.reward_model,
+            reward_model_weight=self.reward_model_weight,
+            error_policy=self.error_policy,
+            penalty_value=self.penalty_value,
+        )

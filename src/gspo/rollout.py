@@ -6,6 +6,7 @@ Layout: prompts left-padded to P columns, completions right-padded to T columns,
 `cat([prompt_ids, completion_ids], dim=1)` is a valid causal-LM input whose last T
 positions are the completion. Completion tokens run up to and including the first EOS.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -45,8 +46,11 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """Rows `index` of every per-sequence tensor (texts and extras are left out)."""
-        picked = {f.name: getattr(self, f.name)[index] for f in fields(self)
-                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        picked = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return replace(self, prompts=[], completions=[], extra={}, reward_per_func={}, **picked)
 
 
@@ -57,8 +61,8 @@ def left_pad(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -74,13 +78,16 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos: list) -> tuple[t
     """[N, T] ids -> (mask through the first EOS inclusive, [N] bool 'no EOS' flags)."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos, dtype=completion_ids.dtype, device=completion_ids.device))
     has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None, :]
     return (positions <= first[:, None]).long(), ~has_eos
 
 
-def assemble_rollout(tokenizer, rows: list, *, prompt_ids, prompt_mask, completion_ids, group_size: int,
-                     eos: list, pad_id: int) -> Rollout:
+def assemble_rollout(
+    tokenizer, rows: list, *, prompt_ids, prompt_mask, completion_ids, group_size: int, eos: list, pad_id: int
+) -> Rollout:
     """Masks, texts and per-completion extras around [N, T] sampled ids (N = len(rows) * G)."""
     completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)

@@ -12,6 +12,7 @@ Two reasons this is ours and not `generate(do_sample=True)`'s:
   would silently sample rollouts from a distribution other than pi_theta_old. `plain_generation`
   blanks every logits-altering field for the call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +23,32 @@ from transformers import GenerationConfig, LogitsProcessor
 
 # GenerationConfig fields that add a logits processor or warper in `generate`; reset for rollouts.
 _LOGITS_FIELDS = (
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
-    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "sequence_bias", "guidance_scale", "watermarking_config", "renormalize_logits", "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_length",
+    "min_new_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "guidance_scale",
+    "watermarking_config",
+    "renormalize_logits",
+    "diversity_penalty",
 )
 
 
@@ -78,8 +100,9 @@ def sample_tokens(
         u = _uniform_below(cdf[:, -1:], generator)  # [B, 1]
         return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).squeeze(-1)
     full = vocab // _BLOCK * _BLOCK
-    sums = [weights[:, :full].view(rows, -1, _BLOCK).sum(dim=-1)] + ([weights[:, full:].sum(-1, keepdim=True)]
-                                                                    if full < vocab else [])
+    sums = [weights[:, :full].view(rows, -1, _BLOCK).sum(dim=-1)] + (
+        [weights[:, full:].sum(-1, keepdim=True)] if full < vocab else []
+    )
     block_cdf = torch.cat(sums, dim=-1).double().cumsum(dim=-1)  # [B, nb]
     u = _uniform_below(block_cdf[:, -1:], generator)  # [B, 1]
     b = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [B, 1]; skips empty blocks

@@ -12,6 +12,7 @@ The run config goes to `<output_dir>/gspo_config.json`, not `config.json`: the f
 is saved into the same output_dir and `save_pretrained` writes the model's own config.json
 there, which must stay loadable by `AutoModelForCausalLM.from_pretrained(output_dir)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def _to_python(value: Any) -> Any:
         try:
             value = value.item()
         except (ValueError, RuntimeError):  # a multi-element tensor is not a scalar metric
-            raise TypeError(f"metric value must be a scalar, got {type(value).__name__} with shape "
-                            f"{tuple(getattr(value, 'shape', ()))}") from None
+            raise TypeError(
+                f"metric value must be a scalar, got {type(value).__name__} with shape "
+                f"{tuple(getattr(value, 'shape', ()))}"
+            ) from None
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, (int, float)):
@@ -84,8 +87,14 @@ class MetricsLogger:
     `truncate_after(resume_step)` to drop steps the resumed run will redo.
     """
 
-    def __init__(self, output_dir: str, report_to: Iterable[str], config: Optional[dict] = None,
-                 enabled: bool = True, resume: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        report_to: Iterable[str],
+        config: Optional[dict] = None,
+        enabled: bool = True,
+        resume: bool = False,
+    ) -> None:
         self.enabled = enabled
         self._fh = None
         self._tb = None
@@ -113,8 +122,12 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            warnings.warn("report_to includes 'wandb' but wandb is not installed (pip install wandb); "
-                          "metrics still go to metrics.jsonl", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "report_to includes 'wandb' but wandb is not installed (pip install wandb); "
+                "metrics still go to metrics.jsonl",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         # Round-trip through JSON so wandb gets plain values, the same ones as gspo_config.json.
         cfg = json.loads(json.dumps(config, default=_json_default)) if config is not None else None
@@ -205,8 +218,7 @@ class Progress:
     a resumed run spent loading is not extrapolated over the steps already done elsewhere).
     """
 
-    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 print_every: int = 1) -> None:
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, print_every: int = 1) -> None:
         self.enabled = enabled
         self.total = int(total_steps)
         self.initial_step = int(initial_step)
@@ -223,12 +235,16 @@ class Progress:
         from rich.progress import Progress as RichProgress
 
         bar = RichProgress(
-            TextColumn("[bold]GSPO"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("reward {task.fields[reward]}"), TextColumn("KL {task.fields[kl]}"),
-            TextColumn("{task.fields[step_time]}/step"), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]GSPO"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("reward {task.fields[reward]}"),
+            TextColumn("KL {task.fields[kl]}"),
+            TextColumn("{task.fields[step_time]}/step"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
         )
-        task = bar.add_task("train", total=self.total, completed=self.initial_step,
-                            reward="-", kl="-", step_time="-")
+        task = bar.add_task("train", total=self.total, completed=self.initial_step, reward="-", kl="-", step_time="-")
         bar.start()
         return bar, task
 
@@ -250,8 +266,11 @@ class Progress:
             self._bar.update(self._task, completed=step, reward=reward, kl=kl, step_time=step_time)
             return
         if step % self.print_every == 0 or step >= self.total:
-            print(f"[gspo] step {step}/{self.total} | reward {reward} | kl {kl} | "
-                  f"{step_time}/step | eta {_fmt_duration(self._eta(step))}", flush=True)
+            print(
+                f"[gspo] step {step}/{self.total} | reward {reward} | kl {kl} | "
+                f"{step_time}/step | eta {_fmt_duration(self._eta(step))}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -264,8 +283,9 @@ def _clip_text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def print_samples(step: int, prompts: list[str], completions: list[str], rewards: list[float],
-                  max_rows: int = 4, max_chars: int = 160) -> None:
+def print_samples(
+    step: int, prompts: list[str], completions: list[str], rewards: list[float], max_rows: int = 4, max_chars: int = 160
+) -> None:
     """Print a table of the first `max_rows` prompts/completions with their rewards.
 
     Cells are rich `Text` objects, not markup strings, so a completion containing
@@ -280,13 +300,23 @@ def print_samples(step: int, prompts: list[str], completions: list[str], rewards
     table.add_column("completion", overflow="fold", ratio=3)
     table.add_column("reward", justify="right", no_wrap=True)
     for prompt, completion, reward in list(zip(prompts, completions, rewards))[:max_rows]:
-        table.add_row(Text(_clip_text(prompt, max_chars)), Text(_clip_text(completion, max_chars)),
-                      Text(_fmt_num(reward, ".3f")))
+        table.add_row(
+            Text(_clip_text(prompt, max_chars)), Text(_clip_text(completion, max_chars)), Text(_fmt_num(reward, ".3f"))
+        )
     Console().print(table)
 
 
-def step_metrics(rollout, update: dict, timings: dict, *, accelerator, group_size: int, kl_coef: float,
-                 learning_rate: float, skipped_updates: int) -> dict:
+def step_metrics(
+    rollout,
+    update: dict,
+    timings: dict,
+    *,
+    accelerator,
+    group_size: int,
+    kl_coef: float,
+    learning_rate: float,
+    skipped_updates: int,
+) -> dict:
     """A step's metrics over all ranks: rollout statistics gathered, update means reduced, phase times."""
     import torch
 

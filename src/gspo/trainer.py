@@ -19,6 +19,7 @@ How it departs from a naive loop (and from some peers):
 * a non-finite gradient skips the update (counted, warned, capped), so no NaN reaches
   the weights; SIGINT/SIGTERM finish the step and save a checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,16 +54,33 @@ log = logging.getLogger("gspo")
 
 def adamw_factory(config: GSPOConfig):
     """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards)."""
+
     def make(params):
-        return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                 weight_decay=config.weight_decay)
+        return torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+
     return make
 
 
 class GSPOTrainer:
-    def __init__(self, config: GSPOConfig, reward_funcs=None, model=None, tokenizer=None, ref_model=None,
-                 reward_model=None, eval_dataset=None, *, rollout_engine: RolloutEngine | None = None,
-                 reward_scorer=None, optimizer_factory=None):
+    def __init__(
+        self,
+        config: GSPOConfig,
+        reward_funcs=None,
+        model=None,
+        tokenizer=None,
+        ref_model=None,
+        reward_model=None,
+        eval_dataset=None,
+        *,
+        rollout_engine: RolloutEngine | None = None,
+        reward_scorer=None,
+        optimizer_factory=None,
+    ):
         """The seed's arguments, then the seams: `rollout_engine` (default: transformers `generate`),
         `reward_scorer` (default: bound to config.reward_funcs + reward_funcs + the reward model) and
         `optimizer_factory` (parameters -> optimizer; default AdamW from the config)."""
@@ -71,29 +89,49 @@ class GSPOTrainer:
         self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
         self.mixed_precision = mixed_precision_mode(cfg, self.backend.engine_owns_precision)
         set_seed(cfg.seed + self.accelerator.process_index)  # ranks sample different completions
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
+        )
         policy = self._load_policy(model)
         # LoRA's reference is the base model with adapters off: no second copy
         if cfg.uses_reference_model and not cfg.use_lora and ref_model is None:
             ref_model = load_causal_lm(cfg.policy_model_name, cfg)
         self.scorer = reward_scorer if reward_scorer is not None else self._build_scorer(reward_funcs, reward_model)
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
-        self.ref_model = (self.backend.prepare_frozen(ref_model)
-                          if cfg.uses_reference_model and not cfg.use_lora else None)
-        self.engine = rollout_engine if rollout_engine is not None else TransformersEngine(
-            self.policy.unwrapped(), self.tokenizer, weights_context=lambda: self.backend.generation_context(self.policy),
-            precision_context=self._autocast, synced_gpus=self.backend.synced_gpus)
+        self.ref_model = (
+            self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
+        )
+        self.engine = (
+            rollout_engine
+            if rollout_engine is not None
+            else TransformersEngine(
+                self.policy.unwrapped(),
+                self.tokenizer,
+                weights_context=lambda: self.backend.generation_context(self.policy),
+                precision_context=self._autocast,
+                synced_gpus=self.backend.synced_gpus,
+            )
+        )
         self.sampling = SamplingParams.from_config(cfg)
-        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-                       else FixedKLController(cfg.kl_coef))
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else FixedKLController(cfg.kl_coef)
+        )
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
         self.eval_dataset = eval_dataset
         self.step = 0
         self.history: list = []
         if self.accelerator.is_main_process:
-            log.warning("gspo: importance_sampling_level=%s, clip eps low=%g high=%g%s", cfg.importance_sampling_level,
-                        cfg.clip_low, cfg.clip_high, " (the level's recommended values)" if cfg.clip_range is None
-                        and cfg.clip_range_low is None and cfg.clip_range_high is None else "")
+            log.warning(
+                "gspo: importance_sampling_level=%s, clip eps low=%g high=%g%s",
+                cfg.importance_sampling_level,
+                cfg.clip_low,
+                cfg.clip_high,
+                " (the level's recommended values)"
+                if cfg.clip_range is None and cfg.clip_range_low is None and cfg.clip_range_high is None
+                else "",
+            )
 
     def _load_policy(self, model):
         cfg = self.config
@@ -109,11 +147,14 @@ class GSPOTrainer:
         cfg = self.config
         if reward_model is None and cfg.reward_model_name:
             with self.backend.whole_models():  # a whole scorer per rank, even under ZeRO-3
-                reward_model = RewardModelScorer(cfg.reward_model_name, device=self.accelerator.device,
-                                                 trust_remote_code=cfg.trust_remote_code)
+                reward_model = RewardModelScorer(
+                    cfg.reward_model_name, device=self.accelerator.device, trust_remote_code=cfg.trust_remote_code
+                )
         if not cfg.reward_funcs and not reward_funcs and reward_model is None:
-            raise ConfigError("GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
-                              "or pass reward_funcs=[...]")
+            raise ConfigError(
+                "GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
+                "or pass reward_funcs=[...]"
+            )
         return RewardScorer.from_config(cfg, list(reward_funcs or []), reward_model)
 
     # The wrapped policy, its optimizer and schedule (the back-end's TrainedModel holds them).
@@ -143,16 +184,29 @@ class GSPOTrainer:
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
         self.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, self.policy.optimizer, cfg.warmup_steps, updates)
         resumed = self._maybe_resume()
-        tracker = MetricsLogger(cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed)
+        tracker = MetricsLogger(
+            cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed
+        )
         if resumed:
             tracker.truncate_after(self.step)
-        progress = Progress(total, initial_step=self.step, enabled=acc.is_main_process and cfg.progress_bar,
-                            print_every=cfg.logging_steps)
+        progress = Progress(
+            total,
+            initial_step=self.step,
+            enabled=acc.is_main_process and cfg.progress_bar,
+            print_every=cfg.logging_steps,
+        )
         try:
             with InterruptGuard() as guard:
                 while self.step < total:
-                    rows = rank_batch(dataset, step=self.step, steps_per_epoch=per_epoch, batch_size=cfg.batch_size,
-                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+                    rows = rank_batch(
+                        dataset,
+                        step=self.step,
+                        steps_per_epoch=per_epoch,
+                        batch_size=cfg.batch_size,
+                        seed=cfg.seed,
+                        rank=acc.process_index,
+                        world_size=acc.num_processes,
+                    )
                     metrics, rollout = self.training_step(rows)
                     self.step += 1
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
@@ -185,9 +239,16 @@ class GSPOTrainer:
             update_metrics = self._update(rollout)
         with self._timed(timings, "weight_sync"):  # the engine generates again at the next step only
             self.engine.sync_weights(self.policy)
-        metrics = step_metrics(rollout, update_metrics, timings, accelerator=self.accelerator, group_size=cfg.group_size,
-                               kl_coef=self.kl_ctl.value, learning_rate=self.scheduler.get_last_lr()[0],
-                               skipped_updates=self.skips.total)
+        metrics = step_metrics(
+            rollout,
+            update_metrics,
+            timings,
+            accelerator=self.accelerator,
+            group_size=cfg.group_size,
+            kl_coef=self.kl_ctl.value,
+            learning_rate=self.scheduler.get_last_lr()[0],
+            skipped_updates=self.skips.total,
+        )
         if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
@@ -202,8 +263,9 @@ class GSPOTrainer:
         result = self.scorer(rollout)
         rollout.rewards, rollout.reward_per_func = result.total.float(), result.per_func
         rollout.num_penalized = result.num_penalized
-        rollout.advantages = group_advantages(rollout.rewards, self.config.group_size,
-                                              self.config.normalize_advantages)  # Eq. 6
+        rollout.advantages = group_advantages(
+            rollout.rewards, self.config.group_size, self.config.normalize_advantages
+        )  # Eq. 6
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
@@ -213,9 +275,16 @@ class GSPOTrainer:
         for idx in torch.arange(len(rollout)).split(micro):
             part = rollout.select(idx)
             with self._autocast():
-                lp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                            part.completion_mask, temperature=cfg.temperature,
-                                            chunk_size=cfg.entropy_chunk_size, head=head)
+                lp, _ = completion_logprobs(
+                    model,
+                    part.prompt_ids,
+                    part.prompt_mask,
+                    part.completion_ids,
+                    part.completion_mask,
+                    temperature=cfg.temperature,
+                    chunk_size=cfg.entropy_chunk_size,
+                    head=head,
+                )
             out.append(lp.cpu())
         return torch.cat(out)
 
@@ -236,22 +305,34 @@ class GSPOTrainer:
                 local = mb[(mb >= rank * n) & (mb < (rank + 1) * n)] - rank * n
                 # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
                 on_policy = epoch == 0 and cfg.num_mini_batches == 1
-                for k, v in self._mini_batch_update(rollout, local, n_seq=len(mb) / world, on_policy=on_policy,
-                                                    keep_old=keep_old).items():
+                for k, v in self._mini_batch_update(
+                    rollout, local, n_seq=len(mb) / world, on_policy=on_policy, keep_old=keep_old
+                ).items():
                     totals[k] += v
         updates = cfg.gspo_epochs * cfg.num_mini_batches
         return {k: v / updates for k, v in totals.items()}
 
-    def _mini_batch_update(self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool,
-                           keep_old: bool) -> dict:
+    def _mini_batch_update(
+        self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool, keep_old: bool
+    ) -> dict:
         """One optimizer update from this rank's rows `idx` of a mini-batch.
 
         Denominators are the whole mini-batch's: n_seq and n_tok are its global sequence and token
         counts divided by the world size, because DDP averages gradients over ranks."""
         cfg, acc = self.config, self.accelerator
         n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        sums = dict.fromkeys(("policy_loss", "entropy", "kl_divergence", "loss", "clip_fraction_seq",
-                              "clip_fraction_token", "ratio_mean"), 0.0)  # same keys, same order on every rank
+        sums = dict.fromkeys(
+            (
+                "policy_loss",
+                "entropy",
+                "kl_divergence",
+                "loss",
+                "clip_fraction_seq",
+                "clip_fraction_token",
+                "ratio_mean",
+            ),
+            0.0,
+        )  # same keys, same order on every rank
         # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
         # ranks must run the same number of forward/backward passes (DDP/FSDP collectives).
         micro_batches = torch.tensor_split(idx, cfg.gradient_accumulation_steps)
@@ -283,22 +364,60 @@ class GSPOTrainer:
         head = self.backend.head_mode(training=True, gradient_checkpointing=cfg.gradient_checkpointing)
         with self._autocast():  # the loss math below stays float32
             logp, entropy = completion_logprobs(
-                self.policy.module, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask,
-                temperature=cfg.temperature, chunk_size=cfg.entropy_chunk_size, with_entropy=True,
-                entropy_grad=cfg.entropy_coef != 0, head=head)
+                self.policy.module,
+                part.prompt_ids,
+                part.prompt_mask,
+                part.completion_ids,
+                part.completion_mask,
+                temperature=cfg.temperature,
+                chunk_size=cfg.entropy_chunk_size,
+                with_entropy=True,
+                entropy_grad=cfg.entropy_coef != 0,
+                head=head,
+            )
         old = logp.detach() if on_policy else part.old_logprobs.to(device)
-        pg, m = policy_loss(logp, old, part.advantages.to(device), mask, level=cfg.importance_sampling_level,
-                            clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
-                            max_log_ratio=cfg.max_log_ratio, num_sequences=n_seq, num_tokens=n_tok)
+        pg, m = policy_loss(
+            logp,
+            old,
+            part.advantages.to(device),
+            mask,
+            level=cfg.importance_sampling_level,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            aggregation=cfg.loss_aggregation,
+            max_log_ratio=cfg.max_log_ratio,
+            num_sequences=n_seq,
+            num_tokens=n_tok,
+        )
         ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
-        kl = (kl_penalty(logp, part.ref_logprobs.to(device), mask, cfg.kl_estimator, num_tokens=n_tok)
-              if part.ref_logprobs is not None else torch.zeros((), device=device))
+        kl = (
+            kl_penalty(logp, part.ref_logprobs.to(device), mask, cfg.kl_estimator, num_tokens=n_tok)
+            if part.ref_logprobs is not None
+            else torch.zeros((), device=device)
+        )
         loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl
         # One device->host copy per micro-batch (each .item() would be a GPU sync).
-        keys = ("policy_loss", "entropy", "kl_divergence", "loss", "clip_fraction_seq", "clip_fraction_token",
-                "ratio_mean", "tokens")
-        values = dict(zip(keys, torch.stack([pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"],
-                                             m["ratio_mean"], mask.sum()]).detach().double().tolist()))
+        keys = (
+            "policy_loss",
+            "entropy",
+            "kl_divergence",
+            "loss",
+            "clip_fraction_seq",
+            "clip_fraction_token",
+            "ratio_mean",
+            "tokens",
+        )
+        values = dict(
+            zip(
+                keys,
+                torch.stack(
+                    [pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"], m["ratio_mean"], mask.sum()]
+                )
+                .detach()
+                .double()
+                .tolist(),
+            )
+        )
         values["logprobs"] = logp.detach().cpu()
         return loss, values
 
@@ -317,7 +436,8 @@ class GSPOTrainer:
             raise NonFiniteUpdateError(
                 f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "
                 f"GSPOConfig.max_consecutive_skipped_updates={cfg.max_consecutive_skipped_updates}); stopped at step "
-                f"{self.step}, weights are untouched by them, checkpoint: {path}")
+                f"{self.step}, weights are untouched by them, checkpoint: {path}"
+            )
         return grad_norm if math.isfinite(grad_norm) else 0.0
 
     # ------------------------------------------------------------------ metrics
@@ -335,7 +455,11 @@ class GSPOTrainer:
         self.history.append(metrics)
         tracker.log(self.step, metrics)
         progress.update(self.step, metrics)
-        if self.accelerator.is_main_process and cfg.log_completions_steps and self.step % cfg.log_completions_steps == 0:
+        if (
+            self.accelerator.is_main_process
+            and cfg.log_completions_steps
+            and self.step % cfg.log_completions_steps == 0
+        ):
             print_samples(self.step, rollout.prompts, rollout.completions, rollout.rewards.tolist())
 
     # ------------------------------------------------------------------ evaluation
@@ -343,15 +467,27 @@ class GSPOTrainer:
         """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
         cfg, acc = self.config, self.accelerator
         dataset = self._as_dataset(dataset if dataset is not None else (self.eval_dataset or cfg.eval_dataset_path))
-        return evaluate(self.engine, self.scorer, dataset, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.eval_batch_size, accuracy_threshold=cfg.accuracy_threshold,
-                        max_samples=cfg.eval_max_samples, rank=acc.process_index, world_size=acc.num_processes,
-                        gather=gather_object if acc.num_processes > 1 else None)
+        return evaluate(
+            self.engine,
+            self.scorer,
+            dataset,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+            accuracy_threshold=cfg.accuracy_threshold,
+            max_samples=cfg.eval_max_samples,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            gather=gather_object if acc.num_processes > 1 else None,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self, rng_per_rank: list) -> dict:
-        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict(),
-                "rng_per_rank": rng_per_rank}
+        return {
+            "step": self.step,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "skips": self.skips.state_dict(),
+            "rng_per_rank": rng_per_rank,
+        }
 
     def _rng_per_rank(self) -> list:
         """Every rank's torch RNG (sampling draws from it); the checkpoint's rng_state.pt is the main rank's only."""
@@ -363,8 +499,12 @@ class GSPOTrainer:
     def _restore_rank_rng(self, states: list) -> None:
         acc = self.accelerator
         if len(states) != acc.num_processes:
-            log.warning("gspo: checkpoint has RNG states for %d processes, this run has %d: ranks keep the main "
-                        "process's RNG, so sampling will not continue exactly", len(states), acc.num_processes)
+            log.warning(
+                "gspo: checkpoint has RNG states for %d processes, this run has %d: ranks keep the main "
+                "process's RNG, so sampling will not continue exactly",
+                len(states),
+                acc.num_processes,
+            )
             return
         mine = states[acc.process_index]
         torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
@@ -383,10 +523,18 @@ class GSPOTrainer:
         self.policy.save_native_state(holder[0])  # engine files every rank writes a part of (DeepSpeed)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.save_checkpoint(cfg.output_dir, self.step, self.policy.unwrapped(), tokenizer=self.tokenizer,
-                                 scheduler=self.scheduler, trainer_state=self._trainer_state(rng),
-                                 save_total_limit=cfg.save_total_limit, model_state=model_state,
-                                 optimizer_state=optim_state, staged=holder[0])
+            ckpt.save_checkpoint(
+                cfg.output_dir,
+                self.step,
+                self.policy.unwrapped(),
+                tokenizer=self.tokenizer,
+                scheduler=self.scheduler,
+                trainer_state=self._trainer_state(rng),
+                save_total_limit=cfg.save_total_limit,
+                model_state=model_state,
+                optimizer_state=optim_state,
+                staged=holder[0],
+            )
         acc.wait_for_everyone()
         return Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
 
@@ -398,8 +546,10 @@ class GSPOTrainer:
             path = self._save_checkpoint()
         if flag:
             signum = int(flag)
-            message = (f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
-                       f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir.")
+            message = (
+                f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
+                f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir."
+            )
             if acc.is_main_process:
                 print(message, file=sys.stderr, flush=True)  # SystemExit with an int code prints nothing
             raise TrainingInterrupted(message, signum)
@@ -432,8 +582,13 @@ class GSPOTrainer:
                     model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
                 model.load_state_dict(model_state)
                 model_state = None
-            ckpt.save_final_model(model, self.tokenizer, output_dir or cfg.output_dir,
-                                  merge_lora=cfg.merge_lora_on_save, state_dict=model_state)
+            ckpt.save_final_model(
+                model,
+                self.tokenizer,
+                output_dir or cfg.output_dir,
+                merge_lora=cfg.merge_lora_on_save,
+                state_dict=model_state,
+            )
         acc.wait_for_everyone()
 
     def _finish(self) -> None:
@@ -441,11 +596,20 @@ class GSPOTrainer:
         self.save_model()
         if self.accelerator.is_main_process:
             out = Path(cfg.output_dir)
-            (out / "train_summary.json").write_text(json.dumps(
-                {"steps": self.step, "final_metrics": self.history[-1] if self.history else {},
-                 "clip_range_low": cfg.clip_low, "clip_range_high": cfg.clip_high}, indent=2))
+            (out / "train_summary.json").write_text(
+                json.dumps(
+                    {
+                        "steps": self.step,
+                        "final_metrics": self.history[-1] if self.history else {},
+                        "clip_range_low": cfg.clip_low,
+                        "clip_range_high": cfg.clip_high,
+                    },
+                    indent=2,
+                )
+            )
             try:
                 from gspo.plotting import plot_run
+
                 plot_run(out)
             except Exception as exc:  # a plot must never cost the user a finished run
                 log.warning("gspo: could not plot the training curves: %s", exc)

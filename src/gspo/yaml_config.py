@@ -14,6 +14,7 @@ Two conveniences on top of plain `yaml.safe_load`:
 Relative paths in a YAML file (dataset_path, a reward file) are resolved against the
 current working directory, like the command-line flags, not against the YAML file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,7 @@ def suggest(name: str) -> str:
 
 
 def _unknown(name: str, where: str) -> ConfigError:
-    return ConfigError(f"unknown config key {name!r}{where}{suggest(name)} "
-                       "(`gspo --help` lists every field)")
+    return ConfigError(f"unknown config key {name!r}{where}{suggest(name)} (`gspo --help` lists every field)")
 
 
 # ----------------------------------------------------------------------------------
@@ -158,8 +158,7 @@ def _parse_list(name: str, text: str) -> list:
     return [_list_item(name, item) for item in items]
 
 
-_PARSERS = {bool: _parse_bool, int: _parse_int, float: _parse_float, list: _parse_list,
-            str: lambda name, text: text}
+_PARSERS = {bool: _parse_bool, int: _parse_int, float: _parse_float, list: _parse_list, str: lambda name, text: text}
 
 
 def parse_cli_value(field: Union[str, dataclasses.Field], text: str) -> Any:
@@ -205,8 +204,9 @@ def read_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of field: value at the top level, "
-                          f"not a {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path!r} must hold a mapping of field: value at the top level, not a {type(data).__name__}"
+        )
     return data
 
 

@@ -7,6 +7,7 @@
 
 DeepSpeed is imported only when the launch asks for it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,10 @@ def make_accelerator():
         # gspo autocasts itself (GSPOConfig.mixed_precision): accelerate's would wrap only model.forward
         acc = Accelerator(cpu=world > 1 and not has_accelerator, mixed_precision="no")
     if acc.num_processes != world:
-        raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
-                           f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies")
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
+            f"{acc.num_processes} ({acc.distributed_type}); refusing to train unsynchronised copies"
+        )
     return acc
 
 
@@ -68,8 +71,10 @@ def select_backend(accelerator, config) -> Backend:
     plugin_dropped = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != DistributedType.FSDP
     if (config.fsdp or plugin_dropped) and accelerator.num_processes > 1:
         if plugin_dropped and not config.fsdp and accelerator.is_main_process:
-            log.warning("gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with "
-                        "GSPOConfig.fsdp=True", kind)
+            log.warning(
+                "gspo: accelerate's FSDP plugin is inactive on %s; sharding with FSDP2 as with GSPOConfig.fsdp=True",
+                kind,
+            )
         return FSDP2Backend(accelerator)
     if kind == DistributedType.FSDP:
         return AccelerateFSDPBackend(accelerator)

@@ -12,6 +12,7 @@ One skip rule for every back-end: an update is skipped, on every rank, when the 
 loss summed over ranks or the global gradient norm is not finite. `TrainedModel.step` returns
 the pre-clip gradient norm, NaN when it skipped.
 """
+
 from __future__ import annotations
 
 import contextlib

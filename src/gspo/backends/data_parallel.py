@@ -1,4 +1,5 @@
 """Single process and DDP (accelerate's prepare): every rank holds the whole model and optimizer."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -22,13 +22,14 @@ What accelerate's DeepSpeed path would do on its own, and why gspo drives the en
   the usual full-weight `model.safetensors`, so the checkpoint stays atomic and its weights load
   with `from_pretrained`. Resume needs the same DeepSpeed launch (`engine.load_checkpoint`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -71,28 +72,49 @@ def configure(acc, cfg) -> None:
     ds = acc.state.deepspeed_plugin.deepspeed_config
     zero = stage(acc)
     if zero not in (1, 2, 3):
-        raise ConfigError(f"DeepSpeed zero_optimization.stage={zero}: allowed 1, 2 or 3 (stage 0 is plain data "
-                          f"parallelism: launch without DeepSpeed)")
+        raise ConfigError(
+            f"DeepSpeed zero_optimization.stage={zero}: allowed 1, 2 or 3 (stage 0 is plain data "
+            f"parallelism: launch without DeepSpeed)"
+        )
     if ds.get("fp16", {}).get("enabled") in (True, "true"):
-        raise ConfigError("DeepSpeed fp16 is not supported (dynamic loss scaling skips steps while it calibrates, "
-                          "which gspo would count as failed updates); allowed: bf16 or fp32 (mixed_precision bf16 / no)")
+        raise ConfigError(
+            "DeepSpeed fp16 is not supported (dynamic loss scaling skips steps while it calibrates, "
+            "which gspo would count as failed updates); allowed: bf16 or fp32 (mixed_precision bf16 / no)"
+        )
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ConfigError(f"DeepSpeed config has an '{section}' section: gspo builds AdamW and its schedule from "
-                              f"GSPOConfig (learning_rate, lr_scheduler_type, ...); remove the section")
+            raise ConfigError(
+                f"DeepSpeed config has an '{section}' section: gspo builds AdamW and its schedule from "
+                f"GSPOConfig (learning_rate, lr_scheduler_type, ...); remove the section"
+            )
     clip = ds.get("gradient_clipping", "auto")
     if clip != "auto" and not math.isclose(float(clip), cfg.max_grad_norm):
-        raise ConfigError(f"DeepSpeed gradient_clipping={clip} but GSPOConfig.max_grad_norm={cfg.max_grad_norm}: "
-                          f"set them equal, or gradient_clipping to 'auto' (gspo fills it)")
+        raise ConfigError(
+            f"DeepSpeed gradient_clipping={clip} but GSPOConfig.max_grad_norm={cfg.max_grad_norm}: "
+            f"set them equal, or gradient_clipping to 'auto' (gspo fills it)"
+        )
     ds["gradient_clipping"] = float(cfg.max_grad_norm)
-    micro = max(1, cfg.batch_size // acc.num_processes * cfg.group_size
-                // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
-    geometry = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "train_batch_size": micro * cfg.gradient_accumulation_steps * acc.num_processes}
+    micro = max(
+        1,
+        cfg.batch_size
+        // acc.num_processes
+        * cfg.group_size
+        // (cfg.num_mini_batches * cfg.gradient_accumulation_steps),
+    )
+    geometry = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": micro * cfg.gradient_accumulation_steps * acc.num_processes,
+    }
     for key, value in geometry.items():  # bookkeeping for DeepSpeed: gspo sets the boundaries itself
         if ds.get(key, "auto") not in ("auto", value) and acc.is_main_process:
-            log.warning("gspo: DeepSpeed %s=%s replaced by %s (from GSPOConfig batch_size, group_size, "
-                        "num_mini_batches, gradient_accumulation_steps)", key, ds[key], value)
+            log.warning(
+                "gspo: DeepSpeed %s=%s replaced by %s (from GSPOConfig batch_size, group_size, "
+                "num_mini_batches, gradient_accumulation_steps)",
+                key,
+                ds[key],
+                value,
+            )
         ds[key] = value
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW
     if zero == 3:
@@ -174,10 +196,13 @@ def load_engine_state(engine, checkpoint: Path) -> None:
     """Weights, fp32 master partitions and optimizer state from checkpoint-N/deepspeed/ (collective)."""
     source = Path(checkpoint) / ENGINE_DIR
     if not (source / _TAG).is_dir():
-        raise ConfigError(f"{checkpoint} was not written by a DeepSpeed run (no {ENGINE_DIR}/{_TAG}/): resume it "
-                          f"without DeepSpeed, or start a new run from its weights with policy_model_name={checkpoint}")
-    loaded, _ = engine.load_checkpoint(str(source), tag=_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
+        raise ConfigError(
+            f"{checkpoint} was not written by a DeepSpeed run (no {ENGINE_DIR}/{_TAG}/): resume it "
+            f"without DeepSpeed, or start a new run from its weights with policy_model_name={checkpoint}"
+        )
+    loaded, _ = engine.load_checkpoint(
+        str(source), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {source / _TAG}")
 

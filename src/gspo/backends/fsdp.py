@@ -15,6 +15,7 @@ Three places need the whole model rather than a shard:
   full tensors to CPU on the main rank (collectives: every rank calls them);
 * resume: every rank reads the same full checkpoint and keeps its own shard.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,9 +46,11 @@ def _decoder_blocks(model) -> list:
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ConfigError(f"GSPOConfig.fsdp=True: cannot find the decoder layers of {type(model).__name__} "
-                          f"(no module class named in its _no_split_modules={sorted(names)}); allowed: "
-                          f"transformers causal LMs that declare their layer class, or fsdp=False")
+        raise ConfigError(
+            f"GSPOConfig.fsdp=True: cannot find the decoder layers of {type(model).__name__} "
+            f"(no module class named in its _no_split_modules={sorted(names)}); allowed: "
+            f"transformers causal LMs that declare their layer class, or fsdp=False"
+        )
     return blocks
 
 
@@ -110,8 +113,10 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
         # torch numbers parameters in the order the optimizer was given them: the trainable ones, in
         # named_parameters() order (sharding keeps names and order).
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        state = {"state": {names[i]: v for i, v in state["state"].items()},
-                 "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+        state = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]],
+        }
     set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
@@ -148,8 +153,7 @@ class FSDP2Backend(Backend):
         return FSDP2Model(model, optimizer, acc)
 
     def prepare_frozen(self, model):  # no optimizer state, but as large as the policy
-        return shard_model(model.requires_grad_(False).eval(), self.accelerator.device,
-                           self.accelerator.num_processes)
+        return shard_model(model.requires_grad_(False).eval(), self.accelerator.device, self.accelerator.num_processes)
 
     def generation_context(self, trained: TrainedModel):
         return unsharded(trained.module)
@@ -201,5 +205,3 @@ def unsharded(model):
             m.reshard()
             # back to FSDP2's defaults (root keeps its params); a non-default setting is not remembered
             m.set_reshard_after_forward(m is not model, recurse=False)
-
-

@@ -7,6 +7,7 @@ a `Rollout` out, and `sync_weights(model)` after every optimizer update.
 The trainer builds one engine at start-up (or takes one through `GSPOTrainer(rollout_engine=...)`)
 and calls only the methods of `RolloutEngine`; evaluation uses the same engine, greedily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,9 @@ class SamplingParams:
 
     @classmethod
     def from_config(cls, config) -> "SamplingParams":
-        return cls(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                   top_k=config.top_k)
+        return cls(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k
+        )
 
 
 class RolloutEngine:

@@ -5,6 +5,7 @@ gspo's inverse-CDF sampler (gspo.sampling) inside `generate`; greedy decoding fo
 It generates from the weights being trained, so `sync_weights` has nothing to do; under a
 sharded back-end its session holds the whole weights (the back-end's generation context).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,15 @@ from gspo.sampling import PolicySampler, plain_generation
 
 
 class TransformersEngine(RolloutEngine):
-    def __init__(self, model, tokenizer, *, weights_context: Optional[Callable] = None,
-                 precision_context: Optional[Callable] = None, synced_gpus: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        weights_context: Optional[Callable] = None,
+        precision_context: Optional[Callable] = None,
+        synced_gpus: Optional[bool] = None,
+    ) -> None:
         """`model`: the unwrapped policy. `weights_context()`: makes sharded weights whole for a session
         (the back-end's generation context); `precision_context()`: autocast for mixed precision."""
         self.model, self.tokenizer = model, tokenizer
@@ -43,10 +51,18 @@ class TransformersEngine(RolloutEngine):
 
     def generate(self, rows: list, *, group_size: int, sampling: SamplingParams) -> Rollout:
         with self.session():
-            return generate_rollout(self.model, self.tokenizer, rows, group_size=group_size,
-                                    max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                    synced_gpus=self.synced_gpus)
+            return generate_rollout(
+                self.model,
+                self.tokenizer,
+                rows,
+                group_size=group_size,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sampling.do_sample,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                synced_gpus=self.synced_gpus,
+            )
 
 
 @torch.no_grad()
@@ -75,15 +91,27 @@ def generate_rollout(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
     eos = eos_ids(model, tokenizer)
-    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                  eos_token_id=eos)
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
     processors = LogitsProcessorList([PolicySampler(temperature, top_k, top_p)] if do_sample else [])
     inputs = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
     with plain_generation(model):
-        out = model.generate(input_ids=inputs[0].to(device), attention_mask=inputs[1].to(device),
-                             generation_config=gen_config, logits_processor=processors, synced_gpus=synced_gpus)
-    completion_ids = out[:, prompt_ids.shape[1]:].cpu()
+        out = model.generate(
+            input_ids=inputs[0].to(device),
+            attention_mask=inputs[1].to(device),
+            generation_config=gen_config,
+            logits_processor=processors,
+            synced_gpus=synced_gpus,
+        )
+    completion_ids = out[:, prompt_ids.shape[1] :].cpu()
     if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid
         completion_ids = torch.full((out.shape[0], 1), eos[0], dtype=torch.long)
-    return assemble_rollout(tokenizer, rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                            completion_ids=completion_ids, group_size=group_size, eos=eos, pad_id=pad_id)
+    return assemble_rollout(
+        tokenizer,
+        rows,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        group_size=group_size,
+        eos=eos,
+        pad_id=pad_id,
+    )

@@ -1,4 +1,5 @@
 """Built-in offline tasks: integer arithmetic and a tiny locally built model."""
+
 from gspo.tasks.arithmetic import exact_answer_reward, extract_answer, make_problems
 from gspo.tasks.tiny_model import ensure_tiny_model, evaluate_accuracy, load_tiny_model
 
