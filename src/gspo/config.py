@@ -269,6 +269,15 @@ class GSPOConfig:
     def uses_reference_model(self) -> bool:
         return self.kl_coef > 0 or self.adaptive_kl
 
+    def clip_summary(self) -> str:
+        """The importance level and the clip epsilons in force, for the start-up log line."""
+        default = self.clip_range is None and self.clip_range_low is None and self.clip_range_high is None
+        note = " (the level's recommended values)" if default else ""
+        return (
+            f"importance_sampling_level={self.importance_sampling_level}, clip eps low={self.clip_low:g} "
+            f"high={self.clip_high:g}{note}"
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -330,40 +339,20 @@ def _check_types(cfg: GSPOConfig) -> None:
             )
 
 
+# fmt: off
+_POSITIVE_FIELDS = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs", "gspo_epochs",
+                    "max_new_tokens", "max_prompt_length", "kl_horizon", "entropy_chunk_size", "eval_batch_size",
+                    "eval_max_samples", "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha")
+_NON_NEGATIVE_FIELDS = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef", "eval_steps",
+                        "save_steps", "log_completions_steps", "top_k", "lora_dropout")
+# fmt: on
+
+
 def _check_ranges(cfg: GSPOConfig) -> None:
-    positive = (
-        "batch_size",
-        "num_mini_batches",
-        "gradient_accumulation_steps",
-        "num_epochs",
-        "gspo_epochs",
-        "max_new_tokens",
-        "max_prompt_length",
-        "kl_horizon",
-        "entropy_chunk_size",
-        "eval_batch_size",
-        "eval_max_samples",
-        "logging_steps",
-        "max_consecutive_skipped_updates",
-        "lora_r",
-        "lora_alpha",
-    )
-    for name in positive:
+    for name in _POSITIVE_FIELDS:
         if getattr(cfg, name) < 1:
             raise _err(name, getattr(cfg, name), "must be >= 1")
-    non_negative = (
-        "weight_decay",
-        "max_grad_norm",
-        "warmup_steps",
-        "entropy_coef",
-        "kl_coef",
-        "eval_steps",
-        "save_steps",
-        "log_completions_steps",
-        "top_k",
-        "lora_dropout",
-    )
-    for name in non_negative:
+    for name in _NON_NEGATIVE_FIELDS:
         if getattr(cfg, name) < 0:
             raise _err(name, getattr(cfg, name), "must be >= 0")
     if cfg.group_size < 2:

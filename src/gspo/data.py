@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -333,3 +334,11 @@ def rank_batch(
     per_rank = batch_size // world_size
     start = k * batch_size + rank * per_rank
     return [dataset[int(i)] for i in order[start : start + per_rank]]
+
+
+def as_dataset(data, tokenizer, config):
+    """A GSPODataset from a GSPODataset (as is), a file or dataset path, or a list of prompts or rows (None: None)."""
+    if data is None or isinstance(data, GSPODataset):
+        return data
+    rows = load_rows(data, config.prompt_column, seed=config.seed) if isinstance(data, (str, Path)) else data
+    return GSPODataset(rows, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)

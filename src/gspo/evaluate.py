@@ -57,9 +57,8 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     with the config's rewards. Builds no optimizer and no reference model; under a launcher each
     process decodes its shard and every process returns the gathered metrics."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
-    from gspo.data import GSPODataset, load_rows
+    from gspo.data import as_dataset
     from gspo.engines import TransformersEngine
     from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode
     from gspo.rewards import RewardModelScorer, RewardScorer
@@ -75,20 +74,28 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
         else None
     )
     scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model)
-    if not isinstance(dataset, GSPODataset):
-        rows = load_rows(dataset, config.prompt_column, seed=config.seed) if isinstance(dataset, str) else dataset
-        dataset = GSPODataset(rows, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
+    dataset = as_dataset(dataset, tokenizer, config)
     mode = mixed_precision_mode(config, deepspeed=False)
     engine = TransformersEngine(model, tokenizer, precision_context=lambda: autocast(state.device, mode))
+    return evaluate_as_configured(
+        engine, scorer, dataset, config, rank=state.process_index, world_size=state.num_processes
+    )
+
+
+def evaluate_as_configured(engine, scorer, rows, config, *, rank: int = 0, world_size: int = 1) -> dict:
+    """`evaluate` with GSPOConfig's settings (max_new_tokens, eval_batch_size, accuracy_threshold,
+    eval_max_samples); gathered over processes when there are several."""
+    from accelerate.utils import gather_object
+
     return evaluate(
         engine,
         scorer,
-        dataset,
+        rows,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size,
         accuracy_threshold=config.accuracy_threshold,
         max_samples=config.eval_max_samples,
-        rank=state.process_index,
-        world_size=state.num_processes,
-        gather=gather_object if state.num_processes > 1 else None,
+        rank=rank,
+        world_size=world_size,
+        gather=gather_object if world_size > 1 else None,
     )

@@ -140,6 +140,11 @@ def _head_logprobs(
     return logp, (torch.cat(ents).view(n, t) if entropy is not None else None)
 
 
+def _vocab_size(model) -> int:
+    head = _output_head(model)
+    return getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+
+
 def completion_logprobs(
     model,
     prompt_ids: torch.Tensor,  # [n, P] left-padded
@@ -163,8 +168,8 @@ def completion_logprobs(
     `head=HeadMode.RECOMPUTED`: the output head itself runs a chunk at a time (recomputed in backward),
     so no [n, T, V] logits tensor ever exists; falls back to full logits for models that transform
     their logits after the head. `HeadMode.CHUNKED`: the head runs a chunk at a time too, recomputed
-    only when the fp32 logits would exceed `recompute_above_bytes` (default 1 GiB; else kept: no extra matmul, and no
-    full-size slice, copy or concatenation of logits gradients). `HeadMode.WHOLE`: one head call
+    only when the fp32 logits would exceed `recompute_above_bytes` (default 1 GiB; else kept: no extra
+    matmul, no full-size slice, copy or concatenation of logits gradients). `HeadMode.WHOLE`: one head call
     over all positions (for ZeRO-3, where each head call gathers its weight).
     """
     device = next(model.parameters()).device
@@ -175,11 +180,9 @@ def completion_logprobs(
     t = c_ids.shape[1]
     labels = c_ids.to(device)
     entropy_mode = None if not with_entropy else ("grad" if entropy_grad else "metric")
-    recompute = head is HeadMode.RECOMPUTED
-    if head is HeadMode.CHUNKED:
-        out_head = _output_head(model)
-        vocab = getattr(out_head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        recompute = labels.numel() * vocab * 4 > recompute_above_bytes
+    recompute = head is HeadMode.RECOMPUTED or (
+        head is HeadMode.CHUNKED and labels.numel() * _vocab_size(model) * 4 > recompute_above_bytes
+    )
     found = _final_hidden(model, input_ids, attention_mask, keep=t + 1) if head is not HeadMode.WHOLE else None
     if found is not None:
         hidden, head_module = found

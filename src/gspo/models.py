@@ -104,3 +104,17 @@ def autocast(device: torch.device, mode: str):
     if mode != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def adamw_factory(config: GSPOConfig):
+    """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards)."""
+
+    def make(params):
+        return torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+
+    return make

@@ -346,3 +346,23 @@ def step_metrics(
     metrics.update({f"time/{k}_s": v for k, v in timings.items()})
     metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
     return metrics
+
+
+def write_run_summary(config, *, steps: int, history: list) -> None:
+    """<output_dir>/train_summary.json and training_curves.png at the end of a run (main process)."""
+    out = Path(config.output_dir)
+    summary = {
+        "steps": steps,
+        "final_metrics": history[-1] if history else {},
+        "clip_range_low": config.clip_low,
+        "clip_range_high": config.clip_high,
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        from gspo.plotting import plot_run
+
+        plot_run(out)
+    except Exception as exc:  # a plot must never cost the user a finished run
+        import logging
+
+        logging.getLogger("gspo").warning("gspo: could not plot the training curves: %s", exc)

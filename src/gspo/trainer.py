@@ -23,47 +23,39 @@ How it departs from a naive loop (and from some peers):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from gspo import checkpoint as ckpt
 from gspo.backends import make_accelerator, select_backend
 from gspo.config import ConfigError, GSPOConfig
 from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss
-from gspo.data import GSPODataset, load_rows, rank_batch, steps_per_epoch
+from gspo.data import as_dataset, rank_batch, steps_per_epoch
 from gspo.engines import RolloutEngine, SamplingParams, TransformersEngine
-from gspo.evaluate import evaluate
+from gspo.evaluate import evaluate_as_configured
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.logprobs import completion_logprobs
-from gspo.models import apply_lora, autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, reference_context
+from gspo.models import (
+    adamw_factory,
+    apply_lora,
+    autocast,
+    load_causal_lm,
+    load_tokenizer,
+    mixed_precision_mode,
+    reference_context,
+)
 from gspo.rewards import RewardModelScorer, RewardScorer
 from gspo.rollout import Rollout
-from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics
+from gspo.run_checkpoints import RunCheckpoints
+from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics, write_run_summary
 
 log = logging.getLogger("gspo")
-
-
-def adamw_factory(config: GSPOConfig):
-    """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards)."""
-
-    def make(params):
-        return torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-
-    return make
 
 
 class GSPOTrainer:
@@ -113,6 +105,9 @@ class GSPOTrainer:
             )
         )
         self.sampling = SamplingParams.from_config(cfg)
+        self.checkpoints = RunCheckpoints(
+            accelerator=self.accelerator, config=cfg, backend=self.backend, policy=self.policy, tokenizer=self.tokenizer
+        )
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
             if cfg.adaptive_kl
@@ -123,15 +118,7 @@ class GSPOTrainer:
         self.step = 0
         self.history: list = []
         if self.accelerator.is_main_process:
-            log.warning(
-                "gspo: importance_sampling_level=%s, clip eps low=%g high=%g%s",
-                cfg.importance_sampling_level,
-                cfg.clip_low,
-                cfg.clip_high,
-                " (the level's recommended values)"
-                if cfg.clip_range is None and cfg.clip_range_low is None and cfg.clip_range_high is None
-                else "",
-            )
+            log.warning("gspo: %s", cfg.clip_summary())
 
     def _load_policy(self, model):
         cfg = self.config
@@ -162,13 +149,8 @@ class GSPOTrainer:
     optimizer = property(lambda self: self.policy.optimizer)
     scheduler = property(lambda self: self.policy.scheduler)
 
-    # ------------------------------------------------------------------ data
     def _as_dataset(self, data):
-        cfg = self.config
-        if data is None or isinstance(data, GSPODataset):
-            return data
-        rows = load_rows(data, cfg.prompt_column, seed=cfg.seed) if isinstance(data, (str, Path)) else data
-        return GSPODataset(rows, self.tokenizer, cfg.prompt_column, cfg.max_prompt_length, cfg.prompt_truncation)
+        return as_dataset(data, self.tokenizer, self.config)
 
     # ------------------------------------------------------------------ the loop
     def train(self, dataset=None, eval_dataset=None) -> list:
@@ -267,26 +249,30 @@ class GSPOTrainer:
             rollout.rewards, self.config.group_size, self.config.normalize_advantages
         )  # Eq. 6
 
+    def _logprobs(self, model, part: Rollout, *, training: bool):
+        """([n, T] log-probs, [n, T] entropy or None) of a micro-batch; the output head as the back-end allows."""
+        cfg = self.config
+        head = self.backend.head_mode(training=training, gradient_checkpointing=cfg.gradient_checkpointing)
+        with self._autocast():  # the loss math after it stays float32
+            return completion_logprobs(
+                model,
+                part.prompt_ids,
+                part.prompt_mask,
+                part.completion_ids,
+                part.completion_mask,
+                temperature=cfg.temperature,
+                chunk_size=cfg.entropy_chunk_size,
+                with_entropy=training,
+                entropy_grad=training and cfg.entropy_coef != 0,
+                head=head,
+            )
+
     @torch.no_grad()
     def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        cfg, out = self.config, []
-        head = self.backend.head_mode(training=False, gradient_checkpointing=cfg.gradient_checkpointing)
+        cfg = self.config
         micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
-        for idx in torch.arange(len(rollout)).split(micro):
-            part = rollout.select(idx)
-            with self._autocast():
-                lp, _ = completion_logprobs(
-                    model,
-                    part.prompt_ids,
-                    part.prompt_mask,
-                    part.completion_ids,
-                    part.completion_mask,
-                    temperature=cfg.temperature,
-                    chunk_size=cfg.entropy_chunk_size,
-                    head=head,
-                )
-            out.append(lp.cpu())
-        return torch.cat(out)
+        parts = [rollout.select(idx) for idx in torch.arange(len(rollout)).split(micro)]
+        return torch.cat([self._logprobs(model, part, training=False)[0].cpu() for part in parts])
 
     def _update(self, rollout: Rollout) -> dict:
         """gspo_epochs passes over the rollout, num_mini_batches optimizer updates per pass."""
@@ -361,20 +347,7 @@ class GSPOTrainer:
         loss = policy loss - entropy_coef * entropy + kl_coef * KL."""
         cfg, device = self.config, self.accelerator.device
         mask = part.completion_mask.to(device)
-        head = self.backend.head_mode(training=True, gradient_checkpointing=cfg.gradient_checkpointing)
-        with self._autocast():  # the loss math below stays float32
-            logp, entropy = completion_logprobs(
-                self.policy.module,
-                part.prompt_ids,
-                part.prompt_mask,
-                part.completion_ids,
-                part.completion_mask,
-                temperature=cfg.temperature,
-                chunk_size=cfg.entropy_chunk_size,
-                with_entropy=True,
-                entropy_grad=cfg.entropy_coef != 0,
-                head=head,
-            )
+        logp, entropy = self._logprobs(self.policy.module, part, training=True)
         old = logp.detach() if on_policy else part.old_logprobs.to(device)
         pg, m = policy_loss(
             logp,
@@ -423,16 +396,12 @@ class GSPOTrainer:
 
     def _optimizer_step(self, loss: float) -> float:
         """The back-end clips, skips a non-finite update on every rank (NaN norm), or steps."""
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         grad_norm = self.policy.step(loss, max_grad_norm=cfg.max_grad_norm)
         self.skips.record(grad_norm, f"step {self.step + 1}")
-        if self.skips.exhausted:
-            # Never replace a clean checkpoint of this step with this mid-step state.
-            # Decided on the main process and shared, so every rank takes the same branch (the save waits for all).
-            existing = Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
-            found = float(acc.is_main_process and (existing / ckpt.COMPLETE_MARKER).is_file())
-            found = acc.reduce(torch.tensor(found, device=acc.device), "max").item()
-            path = existing if found else self._save_checkpoint()
+        if self.skips.exhausted:  # never replace a clean checkpoint of this step with this mid-step state
+            done = self.checkpoints.exists(self.step)
+            path = self.checkpoints.path(self.step) if done else self.checkpoints.save(self.step, self._trainer_state())
             raise NonFiniteUpdateError(
                 f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "
                 f"GSPOConfig.max_consecutive_skipped_updates={cfg.max_consecutive_skipped_updates}); stopped at step "
@@ -467,149 +436,42 @@ class GSPOTrainer:
         """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
         cfg, acc = self.config, self.accelerator
         dataset = self._as_dataset(dataset if dataset is not None else (self.eval_dataset or cfg.eval_dataset_path))
-        return evaluate(
-            self.engine,
-            self.scorer,
-            dataset,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.eval_batch_size,
-            accuracy_threshold=cfg.accuracy_threshold,
-            max_samples=cfg.eval_max_samples,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            gather=gather_object if acc.num_processes > 1 else None,
+        return evaluate_as_configured(
+            self.engine, self.scorer, dataset, cfg, rank=acc.process_index, world_size=acc.num_processes
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self, rng_per_rank: list) -> dict:
-        return {
-            "step": self.step,
-            "kl_controller": self.kl_ctl.state_dict(),
-            "skips": self.skips.state_dict(),
-            "rng_per_rank": rng_per_rank,
-        }
-
-    def _rng_per_rank(self) -> list:
-        """Every rank's torch RNG (sampling draws from it); the checkpoint's rng_state.pt is the main rank's only."""
-        state = {"torch": torch.get_rng_state().tolist()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state().tolist()
-        return gather_object([state]) if self.accelerator.num_processes > 1 else [state]
-
-    def _restore_rank_rng(self, states: list) -> None:
-        acc = self.accelerator
-        if len(states) != acc.num_processes:
-            log.warning(
-                "gspo: checkpoint has RNG states for %d processes, this run has %d: ranks keep the main "
-                "process's RNG, so sampling will not continue exactly",
-                len(states),
-                acc.num_processes,
-            )
-            return
-        mine = states[acc.process_index]
-        torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
-        if "cuda" in mine and torch.cuda.is_available():
-            torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8))
-
-    def _save_checkpoint(self) -> Path:
-        """Collective: every rank adds its part (full states, engine files) before the main rank's atomic save."""
-        acc, cfg = self.accelerator, self.config
-        acc.wait_for_everyone()
-        rng = self._rng_per_rank()
-        model_state, optim_state = self.policy.full_states(with_optimizer=True)
-        holder = [ckpt.open_staging(cfg.output_dir, self.step) if acc.is_main_process else None]
-        if acc.num_processes > 1:
-            broadcast_object_list(holder)
-        self.policy.save_native_state(holder[0])  # engine files every rank writes a part of (DeepSpeed)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.save_checkpoint(
-                cfg.output_dir,
-                self.step,
-                self.policy.unwrapped(),
-                tokenizer=self.tokenizer,
-                scheduler=self.scheduler,
-                trainer_state=self._trainer_state(rng),
-                save_total_limit=cfg.save_total_limit,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                staged=holder[0],
-            )
-        acc.wait_for_everyone()
-        return Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step}"
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict()}
 
     def _checkpoint_if_due(self, total: int, guard: InterruptGuard) -> None:
         """Every save_steps steps and at the last step (so a finished run can be continued), or on a signal."""
         cfg, acc = self.config, self.accelerator
         flag = acc.reduce(torch.tensor(float(guard.signum or 0), device=acc.device), "max").item()
         if (cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == total)) or flag:
-            path = self._save_checkpoint()
+            path = self.checkpoints.save(self.step, self._trainer_state())
         if flag:
-            signum = int(flag)
             message = (
                 f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
                 f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir."
             )
             if acc.is_main_process:
                 print(message, file=sys.stderr, flush=True)  # SystemExit with an int code prints nothing
-            raise TrainingInterrupted(message, signum)
+            raise TrainingInterrupted(message, int(flag))
 
     def _maybe_resume(self) -> bool:
-        cfg = self.config
-        if not cfg.resume_from_checkpoint:
+        state = self.checkpoints.resume()
+        if state is None:
             return False
-        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-        self.policy.load_checkpoint(path)  # weights and optimizer, as the back-end stores them
-        state = ckpt.load_checkpoint(path, scheduler=self.scheduler)  # + scheduler, RNG, trainer state
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.skips = SkipCounter(cfg.max_consecutive_skipped_updates, **state["skips"])
-        if state.get("rng_per_rank"):
-            self._restore_rank_rng(state["rng_per_rank"])
-        if self.accelerator.is_main_process:
-            log.warning("gspo: resumed from %s at step %d", path, self.step)
+        self.skips = SkipCounter(self.config.max_consecutive_skipped_updates, **state["skips"])
         return True
 
     def save_model(self, output_dir=None) -> None:
-        acc, cfg = self.accelerator, self.config
-        acc.wait_for_everyone()
-        model_state, _ = self.policy.full_states(with_optimizer=False)
-        if acc.is_main_process:
-            model = self.policy.unwrapped()
-            if model_state is not None and cfg.use_lora and cfg.merge_lora_on_save:
-                # peft merges in place on whole tensors: do it on an unsharded replica holding the gathered state
-                with self.backend.whole_models():  # main process only: no ZeRO-3 partitioning here
-                    model = apply_lora(load_causal_lm(cfg.policy_model_name, cfg), cfg)
-                model.load_state_dict(model_state)
-                model_state = None
-            ckpt.save_final_model(
-                model,
-                self.tokenizer,
-                output_dir or cfg.output_dir,
-                merge_lora=cfg.merge_lora_on_save,
-                state_dict=model_state,
-            )
-        acc.wait_for_everyone()
+        self.checkpoints.export(output_dir or self.config.output_dir)
 
     def _finish(self) -> None:
-        cfg = self.config
         self.save_model()
         if self.accelerator.is_main_process:
-            out = Path(cfg.output_dir)
-            (out / "train_summary.json").write_text(
-                json.dumps(
-                    {
-                        "steps": self.step,
-                        "final_metrics": self.history[-1] if self.history else {},
-                        "clip_range_low": cfg.clip_low,
-                        "clip_range_high": cfg.clip_high,
-                    },
-                    indent=2,
-                )
-            )
-            try:
-                from gspo.plotting import plot_run
-
-                plot_run(out)
-            except Exception as exc:  # a plot must never cost the user a finished run
-                log.warning("gspo: could not plot the training curves: %s", exc)
+            write_run_summary(self.config, steps=self.step, history=self.history)
