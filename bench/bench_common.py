@@ -155,3 +155,15 @@ def model_setup(size: str, workdir: Path, arch: dict | None = None):
     key = "-".join(f"{k[:3]}{v}" for k, v in sorted(arch.items()))
     path = build_qwen2_dir(workdir / f"qwen2-{key}", arch)
     return path, load_word_tokenizer(path), [{"prompt": p} for p in word_prompts(N_PROMPTS, arch["vocab_size"])]
+
+
+def run_script(script: Path, args: list, timeout: int = 900) -> dict:
+    """Run `script args` in a fresh interpreter (its own peak RSS); its last stdout line is JSON."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(script)] + args, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])

@@ -4,7 +4,7 @@
 Not part of the test suite. Run from the repo root with the project venv:
 
     .venv/bin/python bench/bench_step.py                 # everything: 12 min on 2 CPU cores at load 4-5
-    .venv/bin/python bench/bench_step.py --only tiny     # one part: tiny|small|epochs|scaling|chunkmem
+    .venv/bin/python bench/bench_step.py --only tiny     # one part: tiny|small|epochs|scaling
 
 Parts (each model size / configuration runs in its own subprocess, so peak RSS is its own):
   tiny     the demo's model (gspo.tasks.tiny_model), 8 prompts x 4 completions, 8 new tokens, KL on,
@@ -14,7 +14,7 @@ Parts (each model size / configuration runs in its own subprocess, so peak RSS i
   epochs   forward-call counts with gspo_epochs=3 (one and two mini-batches): a rollout batch costs
            one generation, one reference pass and at most one extra no-grad pass
   scaling  step time and peak RSS as group size, completion length and model width double
-  chunkmem peak memory of gspo.core.logprobs_and_entropy (forward+backward) at chunk 256 vs unchunked
+(Peak memory of the log-prob function and of the output head: bench/bench_memory.py.)
 
 For tiny and small, every gspo step is followed (same process, same load) by the raw ops at the same
 shapes: plain `model.generate` for exactly as many decode steps, a plain no-grad forward of the
@@ -32,7 +32,6 @@ import contextlib
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,6 @@ from bench_common import (  # noqa: E402  (bench/ is on sys.path when run as a s
     HERE,
     N_PROMPTS,
     SCALE_BASE,
-    SMALL_ARCH,
     current_rss_mb,
     diversity_reward,
     load_word_tokenizer,
@@ -54,6 +52,7 @@ from bench_common import (  # noqa: E402  (bench/ is on sys.path when run as a s
     model_setup,
     peak_rss_mb,
     record_linear_dtypes,
+    run_script,
     spread,
     word_prompts,
 )
@@ -403,77 +402,9 @@ def worker_epochs(workdir: Path, threads: int) -> list:
     return out
 
 
-def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
-    """Peak RSS above the live logits (+ their gradient) of a chunked log-prob forward+backward:
-    fn='core': gspo.core.logprobs_and_entropy (entropy with grad, entropy_coef != 0);
-    fn='label': gspo.core.logprobs_and_entropy(with_entropy=False) (log p only)."""
-    torch.set_num_threads(threads)
-    from gspo.core import logprobs_and_entropy
-
-    n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
-    logits = torch.randn(n, t, v, requires_grad=True)
-    labels = torch.randint(0, v, (n, t))
-    logits.grad = torch.zeros_like(logits)  # the gradient buffer exists whatever the chunking
-    base = current_rss_mb()
-    assert peak_rss_mb() <= base + 64, "a higher peak earlier would hide this measurement"
-    t0 = time.perf_counter()
-    if fn == "core_nograd":  # the reference / old-log-prob pass: forward only, with entropy
-        with torch.no_grad():
-            logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
-    elif fn == "core":
-        lp, ent = logprobs_and_entropy(logits, labels, chunk_size=chunk if chunk > 0 else n * t, with_entropy=True)
-        (lp.sum() + ent.sum()).backward()
-    else:
-        logprobs_and_entropy(logits, labels, chunk if chunk > 0 else n * t, with_entropy=False)[0].sum().backward()
-    return {
-        "fn": fn,
-        "chunk": chunk if chunk > 0 else n * t,
-        "shape": [n, t, v],
-        "logits_mb": logits.numel() * 4 / 2**20,
-        "peak_above_logits_and_grad_mb": peak_rss_mb() - base,
-        "time_s": time.perf_counter() - t0,
-    }
-
-
-def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> dict:
-    """Peak RSS above weights + gradient buffers of the output head's forward+backward at the small
-    model's shape ([32 x new_tokens] hidden states of width 384, vocabulary 32768): bounded = the
-    chunked, recomputed head (gradient_checkpointing); otherwise full [32, T, V] logits then chunked log p."""
-    torch.set_num_threads(threads)
-    from gspo.core import logprobs_and_entropy
-    from gspo.logprobs import _head_logprobs
-
-    n, t, h, v = N_PROMPTS * GROUP, new_tokens, SMALL_ARCH["hidden_size"], SMALL_ARCH["vocab_size"]
-    torch.manual_seed(0)
-    head = torch.nn.Linear(h, v, bias=False)
-    hidden = torch.randn(n, t, h, requires_grad=True)
-    labels = torch.randint(0, v, (n, t))
-    head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)
-    base = current_rss_mb()
-    assert peak_rss_mb() <= base + 64, "a higher peak earlier would hide this measurement"
-    t0 = time.perf_counter()
-    if bounded:
-        logp, _ = _head_logprobs(head, hidden, labels, 1.0, chunk, None)
-    else:
-        logp = logprobs_and_entropy(head(hidden), labels, chunk, with_entropy=False)[0]
-    logp.sum().backward()
-    return {
-        "bounded": bounded,
-        "chunk": chunk,
-        "new_tokens": t,
-        "full_logits_mb": n * t * v * 4 / 2**20,
-        "peak_above_weights_mb": peak_rss_mb() - base,
-        "time_s": time.perf_counter() - t0,
-    }
-
-
 # ---------------------------------------------------------------------------- parent
 def run_worker(args: list, timeout=900) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve())] + args
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_script(Path(__file__).resolve(), args, timeout=timeout)
 
 
 def fmt_ms(s):
@@ -512,7 +443,7 @@ def print_step(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="tiny,small,epochs,scaling,chunkmem,headmem")
+    ap.add_argument("--only", default="tiny,small,epochs,scaling")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--mixed-precision",
@@ -553,10 +484,6 @@ def main() -> None:
             )
         elif a.worker == "epochs":
             res = worker_epochs(workdir, a.threads)
-        elif a.worker == "headmem":
-            res = worker_headmem(spec["chunk"], a.threads, spec["bounded"], spec["new_tokens"])
-        elif a.worker == "chunkmem":
-            res = worker_chunkmem(spec["chunk"], a.threads, spec.get("fn", "core"))
         else:
             raise SystemExit(f"unknown worker {a.worker}")
         print(json.dumps(res))
@@ -638,44 +565,6 @@ def main() -> None:
             )
         out["scaling"] = rows
         sys.stdout.flush()
-    if "chunkmem" in parts:
-        res = [
-            run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f})] + th)
-            for f in ("core_nograd", "core", "label")
-            for c in (256, 1024, 0)
-        ]
-        out["chunkmem"] = res
-        print(
-            "\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
-            "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; "
-            "core = "
-            "the same with entropy grad, forward+backward; label = "
-            "gspo.core.logprobs_and_entropy(with_entropy=False), log p only)"
-        )
-        for r in res:
-            print(
-                f"   {r['fn']:11s} chunk {r['chunk']:5d}: {r['peak_above_logits_and_grad_mb']:7.0f} MB  "
-                f"({r['time_s']:.2f}s)"
-            )
-    if "headmem" in parts:
-        res = [
-            run_worker(["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t})] + th)
-            for t in (64, 256)
-            for b in (False, True)
-            for c in (256, 1024)
-        ]
-        out["headmem"] = res
-        print(
-            "\n== output head forward+backward, hidden [32, T, 384] -> vocabulary 32768: peak RSS above weights and "
-            "gradient buffers\n   (full = [32, T, V] logits then chunked log p; bounded = head applied a chunk at a "
-            "time and recomputed in backward, the gradient_checkpointing path)"
-        )
-        for r in res:
-            kind = "bounded" if r["bounded"] else "full"
-            print(
-                f"   T {r['new_tokens']:4d} {kind:8s} chunk {r['chunk']:5d}: {r['peak_above_weights_mb']:7.0f} MB  "
-                f"(full logits would be {r['full_logits_mb']:.0f} MB; {r['time_s']:.2f}s)"
-            )
     out["total_s"] = time.perf_counter() - t_start
     out["loadavg_end"] = os.getloadavg()
     summary = {"bench": "gspo_step", **{k: out[k] for k in ("date", "threads", "mixed_precision", "total_s")}}
