@@ -3,21 +3,35 @@
 Builds use a temp cache dir and a handful of warm-start steps so the whole
 file runs in seconds on CPU.
 """
+
 from __future__ import annotations
+
+import hashlib
+import json
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gspo.tasks.arithmetic import exact_answer_reward, extract_answer, make_problems  # noqa: E402
+from gspo.tasks.arithmetic import (  # noqa: E402
+    SPLITS,
+    all_problems,
+    exact_answer_reward,
+    extract_answer,
+    make_problems,
+)
 from gspo.tasks.tiny_model import (  # noqa: E402
     RECIPE_VERSION,
+    SFT_SEED,
+    build_model,
     build_tokenizer,
     encode_sft_batch,
     ensure_tiny_model,
     evaluate_accuracy,
     model_dir_name,
+    read_warm_start_info,
+    warm_start,
 )
 
 
@@ -29,6 +43,7 @@ def tiny_dir(tmp_path_factory):
 
 
 # --- arithmetic problems ------------------------------------------------------
+
 
 def test_problems_are_deterministic_and_well_formed():
     a = make_problems(50, seed=3, split="train")
@@ -49,12 +64,26 @@ def test_train_and_eval_splits_are_disjoint():
     assert not train & evals
 
 
+def test_dev_split_is_disjoint_from_train_and_eval_and_eval_is_unchanged():
+    pools = {split: set(all_problems(split)) for split in SPLITS}
+    assert not pools["dev"] & pools["train"] and not pools["dev"] & pools["eval"]
+    assert not pools["train"] & pools["eval"]
+    assert sum(map(len, pools.values())) == 2 * 100 * 100  # together they cover the whole space
+    assert len(pools["dev"]) == 1044 and len(pools["eval"]) == 1985
+    # The eval pool is the one from before the dev split existed (digest taken from that code).
+    digest = hashlib.sha256(repr(all_problems("eval")).encode()).hexdigest()
+    assert digest == "0b779212a638fee14d0ce180cd47208a7ea7c78279fbc8cfe198c89b39827f92"
+    dev = {p["prompt"] for p in make_problems(512, seed=0, split="dev")}  # the warm start's check
+    assert len(dev) == 512 and dev <= {f"{a}{op}{b}=" for a, op, b in pools["dev"]}
+
+
 def test_unknown_split_is_rejected():
     with pytest.raises(ValueError):
         make_problems(3, seed=0, split="test")
 
 
 # --- reward ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "completion, expected",
@@ -72,20 +101,21 @@ def test_unknown_split_is_rejected():
     ],
 )
 def test_exact_answer_reward_cases(completion, expected):
-    got = exact_answer_reward(prompts=["23+58="], completions=[completion],
-                              completion_ids=[[0]], answer=["81"], extra_column=[1])
+    got = exact_answer_reward(
+        prompts=["23+58="], completions=[completion], completion_ids=[[0]], answer=["81"], extra_column=[1]
+    )
     assert got == [expected]
 
 
 def test_exact_answer_reward_negative_answers_and_lengths():
-    assert exact_answer_reward(prompts=["1-5=", "2+2="], completions=["-4<eos>", "5"],
-                               answer=["-4", "4"]) == [1.0, 0.0]
+    assert exact_answer_reward(prompts=["1-5=", "2+2="], completions=["-4<eos>", "5"], answer=["-4", "4"]) == [1.0, 0.0]
     assert extract_answer("  12 <eos>") == "12"
     with pytest.raises(ValueError):
         exact_answer_reward(prompts=["a"], completions=["1", "2"], answer=["1"])
 
 
 # --- tokenizer -----------------------------------------------------------------
+
 
 def test_tokenizer_round_trip_through_auto_tokenizer(tiny_dir):
     ours = build_tokenizer()
@@ -103,8 +133,7 @@ def test_tokenizer_round_trip_through_auto_tokenizer(tiny_dir):
 
 def test_sft_batch_masks_prompt_and_padding():
     tok = build_tokenizer()
-    batch = encode_sft_batch(tok, [{"prompt": "1+2=", "answer": "3"},
-                                   {"prompt": "10+20=", "answer": "30"}])
+    batch = encode_sft_batch(tok, [{"prompt": "1+2=", "answer": "3"}, {"prompt": "10+20=", "answer": "30"}])
     labels = batch["labels"]
     # Row 1 is 6 prompt + 2 answer + eos = 9 tokens; row 0 (4 + 1 + 1) gets
     # 3 left pads. Pads and prompt are masked, answer and eos are not.
@@ -113,22 +142,79 @@ def test_sft_batch_masks_prompt_and_padding():
     assert batch["attention_mask"][0].tolist()[:4] == [0, 0, 0, 1]
 
 
+# --- warm start stopping rule ------------------------------------------------------
+
+
+def _small_model():
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    return build_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1), tok
+
+
+class ScriptedDev:
+    """A dev_accuracy stand-in: returns the scripted values in order and counts its calls."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def __call__(self, model):
+        self.calls += 1
+        return self.values[self.calls - 1]
+
+
+def test_warm_start_stops_at_the_first_check_reaching_the_target():
+    model, tok = _small_model()
+    dev = ScriptedDev([0.05, 0.249, 0.25, 0.9])
+    result = warm_start(model, tok, max_steps=40, target=0.25, check_every=3, dev_accuracy=dev, batch_size=4)
+    # Checks run after steps 3, 6, 9, ...; the third check (0.25, equal to the target) is the first
+    # that reaches it, so training stops after 3 * 3 = 9 steps, well before the cap of 40.
+    assert (result.steps, dev.calls) == (9, 3)
+    assert result.dev_accuracy == 0.25 and result.reached_target and result.target == 0.25
+    assert not model.training
+
+
+def test_warm_start_stops_at_the_cap_with_a_warning():
+    model, tok = _small_model()
+    dev = ScriptedDev([0.1] * 10)
+    with pytest.warns(RuntimeWarning, match="cap of 7 steps with dev accuracy 0.100 below the target 0.500"):
+        result = warm_start(model, tok, max_steps=7, target=0.5, check_every=3, dev_accuracy=dev, batch_size=4)
+    # Checks after steps 3 and 6, and one at the cap (7): three calls, none reaching 0.5.
+    assert (result.steps, dev.calls) == (7, 3)
+    assert result.dev_accuracy == 0.1 and not result.reached_target
+
+
+def test_warm_start_without_target_runs_the_fixed_count_unchecked():
+    model, tok = _small_model()
+    dev = ScriptedDev([])
+    result = warm_start(model, tok, max_steps=4, target=None, dev_accuracy=dev, batch_size=4)
+    assert (result.steps, dev.calls, result.dev_accuracy, result.reached_target) == (4, 0, None, True)
+
+
 # --- model build -----------------------------------------------------------------
+
 
 def test_ensure_tiny_model_loads_and_generates(tiny_dir):
     assert RECIPE_VERSION in tiny_dir.name
     assert tiny_dir.name == model_dir_name(5)
+    info = read_warm_start_info(tiny_dir)
+    assert info["steps"] == 5 and info["dev_accuracy"] is None and info["seed"] == SFT_SEED
     assert (tiny_dir / "model.safetensors").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
     assert model.config.model_type == "llama"
     enc = tok(["1+2=", "12+34="], return_tensors="pt", padding=True)
-    out = model.generate(**enc, max_new_tokens=3, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[0] == 2
     assert enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 3
     acc = evaluate_accuracy(model, tok, make_problems(16, seed=0, split="eval"), batch_size=8)
     assert 0.0 <= acc <= 1.0
+
+
+def test_warm_start_seed_is_part_of_the_cache_key(tmp_path):
+    assert model_dir_name(5, seed=SFT_SEED) == model_dir_name(5)
+    other = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, seed=7, verbose=False)
+    assert other.name == model_dir_name(2, seed=7) == f"tiny-arithmetic-{RECIPE_VERSION}-sft2-seed7"
+    assert json.loads((other / "warm_start.json").read_text())["seed"] == 7
 
 
 def test_ensure_tiny_model_uses_cache(tiny_dir):

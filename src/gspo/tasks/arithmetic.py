@@ -6,9 +6,13 @@ for a tiny character-level model to learn, yet carries and borrows make it hard
 enough that a briefly warm-started model gets only part of it right, which is
 the regime where RL with group-relative rewards helps most.
 
-Train and eval splits partition the (a, op, b) space by a stable hash, so no
-eval question is ever seen during warm start or RL.
+Train, dev and eval splits partition the (a, op, b) space by a stable hash, so
+no eval question is ever seen during warm start or RL. The dev split (5% of the
+space, carved out of what used to be train; eval is unchanged) is what the tiny
+model's warm start checks its accuracy on to decide when to stop, so that
+decision never looks at the problems the demo reports on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,19 +26,27 @@ MAX_OPERAND = 99
 # Fraction of the problem space reserved for evaluation. 10% of 20,000 is
 # plenty for a 200+ problem held-out set.
 EVAL_FRACTION = 0.10
+# Hash bucket [EVAL_FRACTION, EVAL_FRACTION + DEV_FRACTION) is the dev split
+# (about 1,000 problems): enough for a 512-problem stopping check.
+DEV_FRACTION = 0.05
 # Strings that end a completion: eos/pad spellings in case a caller decodes
 # without skipping special tokens.
 END_MARKERS = ("<eos>", "<|endoftext|>", "<pad>", "</s>", "<bos>")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "dev", "eval")
 
 
-def _in_eval_split(a: int, op: str, b: int) -> bool:
-    """Stable (process-independent) assignment of a problem to the eval split.
+def _split_of(a: int, op: str, b: int) -> str:
+    """Stable (process-independent) assignment of a problem to a split.
 
     Python's built-in hash() is salted per process, so use a digest instead.
+    The eval bucket is the same as before the dev split existed, so the
+    held-out set the demo reports on did not change.
     """
     digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < EVAL_FRACTION
+    u = int.from_bytes(digest[:4], "big") / 2**32
+    if u < EVAL_FRACTION:
+        return "eval"
+    return "dev" if u < EVAL_FRACTION + DEV_FRACTION else "train"
 
 
 def _solve(a: int, op: str, b: int) -> int:
@@ -50,13 +62,12 @@ def all_problems(split: str) -> list[tuple[int, str, int]]:
     """Every (a, op, b) triple of one split, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    want_eval = split == "eval"
     return [
         (a, op, b)
         for op in OPERATORS
         for a in range(MAX_OPERAND + 1)
         for b in range(MAX_OPERAND + 1)
-        if _in_eval_split(a, op, b) == want_eval
+        if _split_of(a, op, b) == split
     ]
 
 
@@ -69,7 +80,7 @@ def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
     """Sample ``n`` problems of ``split`` deterministically from ``seed``.
 
     Problems are drawn without replacement while ``n`` fits in the split
-    (about 18,000 train / 2,000 eval), and with replacement beyond that, so
+    (about 17,000 train / 1,000 dev / 2,000 eval), and with replacement beyond that, so
     callers can ask for long SFT streams.
     """
     if n < 0:
@@ -111,7 +122,4 @@ def exact_answer_reward(
             f"exact_answer_reward needs one answer per completion: "
             f"{len(answers)} answers for {len(completions)} completions"
         )
-    return [
-        1.0 if extract_answer(c) == str(ref).strip() else 0.0
-        for c, ref in zip(completions, answers)
-    ]
+    return [1.0 if extract_answer(c) == str(ref).strip() else 0.0 for c, ref in zip(completions, answers)]
