@@ -56,6 +56,16 @@ from gspo.run_checkpoints import RunCheckpoints
 from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics, write_run_summary
 
 log = logging.getLogger("gspo")
+# per-update values: summed over micro-batches, then averaged over a step's updates and the ranks
+UPDATE_METRICS = (
+    "policy_loss",
+    "entropy",
+    "kl_divergence",
+    "loss",
+    "clip_fraction_seq",
+    "clip_fraction_token",
+    "ratio_mean",
+)
 
 
 class GSPOTrainer:
@@ -307,18 +317,7 @@ class GSPOTrainer:
         counts divided by the world size, because DDP averages gradients over ranks."""
         cfg, acc = self.config, self.accelerator
         n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        sums = dict.fromkeys(
-            (
-                "policy_loss",
-                "entropy",
-                "kl_divergence",
-                "loss",
-                "clip_fraction_seq",
-                "clip_fraction_token",
-                "ratio_mean",
-            ),
-            0.0,
-        )  # same keys, same order on every rank
+        sums = dict.fromkeys(UPDATE_METRICS, 0.0)  # same keys, same order on every rank
         # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
         # ranks must run the same number of forward/backward passes (DDP/FSDP collectives).
         micro_batches = torch.tensor_split(idx, cfg.gradient_accumulation_steps)
@@ -370,16 +369,7 @@ class GSPOTrainer:
         )
         loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl
         # One device->host copy per micro-batch (each .item() would be a GPU sync).
-        keys = (
-            "policy_loss",
-            "entropy",
-            "kl_divergence",
-            "loss",
-            "clip_fraction_seq",
-            "clip_fraction_token",
-            "ratio_mean",
-            "tokens",
-        )
+        keys = UPDATE_METRICS + ("tokens",)
         values = dict(
             zip(
                 keys,
