@@ -213,18 +213,19 @@ class DeepSpeedModel(TrainedModel):
 
     def __init__(self, module, optimizer, accelerator) -> None:
         super().__init__(module, optimizer, accelerator)
-        self._pending_loss = 0.0  # this rank's loss so far in the mini-batch
+        self._pending_loss = None  # this rank's loss so far in the mini-batch, on the device (no host sync)
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext()  # the accumulation boundary is set in backward
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
-        self._pending_loss += loss.item()
+        pending = loss.detach().double()
+        self._pending_loss = pending if self._pending_loss is None else self._pending_loss + pending
         if last:  # the mini-batch's loss summed over ranks, known before the update: all ranks agree
             acc = self.accelerator
-            total = acc.reduce(torch.tensor(self._pending_loss, device=loss.device, dtype=torch.float64), "sum")
+            total = acc.reduce(self._pending_loss, "sum")
             loss = poison(loss, total.item())
-            self._pending_loss = 0.0
+            self._pending_loss = None
         backward(self.module, loss, boundary=last)
 
     def step(self, local_loss: float, *, max_grad_norm: float) -> float:

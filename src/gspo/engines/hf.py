@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from gspo.engines import RolloutEngine, SamplingParams
+from gspo.engines.base import RolloutEngine, SamplingParams
 from gspo.rollout import Rollout, assemble_rollout, eos_ids, left_pad
 from gspo.sampling import PolicySampler, plain_generation
 
