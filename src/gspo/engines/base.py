@@ -1,0 +1,46 @@
+"""The rollout-engine interface and the sampling settings it takes (see gspo.engines)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from gspo.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample: softmax(logits / temperature) after top-k / top-p, or greedy decoding."""
+
+    max_new_tokens: int
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> "SamplingParams":
+        return cls(max_new_tokens=max_new_tokens, do_sample=False)
+
+    @classmethod
+    def from_config(cls, config) -> "SamplingParams":
+        return cls(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k
+        )
+
+
+class RolloutEngine:
+    """The interface every rollout engine implements."""
+
+    def session(self):
+        """Context for several `generate` calls with the weights made ready once (whole, cast).
+        `generate` outside a session opens one itself."""
+        return contextlib.nullcontext()
+
+    def generate(self, rows: list, *, group_size: int, sampling: SamplingParams) -> Rollout:
+        """`group_size` completions per row ({"prompt", "prompt_ids", **extra}), contiguous per prompt."""
+        raise NotImplementedError
+
+    def sync_weights(self, model) -> None:
+        """Called after every optimizer update with the trained model: an engine holding its own copy
+        of the weights must load them before it generates again."""
