@@ -58,12 +58,15 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     process decodes its shard and every process returns the gathered metrics."""
     from accelerate import PartialState
 
+    from gspo.backends import destroy_process_group_at_exit
     from gspo.data import as_dataset
     from gspo.engines import TransformersEngine
     from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode
     from gspo.rewards import RewardModelScorer, RewardScorer
 
     state = PartialState()
+    if state.num_processes > 1:
+        destroy_process_group_at_exit()
     tokenizer = (
         tokenizer if tokenizer is not None else load_tokenizer(config.policy_model_name, config.trust_remote_code)
     )

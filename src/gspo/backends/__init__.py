@@ -10,6 +10,7 @@ DeepSpeed is imported only when the launch asks for it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -20,11 +21,41 @@ from gspo.config import ConfigError
 
 log = logging.getLogger("gspo")
 
-__all__ = ["Backend", "HeadMode", "TrainedModel", "launched_with_deepspeed", "make_accelerator", "select_backend"]
+__all__ = [
+    "Backend",
+    "HeadMode",
+    "TrainedModel",
+    "destroy_process_group_at_exit",
+    "launched_with_deepspeed",
+    "make_accelerator",
+    "select_backend",
+]
 
 
 def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_TEARDOWN_REGISTERED = []
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still whole.
+
+    Left to interpreter finalization, gloo's worker threads can abort the process after a run that
+    succeeded ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489).
+    Local to each rank (no barrier), so a rank that failed cannot hang the others here.
+    """
+    if not _TEARDOWN_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _TEARDOWN_REGISTERED.append(True)
 
 
 def make_accelerator():
@@ -45,6 +76,8 @@ def make_accelerator():
     else:
         # gspo autocasts itself (GSPOConfig.mixed_precision): accelerate's would wrap only model.forward
         acc = Accelerator(cpu=world > 1 and not has_accelerator, mixed_precision="no")
+    if acc.num_processes > 1:
+        destroy_process_group_at_exit()
     if acc.num_processes != world:
         raise RuntimeError(
             f"the launcher started WORLD_SIZE={world} processes but accelerate runs "
