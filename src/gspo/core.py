@@ -16,6 +16,7 @@ Departures from the paper, on purpose:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -185,8 +186,13 @@ def policy_loss(
     max_log_ratio: float = 20.0,
     num_sequences: Optional[float] = None,
     num_tokens: Optional[float] = None,
+    is_weights: Optional[torch.Tensor] = None,  # [N, T] engine-mismatch weights (engine_is_weights), no grad
 ) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss for GSPO ('sequence'), GSPO-token or GRPO ('token').
+
+    `is_weights` multiply each token's surrogate (token levels) or each sequence's (sequence level:
+    the weights' mean over the sequence's tokens); denominators are unchanged, so a masked
+    sequence contributes 0 rather than shrinking the batch.
 
     Returns (loss, metrics); metrics are detached: clip_fraction_seq (mean over sequences
     of the fraction of a sequence's tokens clipped; for GSPO a 0/1 flag per sequence),
@@ -201,6 +207,7 @@ def policy_loss(
         ratio = torch.exp(log_ratio)  # [N, T] r_it = pi_theta / pi_old per token
         adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
         token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+        token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
         loss = aggregate(token_loss, mask, mode, num_sequences, num_tokens)
         seq_ratio = masked_mean(ratio.detach(), mask, dim=1)
     else:
@@ -208,6 +215,8 @@ def policy_loss(
         if level == "sequence":
             ratio = torch.exp(log_s)  # [N] s_i(theta)
             seq_loss, seq_clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)  # Eq. 5
+            if is_weights is not None:
+                seq_loss = seq_loss * masked_mean(is_weights.detach(), mask, dim=1)
             loss = seq_loss.sum() / (num_sequences if num_sequences is not None else seq_loss.shape[0])
             clipped = seq_clipped[:, None].expand_as(mask)
         else:
@@ -215,6 +224,7 @@ def policy_loss(
             ratio = torch.exp(log_s.detach()[:, None] + logprobs - logprobs.detach())  # [N, T]
             adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
             token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+            token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
             loss = aggregate(token_loss, mask, "seq-mean-token-mean", num_sequences)  # Eq. 14
         seq_ratio = torch.exp(log_s.detach())
     clipped = clipped.to(mask.dtype)
@@ -226,6 +236,58 @@ def policy_loss(
         "ratio_max": seq_ratio.max(),
     }
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------
+# The rollout engine's likelihoods against the trainer's (GSPO paper §5.4)
+# ----------------------------------------------------------------------------------
+ENGINE_MISMATCH_TERMS = ("abs_diff_sum", "tokens", "abs_diff_max", "seq_abs_log_ratio_sum", "sequences")
+
+
+def engine_mismatch_terms(
+    logprobs: torch.Tensor,  # [N, T] trainer log pi_theta of the sampled tokens, before any update
+    engine_logprobs: torch.Tensor,  # [N, T] the engine's log-probs of the same tokens (after temperature)
+    mask: torch.Tensor,  # [N, T]
+) -> torch.Tensor:  # [5] in ENGINE_MISMATCH_TERMS order: sums (and a max) that add up over micro-batches / ranks
+    """|log pi_trainer - log pi_engine| per token, and GSPO's |length-normalised sequence log-ratio| (Eq. 7)."""
+    mask = mask.to(logprobs.dtype)
+    diff = (logprobs.detach() - engine_logprobs) * mask  # [N, T]
+    seq = sequence_log_ratio(logprobs.detach(), engine_logprobs, mask)  # [N] Eq. 7 with pi_old := pi_engine
+    has_tokens = mask.sum(dim=1) > 0
+    return torch.stack(
+        [
+            diff.abs().sum(),
+            mask.sum(),
+            diff.abs().max() if diff.numel() else diff.new_zeros(()),
+            seq.abs()[has_tokens].sum(),
+            has_tokens.sum().to(diff.dtype),
+        ]
+    )
+
+
+def engine_is_weights(
+    old_logprobs: torch.Tensor,  # [N, T] log pi_old (the trainer's)
+    engine_logprobs: torch.Tensor,  # [N, T] log pi_engine, the distribution the tokens were sampled from
+    mask: torch.Tensor,  # [N, T]
+    *,
+    mode: str,
+    cap: float,
+    max_log_ratio: float = 20.0,
+) -> torch.Tensor:  # [N, T] weights, 0 off the mask
+    """Truncated importance weights for the engine/trainer mismatch (sampled from pi_engine, optimised
+    against pi_old): 'token_truncate' min(pi_old/pi_engine, cap) per token; 'sequence_truncate'
+    min(s, cap) with s the length-normalised sequence ratio (Eq. 7's form); 'sequence_mask' 1 where
+    1/cap <= s <= cap, else 0."""
+    mask = mask.to(old_logprobs.dtype)
+    if mode == "token_truncate":
+        log_w = (old_logprobs - engine_logprobs).clamp(-max_log_ratio, max_log_ratio)
+        return torch.exp(log_w).clamp(max=cap) * mask
+    log_s = sequence_log_ratio(old_logprobs, engine_logprobs, mask).clamp(-max_log_ratio, max_log_ratio)  # [N]
+    if mode == "sequence_truncate":
+        return torch.exp(log_s).clamp(max=cap)[:, None] * mask
+    if mode == "sequence_mask":
+        return (log_s.abs() <= math.log(cap)).to(mask.dtype)[:, None] * mask
+    raise ValueError(f"engine IS correction {mode!r} is not one of token_truncate, sequence_truncate, sequence_mask")
 
 
 # ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None  # [N]
     old_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_old, when off-policy updates need it
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_ref
+    engine_logprobs: Optional[torch.Tensor] = None  # [N, T] the engine's log-probs of its samples (vLLM)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

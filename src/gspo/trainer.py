@@ -35,9 +35,18 @@ from transformers import get_scheduler
 
 from gspo.backends import make_accelerator, select_backend
 from gspo.config import ConfigError, GSPOConfig
-from gspo.core import AdaptiveKLController, FixedKLController, aggregate, group_advantages, kl_penalty, policy_loss
+from gspo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate,
+    engine_is_weights,
+    group_advantages,
+    kl_penalty,
+    policy_loss,
+)
 from gspo.data import as_dataset, rank_batch, steps_per_epoch
-from gspo.engines import RolloutEngine, SamplingParams, TransformersEngine
+from gspo.engines import RolloutEngine, SamplingParams, build_engine
+from gspo.engines.mismatch import EngineMonitor
 from gspo.evaluate import evaluate_as_configured
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.logprobs import completion_logprobs
@@ -103,17 +112,15 @@ class GSPOTrainer:
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
         )
-        self.engine = (
-            rollout_engine
-            if rollout_engine is not None
-            else TransformersEngine(
-                self.policy.unwrapped(),
-                self.tokenizer,
-                weights_context=lambda: self.backend.generation_context(self.policy),
-                precision_context=self._autocast,
-                synced_gpus=self.backend.synced_gpus,
-            )
+        self.engine = rollout_engine or build_engine(
+            cfg,
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            backend=self.backend,
+            precision_context=self._autocast,
+            world_size=self.accelerator.num_processes,
         )
+        self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
         self.checkpoints = RunCheckpoints(
             accelerator=self.accelerator, config=cfg, backend=self.backend, policy=self.policy, tokenizer=self.tokenizer
@@ -176,6 +183,8 @@ class GSPOTrainer:
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
         self.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, self.policy.optimizer, cfg.warmup_steps, updates)
         resumed = self._maybe_resume()
+        if resumed:
+            self.engine.sync_weights(self.policy)  # an engine holding its own weights must see the restored ones
         tracker = MetricsLogger(
             cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed
         )
@@ -224,7 +233,9 @@ class GSPOTrainer:
             with self._timed(timings, "reference"):
                 with reference_context(self.policy.unwrapped(), self.ref_model):
                     rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.policy.module, rollout)
-        if cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
+        if cfg.old_logprobs_source == "engine":  # GSPO paper §5.4: the sampler's own likelihoods are pi_old
+            rollout.old_logprobs = rollout.engine_logprobs
+        elif cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
             with self._timed(timings, "old_logprobs"):
                 rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
         with self._timed(timings, "update"):
@@ -241,6 +252,7 @@ class GSPOTrainer:
             learning_rate=self.scheduler.get_last_lr()[0],
             skipped_updates=self.skips.total,
         )
+        metrics.update(self.engine_monitor.step_metrics(self.accelerator))
         if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
@@ -297,21 +309,27 @@ class GSPOTrainer:
             # Shuffle the global batch (rank r holds its rows [r*n, (r+1)*n)), so that mini-batches are the
             # same whatever the number of processes; a rank's share of one may be uneven, even empty.
             order = torch.randperm(n * world, generator=gen) if cfg.num_mini_batches > 1 else torch.arange(n * world)
-            for mb in order.chunk(cfg.num_mini_batches):
+            for j, mb in enumerate(order.chunk(cfg.num_mini_batches)):
                 local = mb[(mb >= rank * n) & (mb < (rank + 1) * n)] - rank * n
                 # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
-                on_policy = epoch == 0 and cfg.num_mini_batches == 1
+                on_policy = epoch == 0 and cfg.num_mini_batches == 1 and cfg.old_logprobs_source == "trainer"
                 for k, v in self._mini_batch_update(
-                    rollout, local, n_seq=len(mb) / world, on_policy=on_policy, keep_old=keep_old
+                    rollout,
+                    local,
+                    n_seq=len(mb) / world,
+                    on_policy=on_policy,
+                    keep_old=keep_old,
+                    first=epoch == 0 and j == 0,
                 ).items():
                     totals[k] += v
         updates = cfg.gspo_epochs * cfg.num_mini_batches
         return {k: v / updates for k, v in totals.items()}
 
     def _mini_batch_update(
-        self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool, keep_old: bool
+        self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool, keep_old: bool, first: bool
     ) -> dict:
-        """One optimizer update from this rank's rows `idx` of a mini-batch.
+        """One optimizer update from this rank's rows `idx` of a mini-batch (`first`: the step's first update,
+        where the engine's log-probs are checked against the trainer's before anything changed).
 
         Denominators are the whole mini-batch's: n_seq and n_tok are its global sequence and token
         counts divided by the world size, because DDP averages gradients over ranks."""
@@ -329,15 +347,21 @@ class GSPOTrainer:
                 loss, values = self._micro_batch_loss(part, n_seq=n_seq, n_tok=n_tok, on_policy=on_policy)
                 self.policy.backward(loss * 0.0 if empty else loss, last=last)
             if keep_old and on_policy and not empty:
-                rollout.old_logprobs[mic] = values.pop("logprobs")
+                rollout.old_logprobs[mic] = values["logprobs"]
             if empty:
                 continue
+            if values["is_weights"] is not None:
+                self.engine_monitor.add_weights(values["is_weights"], part.completion_mask.to(acc.device))
+            if first and part.engine_logprobs is not None:
+                self.engine_monitor.add_mismatch(values["logprobs"], part.engine_logprobs, part.completion_mask)
             for key in ("policy_loss", "entropy", "kl_divergence", "loss"):
                 sums[key] += values[key]
             sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / n_seq
             sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
             sums["ratio_mean"] += values["ratio_mean"] * len(mic) / n_seq
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
+        if first:
+            self.engine_monitor.check(acc, self.step + 1)  # a stale engine stops the run before this update
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return sums
 
@@ -348,6 +372,11 @@ class GSPOTrainer:
         mask = part.completion_mask.to(device)
         logp, entropy = self._logprobs(self.policy.module, part, training=True)
         old = logp.detach() if on_policy else part.old_logprobs.to(device)
+        weights = None
+        if cfg.engine_is_correction != "none":  # sampled from pi_engine, optimised against pi_old
+            weights = engine_is_weights(
+                old, part.engine_logprobs.to(device), mask, mode=cfg.engine_is_correction, cap=cfg.engine_is_cap
+            )
         pg, m = policy_loss(
             logp,
             old,
@@ -360,6 +389,7 @@ class GSPOTrainer:
             max_log_ratio=cfg.max_log_ratio,
             num_sequences=n_seq,
             num_tokens=n_tok,
+            is_weights=weights,
         )
         ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
         kl = (
@@ -381,7 +411,7 @@ class GSPOTrainer:
                 .tolist(),
             )
         )
-        values["logprobs"] = logp.detach().cpu()
+        values["logprobs"], values["is_weights"] = logp.detach().cpu(), weights
         return loss, values
 
     def _optimizer_step(self, loss: float) -> float:

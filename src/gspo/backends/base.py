@@ -27,6 +27,8 @@ from gspo.logprobs import HeadMode
 class TrainedModel:
     """A model the back-end trains, with its optimizer. Subclasses fill in the back-end's parts."""
 
+    sharded = False  # True where a rank holds only part of each weight (FSDP2, ZeRO-3)
+
     def __init__(self, module, optimizer, accelerator) -> None:
         self.module = module  # what forwards run on (a DDP wrapper, an FSDP2 root, a DeepSpeed engine)
         self.optimizer = optimizer
@@ -42,6 +44,12 @@ class TrainedModel:
 
     def named_parameters(self):
         return self.module.named_parameters()
+
+    def whole_parameters(self):
+        """(name, whole tensor) for each parameter of the user's model, one at a time, so that a rank never
+        holds a second full copy (collective where sharded: every rank must iterate to the end)."""
+        for name, param in self.unwrapped().named_parameters():
+            yield name, param.detach()
 
     def no_sync(self, last: bool):
         """Context for one micro-batch: gradients are reduced over ranks on the last one only."""

@@ -215,6 +215,21 @@ class DeepSpeedModel(TrainedModel):
         super().__init__(module, optimizer, accelerator)
         self._pending_loss = None  # this rank's loss so far in the mini-batch, on the device (no host sync)
 
+    @property
+    def sharded(self) -> bool:
+        return self.module.zero_optimization_stage() == 3
+
+    def whole_parameters(self):
+        if not self.sharded:
+            yield from super().whole_parameters()
+            return
+        import deepspeed
+
+        for name, param in self.unwrapped().named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):  # one parameter gathered at a time
+                whole = param.detach().clone()  # the gathered storage is freed on exit
+            yield name, whole
+
     def no_sync(self, last: bool):
         return contextlib.nullcontext()  # the accumulation boundary is set in backward
 

@@ -121,8 +121,14 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 class FSDP2Model(TrainedModel):
+    sharded = True
+
     def unwrapped(self):
         return self.module  # fully_shard works in place: the root is the user's model
+
+    def whole_parameters(self):
+        for name, param in self.module.named_parameters():  # one all-gather per parameter, in the same order
+            yield name, (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
 
     def no_sync(self, last: bool):
         # FSDP2 reduce-scatters every micro-batch into the sharded gradients, which then add up:

@@ -41,6 +41,9 @@ class RolloutEngine:
         """`group_size` completions per row ({"prompt", "prompt_ids", **extra}), contiguous per prompt."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM engine's memory and process-wide state)."""
+
     def sync_weights(self, model) -> None:
         """Called after every optimizer update with the trained model: an engine holding its own copy
         of the weights must load them before it generates again."""

