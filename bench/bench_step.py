@@ -451,6 +451,12 @@ def main() -> None:
         default="no",
         help="bf16: GSPOConfig.mixed_precision='bf16' and bf16 autocast around the raw ops",
     )
+    ap.add_argument(
+        "--rollout-engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="vllm: hf vs vllm generation tokens/s, weight sync, mismatch (bench_engines.py; needs vllm)",
+    )
     ap.add_argument("--steps-tiny", type=int, default=10)
     ap.add_argument("--steps-small", type=int, default=3)
     ap.add_argument("--steps-scaling", type=int, default=2)
@@ -464,6 +470,11 @@ def main() -> None:
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.loads(a.spec)
+    if a.rollout_engine == "vllm":  # the engines side by side (bench_engines.py), tiny and small only
+        import bench_engines
+
+        a.only, a.reps, a.out = ",".join(p for p in a.only.split(",") if p in ("tiny", "small")), 3, None
+        return bench_engines.run(a)
     if a.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import logging

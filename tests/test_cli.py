@@ -173,7 +173,9 @@ def test_demo_calls_run_demo(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or {})
     code, _, _ = run_cli(["demo", "--output_dir", "somewhere", "--max_steps", "3"], capsys)
-    assert code == 0 and calls == [{"output_dir": "somewhere", "max_steps": 3}]
+    assert code == 0 and calls == [{"output_dir": "somewhere", "max_steps": 3, "rollout_engine": "hf"}]
+    code, _, _ = run_cli(["demo", "--rollout_engine", "vllm"], capsys)
+    assert code == 0 and calls[-1] == {"output_dir": "outputs/demo", "max_steps": None, "rollout_engine": "vllm"}
 
 
 def test_plot_calls_plot_run(monkeypatch, capsys, tmp_path):

@@ -2,7 +2,7 @@
 
     gspo train  [--config run.yaml] [--<field> <value> ...]
     gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
-    gspo demo   [--output_dir DIR] [--max_steps N]
+    gspo demo   [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
     gspo plot   RUN_DIR [--out PNG]
     gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
 
@@ -198,6 +198,12 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--max_steps", type=int, default=None, metavar="N", help="Training steps (default: the demo's tuned value)."
     )
+    p.add_argument(
+        "--rollout_engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="What generates rollouts: hf (default) or vllm (needs vllm; see README).",
+    )
     p.set_defaults(handler=cmd_demo)
 
 
@@ -298,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gspo.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, max_steps=args.max_steps)
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, rollout_engine=args.rollout_engine)
     return 0
 
 

@@ -67,7 +67,10 @@ class VLLMEngine(RolloutEngine):
         self.asleep = False
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.tied_head = bool(getattr(base.config, "tie_word_embeddings", False))
-        max_len = config.vllm_max_model_len or config.max_prompt_length + config.max_new_tokens
+        max_len = config.vllm_max_model_len or min(
+            config.max_prompt_length + config.max_new_tokens,
+            getattr(base.config, "max_position_embeddings", None) or math.inf,
+        )
         self._config_dir = tempfile.TemporaryDirectory(prefix="gspo-vllm-")
         base.config.save_pretrained(self._config_dir.name)  # architecture only: weights come from the policy
         self.llm = vllm.LLM(
@@ -77,7 +80,7 @@ class VLLMEngine(RolloutEngine):
             generation_config="vllm",  # sampling settings are gspo's, never the checkpoint's defaults
             logprobs_mode="processed_logprobs",
             dtype=vllm_dtype(config),
-            max_model_len=max_len,
+            max_model_len=int(max_len),
             seed=config.seed,  # sampling itself is seeded per prompt (see _sampling_params)
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher" if world_size > 1 else None,
