@@ -217,6 +217,16 @@ def test_warm_start_seed_is_part_of_the_cache_key(tmp_path):
     assert json.loads((other / "warm_start.json").read_text())["seed"] == 7
 
 
+def test_a_cached_build_of_another_recipe_is_rebuilt(tmp_path):
+    """A record whose seed or target differs from what is asked (an experiment wrote it) is not reused."""
+    built = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, seed=7, verbose=False)
+    record = json.loads((built / "warm_start.json").read_text())
+    (built / "warm_start.json").write_text(json.dumps({**record, "target": 0.2}))
+    again = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, seed=7, verbose=False)
+    assert again == built
+    assert json.loads((built / "warm_start.json").read_text())["target"] is None  # rebuilt: the recipe's record
+
+
 def test_ensure_tiny_model_uses_cache(tiny_dir):
     stamp = (tiny_dir / "model.safetensors").stat().st_mtime_ns
     again = ensure_tiny_model(cache_dir=tiny_dir.parent, sft_steps=5, verbose=False)

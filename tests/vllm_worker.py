@@ -1,5 +1,8 @@
-"""One rank of a 2-process DDP run with a vLLM engine per rank (launched by test_vllm_distributed.py
-under torchrun): trains a few steps, then writes its parameters and what it sampled to --out/rank{r}.pt."""
+"""One rank of a 2-process run with a vLLM engine per rank, launched by test_vllm_distributed.py: under
+torchrun as DDP (`--backend ddp`) or FSDP2 (`--backend fsdp2`), or under `accelerate launch` with the
+DeepSpeed ZeRO-3 example config (`--backend zero3`). Trains a few steps, then writes its whole parameters
+(gathered one at a time, as the engine sync gathers them), its metrics and what it sampled to
+--out/rank{r}.pt."""
 
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--backend", choices=("ddp", "fsdp2", "zero3"), default="ddp")
     args = parser.parse_args(argv)
     cfg = GSPOConfig(
         policy_model_name=args.model_dir,
         rollout_engine="vllm",
+        fsdp=args.backend == "fsdp2",
         reward_funcs=[],
         batch_size=2,
         group_size=4,
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
     rank = trainer.accelerator.process_index
     rows = [trainer._as_dataset(make_problems(n=2, seed=rank + 1, split="train"))[i] for i in range(2)]
     rollout = trainer.engine.generate(rows, group_size=2, sampling=trainer.sampling)
-    params = {k: v.detach().cpu().clone() for k, v in trainer.policy.unwrapped().state_dict().items()}
+    params = {k: v.detach().cpu().clone() for k, v in trainer.policy.whole_parameters()}  # collective
     torch.save(
         {"params": params, "history": history, "completions": rollout.completion_id_lists},
         Path(args.out) / f"rank{rank}.pt",

@@ -287,10 +287,16 @@ def model_dir_name(sft_steps: Optional[int] = None, seed: int = SFT_SEED) -> str
     return f"{MODEL_NAME}-{RECIPE_VERSION}{steps}{seed_part}"
 
 
-def _is_complete(path: Path) -> bool:
-    """A finished build has config, weights, tokenizer and warm-start record."""
+def _is_complete(path: Path, sft_steps: Optional[int], seed: int) -> bool:
+    """A finished build has config, weights, tokenizer and a warm-start record of this recipe: the same seed,
+    and for a recipe build the current dev-accuracy target (a build made with another target, say by an
+    experiment that changed SFT_TARGET_DEV_ACCURACY, is rebuilt rather than silently reused)."""
     files = ("config.json", "model.safetensors", "tokenizer.json", WARM_START_INFO)
-    return all((path / f).is_file() for f in files)
+    if not all((path / f).is_file() for f in files):
+        return False
+    info = read_warm_start_info(path)
+    wanted_target = SFT_TARGET_DEV_ACCURACY if sft_steps is None else None
+    return info.get("seed") == seed and info.get("target") == wanted_target
 
 
 def _build_into(tmp: Path, sft_steps: Optional[int], seed: int, verbose: bool) -> WarmStartResult:
@@ -343,7 +349,7 @@ def ensure_tiny_model(
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / model_dir_name(sft_steps, seed)
-    if _is_complete(final) and not force:
+    if _is_complete(final, sft_steps, seed) and not force:
         return final
     root.mkdir(parents=True, exist_ok=True)
     if verbose:
@@ -359,7 +365,7 @@ def ensure_tiny_model(
             os.rename(tmp, final)
         except OSError:
             # Another process finished first; its build is equivalent.
-            if not _is_complete(final):
+            if not _is_complete(final, sft_steps, seed):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
