@@ -352,6 +352,93 @@ class AdaptiveKLController(FixedKLController):
 
 
 # ----------------------------------------------------------------------------------
+# A critic: rewards per token, GAE, the value loss (PPO; VAPO arXiv 2504.05118 §4)
+# ----------------------------------------------------------------------------------
+def place_sequence_rewards(
+    rewards: torch.Tensor,  # [N] one scalar per completion
+    mask: torch.Tensor,  # [N, T] 1 on completion tokens, EOS included
+) -> torch.Tensor:  # [N, T]
+    """The sequence reward on the last completion token (the EOS when there is one), as verl, OpenRLHF and
+    NeMo-RL place it; 0 elsewhere. A completion without tokens gets nothing."""
+    lengths = mask.sum(dim=1).long()  # [N]
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    has = lengths > 0
+    rows = torch.arange(mask.shape[0], device=mask.device)[has]
+    out[rows, lengths[has] - 1] = rewards[has]
+    return out
+
+
+def gae_advantages(
+    token_rewards: torch.Tensor,  # [N, T] r_t
+    values: torch.Tensor,  # [N, T] V(s_t), no grad
+    mask: torch.Tensor,  # [N, T] 1 on completion tokens (right-padded)
+    gamma: float,
+    lam,  # float, or [N] one lambda per sequence (length-adaptive GAE)
+) -> tuple[torch.Tensor, torch.Tensor]:  # (advantages [N, T], returns [N, T]), 0 off the mask
+    """GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1},
+    with V = 0 and A = 0 after the last completion token; returns = A + V."""
+    mask = mask.to(values.dtype)
+    values = values.detach() * mask
+    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device).expand(values.shape[0])  # [N]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])  # [N]
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # A_t; 0 on padding, so the end restarts
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def length_adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:  # [N]
+    """VAPO Eq. 5: lambda_policy = 1 - 1 / (alpha * l), clamped to [0, 1] (alpha * l < 1 would give < 0)."""
+    lengths = lengths.to(torch.float64)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0).to(torch.float32)  # Eq. 5
+
+
+def value_loss(
+    values: torch.Tensor,  # [N, T] V_phi, requires grad
+    old_values: torch.Tensor,  # [N, T] V at rollout time, no grad
+    returns: torch.Tensor,  # [N, T] GAE returns, no grad
+    mask: torch.Tensor,  # [N, T]
+    clip_range: float,
+    num_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """0.5 * masked mean of max((V - R)^2, (clip(V, V_old +- c) - R)^2) (PPO's clipped value loss).
+    metrics: value_clip_fraction (tokens where the clipped term is the larger) and explained_variance
+    1 - Var(R - V) / Var(R) over the masked tokens."""
+    mask = mask.to(values.dtype)
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    per_token = 0.5 * torch.maximum(unclipped_err, clipped_err)  # [N, T]
+    denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    loss = masked_sum(per_token, mask) / denom
+    on = mask.bool()
+    residual, target = (returns - values.detach())[on], returns[on]
+    var_r = target.var(unbiased=False) if target.numel() else target.new_zeros(())
+    explained = 1.0 - residual.var(unbiased=False) / var_r if var_r > 0 else var_r.new_tensor(float("nan"))
+    metrics = {
+        "value_clip_fraction": masked_mean((clipped_err > unclipped_err).to(mask.dtype), mask).detach(),
+        "explained_variance": explained.detach(),
+    }
+    return loss, metrics
+
+
+def positive_example_nll(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta, requires grad
+    mask: torch.Tensor,  # [N, T]
+    positive: torch.Tensor,  # [N] bool: the completion counts as correct
+    num_tokens: Optional[float] = None,
+) -> torch.Tensor:
+    """VAPO Eq. 9: -sum of log pi over the tokens of the positive samples / their token count (0 if none)."""
+    keep = mask.to(logprobs.dtype) * positive.to(logprobs.dtype)[:, None]
+    denom = num_tokens if num_tokens is not None else keep.sum().clamp(min=1)
+    return -masked_sum(logprobs, keep) / denom  # Eq. 9
+
+
+# ----------------------------------------------------------------------------------
 # Token log-probs and entropy from logits, one chunk of the vocabulary at a time
 # ----------------------------------------------------------------------------------
 class _LabelLogprob(torch.autograd.Function):

@@ -118,3 +118,14 @@ def adamw_factory(config: GSPOConfig):
         )
 
     return make
+
+
+def load_policy(config: GSPOConfig, model=None):
+    """The policy to train: `model`, or config.policy_model_name loaded; LoRA and gradient checkpointing applied."""
+    policy = model if model is not None else load_causal_lm(config.policy_model_name, config)
+    if config.use_lora:
+        policy = apply_lora(policy, config)
+    if config.gradient_checkpointing:
+        # transformers >= 5.2x renamed it (the old name warns); older versions only have the old one
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    return policy

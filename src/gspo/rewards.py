@@ -525,3 +525,21 @@ class RewardScorer:
             error_policy=self.error_policy,
             penalty_value=self.penalty_value,
         )
+
+
+def build_scorer(config, reward_funcs, reward_model, *, device, whole_models) -> "RewardScorer":
+    """The trainer's scorer: config.reward_funcs + `reward_funcs` + the reward model (loaded from
+    config.reward_model_name when not given, whole on every rank inside `whole_models()`, even under ZeRO-3)."""
+    if reward_model is None and config.reward_model_name:
+        with whole_models():
+            reward_model = RewardModelScorer(
+                config.reward_model_name, device=device, trust_remote_code=config.trust_remote_code
+            )
+    if not config.reward_funcs and not reward_funcs and reward_model is None:
+        from gspo.config import ConfigError
+
+        raise ConfigError(
+            "GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
+            "or pass reward_funcs=[...]"
+        )
+    return RewardScorer.from_config(config, list(reward_funcs or []), reward_model)

@@ -15,6 +15,7 @@ there, which must stay loadable by `AutoModelForCausalLM.from_pretrained(output_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -366,3 +367,15 @@ def write_run_summary(config, *, steps: int, history: list) -> None:
         import logging
 
         logging.getLogger("gspo").warning("gspo: could not plot the training curves: %s", exc)
+
+
+@contextlib.contextmanager
+def timed(timings: dict, name: str):
+    """timings[name] = wall seconds of the block (after the GPU's queued work, when there is a GPU)."""
+    import torch
+
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timings[name] = time.perf_counter() - start

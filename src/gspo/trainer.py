@@ -22,7 +22,6 @@ How it departs from a naive loop (and from some peers):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -52,17 +51,17 @@ from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, Train
 from gspo.logprobs import completion_logprobs
 from gspo.models import (
     adamw_factory,
-    apply_lora,
     autocast,
     load_causal_lm,
+    load_policy,
     load_tokenizer,
     mixed_precision_mode,
     reference_context,
 )
-from gspo.rewards import RewardModelScorer, RewardScorer
+from gspo.rewards import build_scorer
 from gspo.rollout import Rollout
 from gspo.run_checkpoints import RunCheckpoints
-from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics, write_run_summary
+from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics, timed, write_run_summary
 
 log = logging.getLogger("gspo")
 # per-update values: summed over micro-batches, then averaged over a step's updates and the ranks
@@ -103,22 +102,32 @@ class GSPOTrainer:
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
         )
-        policy = self._load_policy(model)
+        policy = load_policy(cfg, model)
         # LoRA's reference is the base model with adapters off: no second copy
         if cfg.uses_reference_model and not cfg.use_lora and ref_model is None:
             ref_model = load_causal_lm(cfg.policy_model_name, cfg)
-        self.scorer = reward_scorer if reward_scorer is not None else self._build_scorer(reward_funcs, reward_model)
+        self.scorer = (
+            reward_scorer
+            if reward_scorer is not None
+            else build_scorer(
+                cfg, reward_funcs, reward_model, device=self.accelerator.device, whole_models=self.backend.whole_models
+            )
+        )
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
         )
-        self.engine = rollout_engine or build_engine(
-            cfg,
-            policy=self.policy,
-            tokenizer=self.tokenizer,
-            backend=self.backend,
-            precision_context=self._autocast,
-            world_size=self.accelerator.num_processes,
+        self.engine = (
+            rollout_engine
+            if rollout_engine is not None
+            else build_engine(
+                cfg,
+                policy=self.policy,
+                tokenizer=self.tokenizer,
+                backend=self.backend,
+                precision_context=self._autocast,
+                world_size=self.accelerator.num_processes,
+            )
         )
         self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
@@ -136,30 +145,6 @@ class GSPOTrainer:
         self.history: list = []
         if self.accelerator.is_main_process:
             log.warning("gspo: %s", cfg.clip_summary())
-
-    def _load_policy(self, model):
-        cfg = self.config
-        policy = model if model is not None else load_causal_lm(cfg.policy_model_name, cfg)
-        if cfg.use_lora:
-            policy = apply_lora(policy, cfg)
-        if cfg.gradient_checkpointing:
-            # transformers >= 5.2x renamed it (the old name warns); older versions only have the old one
-            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
-        return policy
-
-    def _build_scorer(self, reward_funcs, reward_model) -> RewardScorer:
-        cfg = self.config
-        if reward_model is None and cfg.reward_model_name:
-            with self.backend.whole_models():  # a whole scorer per rank, even under ZeRO-3
-                reward_model = RewardModelScorer(
-                    cfg.reward_model_name, device=self.accelerator.device, trust_remote_code=cfg.trust_remote_code
-                )
-        if not cfg.reward_funcs and not reward_funcs and reward_model is None:
-            raise ConfigError(
-                "GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
-                "or pass reward_funcs=[...]"
-            )
-        return RewardScorer.from_config(cfg, list(reward_funcs or []), reward_model)
 
     # The wrapped policy, its optimizer and schedule (the back-end's TrainedModel holds them).
     model = property(lambda self: self.policy.module)
@@ -225,22 +210,22 @@ class GSPOTrainer:
     def training_step(self, rows: list) -> tuple[dict, Rollout]:
         cfg, timings = self.config, {}
         start = time.perf_counter()
-        with self._timed(timings, "generation"):
+        with timed(timings, "generation"):
             rollout = self.engine.generate(rows, group_size=cfg.group_size, sampling=self.sampling)
-        with self._timed(timings, "reward"):
+        with timed(timings, "reward"):
             self._score(rollout)
         if cfg.uses_reference_model:
-            with self._timed(timings, "reference"):
+            with timed(timings, "reference"):
                 with reference_context(self.policy.unwrapped(), self.ref_model):
                     rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.policy.module, rollout)
         if cfg.old_logprobs_source == "engine":  # GSPO paper §5.4: the sampler's own likelihoods are pi_old
             rollout.old_logprobs = rollout.engine_logprobs
         elif cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
-            with self._timed(timings, "old_logprobs"):
+            with timed(timings, "old_logprobs"):
                 rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
-        with self._timed(timings, "update"):
+        with timed(timings, "update"):
             update_metrics = self._update(rollout)
-        with self._timed(timings, "weight_sync"):  # the engine generates again at the next step only
+        with timed(timings, "weight_sync"):  # the engine generates again at the next step only
             self.engine.sync_weights(self.policy)
         metrics = step_metrics(
             rollout,
@@ -430,14 +415,6 @@ class GSPOTrainer:
         return grad_norm if math.isfinite(grad_norm) else 0.0
 
     # ------------------------------------------------------------------ metrics
-    @contextlib.contextmanager
-    def _timed(self, timings: dict, name: str):
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        timings[name] = time.perf_counter() - start
-
     def _record(self, metrics: dict, rollout: Rollout, tracker, progress) -> None:
         cfg = self.config
         metrics = {"step": self.step, **metrics}
