@@ -1,8 +1,9 @@
 """Two CPU processes (gloo), each rank with its own in-process vLLM engine
-(distributed_executor_backend='external_launcher'), under DDP, FSDP2 and DeepSpeed ZeRO-3: each rank's
-engine matches its trainer after every step (the sync gathered the sharded weights one at a time),
-the ranks agree, and the three back-ends end at the same weights (same rollouts: the per-prompt seeds
-come from each rank's torch RNG, the same under every back-end)."""
+(distributed_executor_backend='external_launcher'), under DDP, FSDP2, DeepSpeed ZeRO-3 and FSDP2 with LoRA:
+each rank's engine matches its trainer after every step (the sync gathered the sharded weights one at a
+time; LoRA adapters merged from the gathered shards), the ranks agree, and the three full-weight back-ends
+end at the same weights (same rollouts: the per-prompt seeds come from each rank's torch RNG, the same under
+every back-end)."""
 
 from __future__ import annotations
 
@@ -54,13 +55,13 @@ def runs(tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     results = {"initial": {k: v.detach().clone() for k, v in model.named_parameters()}}
-    for backend in ("ddp", "fsdp2", "zero3"):
+    for backend in ("ddp", "fsdp2", "zero3", "fsdp2_lora"):
         _launch(backend, root / "model", root / backend)
         results[backend] = [torch.load(root / backend / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return results
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3", "fsdp2_lora"])
 def test_each_rank_engine_tracks_its_trainer_and_ranks_agree(runs, backend):
     ranks = runs[backend]
     for name, value in ranks[0]["params"].items():

@@ -1,7 +1,7 @@
 """One rank of a 2-process run with a vLLM engine per rank, launched by test_vllm_distributed.py: under
-torchrun as DDP (`--backend ddp`) or FSDP2 (`--backend fsdp2`), or under `accelerate launch` with the
-DeepSpeed ZeRO-3 example config (`--backend zero3`). Trains a few steps, then writes its whole parameters
-(gathered one at a time, as the engine sync gathers them), its metrics and what it sampled to
+torchrun as DDP (`--backend ddp`), FSDP2 (`fsdp2`) or FSDP2 with LoRA (`fsdp2_lora`), or under `accelerate
+launch` with the DeepSpeed ZeRO-3 example config (`zero3`). Trains a few steps, then writes its whole
+parameters (gathered one at a time, as the engine sync gathers them), its metrics and what it sampled to
 --out/rank{r}.pt."""
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--backend", choices=("ddp", "fsdp2", "zero3"), default="ddp")
+    parser.add_argument("--backend", choices=("ddp", "fsdp2", "zero3", "fsdp2_lora"), default="ddp")
     args = parser.parse_args(argv)
     cfg = GSPOConfig(
         policy_model_name=args.model_dir,
         rollout_engine="vllm",
-        fsdp=args.backend == "fsdp2",
+        fsdp=args.backend.startswith("fsdp2"),
+        use_lora=args.backend.endswith("lora"),
+        lora_r=4,
         reward_funcs=[],
         batch_size=2,
         group_size=4,

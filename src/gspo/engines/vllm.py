@@ -191,33 +191,68 @@ def close_all() -> None:
 
 
 def policy_weights(trained) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, whole tensor) for every weight of the policy, one at a time; LoRA adapters merged
-    into their base weights (W + scale * B A, computed out of place: the trained model is not touched)."""
+    """(checkpoint name, whole tensor) for every weight of the policy, one at a time as the back-end gathers
+    them; LoRA adapters merged into their base weights, W + scaling * B A, computed out of place (the trained
+    model is not touched, so no merge/unmerge rounding accumulates in it)."""
     model = trained.unwrapped()
     if not hasattr(model, "get_base_model"):
         yield from trained.whole_parameters()
         return
-    if trained.sharded:
-        raise ConfigError(
-            "GSPOConfig.rollout_engine='vllm' with use_lora=True runs under single-process / DDP only for now "
-            "(not FSDP2 or ZeRO-3): set fsdp=False / use ZeRO-1/2, or rollout_engine='hf'"
-        )
+    layers = _lora_layers(model)
+    prefix = "base_model.model."
+    held: dict = {}  # module -> {"weight": W, ("A" | "B", adapter): tensor} until its adapters arrive
+    with torch.no_grad():
+        for name, tensor in trained.whole_parameters():  # collective where sharded: iterate to the end
+            name = name[len(prefix) :] if name.startswith(prefix) else name
+            module, part = _lora_part(name, layers)
+            if module is None:
+                yield name, tensor
+                continue
+            if part == "bias":
+                yield f"{module}.bias", tensor
+                continue
+            held.setdefault(module, {})[part] = tensor
+            merged = _merge_when_complete(layers[module], held[module])
+            if merged is not None:
+                del held[module]
+                yield f"{module}.weight", merged
+    if held:
+        raise RuntimeError(f"LoRA layers whose adapter weights never arrived for the engine sync: {sorted(held)}")
+
+
+def _lora_layers(model) -> dict:
+    """{module name without the peft prefix: LoRA layer}; adapter types the sync cannot merge are refused."""
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model()
-    lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if ".lora_" in name:
-                continue
-            module_name, sep, leaf = name.rpartition(".base_layer.")
-            if not sep:
-                yield name, param.detach()
-                continue
-            weight = param.detach()
-            layer = lora_layers[module_name]
-            if leaf == "weight":
-                for adapter in layer.active_adapters:
-                    if adapter in layer.lora_A and not layer.disable_adapters:
-                        weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
-            yield f"{module_name}.{leaf}", weight
+    layers = {}
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            if not isinstance(module, LoraLinear) or any(module.use_dora.values()) or module.fan_in_fan_out:
+                raise ConfigError(
+                    f"GSPOConfig.rollout_engine='vllm' merges plain LoRA on Linear layers only; {name} is a "
+                    f"{type(module).__name__} (DoRA, embedding or Conv adapters): use rollout_engine='hf'"
+                )
+            layers[name] = module
+    return layers
+
+
+def _lora_part(name: str, layers: dict):
+    """(LoRA module, "weight" | "bias" | ("A"/"B", adapter)) for a parameter of a LoRA layer, else (None, None)."""
+    for marker in (".base_layer.", ".lora_A.", ".lora_B."):
+        module, sep, rest = name.partition(marker)
+        if sep and module in layers:
+            if marker == ".base_layer.":
+                return module, rest  # "weight" or "bias"
+            return module, (marker[-2], rest.rsplit(".", 1)[0])  # ("A", adapter) from lora_A.<adapter>.weight
+    return None, None
+
+
+def _merge_when_complete(layer, parts: dict):
+    active = [] if layer.disable_adapters else [a for a in layer.active_adapters if a in layer.lora_A]
+    if "weight" not in parts or any(("A", a) not in parts or ("B", a) not in parts for a in active):
+        return None
+    weight = parts["weight"]
+    for a in active:
+        weight = weight + (parts[("B", a)] @ parts[("A", a)]).to(weight.dtype) * layer.scaling[a]
+    return weight
