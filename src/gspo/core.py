@@ -188,11 +188,8 @@ def policy_loss(
     num_tokens: Optional[float] = None,
     is_weights: Optional[torch.Tensor] = None,  # [N, T] engine-mismatch weights (engine_is_weights), no grad
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped policy-gradient loss for GSPO ('sequence'), GSPO-token or GRPO ('token').
-
-    `is_weights` multiply each token's surrogate (token levels) or each sequence's (sequence level:
-    the weights' mean over the sequence's tokens); denominators are unchanged, so a masked
-    sequence contributes 0 rather than shrinking the batch.
+    """Clipped policy-gradient loss for GSPO ('sequence'), GSPO-token or GRPO ('token'). `is_weights` scale
+    each token's surrogate (sequence level: each sequence's, by their mean); denominators are unchanged.
 
     Returns (loss, metrics); metrics are detached: clip_fraction_seq (mean over sequences
     of the fraction of a sequence's tokens clipped; for GSPO a 0/1 flag per sequence),

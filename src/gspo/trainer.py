@@ -106,28 +106,19 @@ class GSPOTrainer:
         # LoRA's reference is the base model with adapters off: no second copy
         if cfg.uses_reference_model and not cfg.use_lora and ref_model is None:
             ref_model = load_causal_lm(cfg.policy_model_name, cfg)
-        self.scorer = (
-            reward_scorer
-            if reward_scorer is not None
-            else build_scorer(
-                cfg, reward_funcs, reward_model, device=self.accelerator.device, whole_models=self.backend.whole_models
-            )
-        )
+        device, whole = self.accelerator.device, self.backend.whole_models
+        self.scorer = reward_scorer or build_scorer(cfg, reward_funcs, reward_model, device=device, whole_models=whole)
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
         )
-        self.engine = (
-            rollout_engine
-            if rollout_engine is not None
-            else build_engine(
-                cfg,
-                policy=self.policy,
-                tokenizer=self.tokenizer,
-                backend=self.backend,
-                precision_context=self._autocast,
-                world_size=self.accelerator.num_processes,
-            )
+        self.engine = rollout_engine or build_engine(
+            cfg,
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            backend=self.backend,
+            precision_context=self._autocast,
+            world_size=self.accelerator.num_processes,
         )
         self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
