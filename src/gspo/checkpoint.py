@@ -175,6 +175,27 @@ def _write_contents(
     torch.save(_rng_state(), tmp / RNG_FILE)
 
 
+def write_model_part(
+    directory, step: int, model, *, optimizer=None, scheduler=None, model_state=None, optimizer_state=None
+):
+    """A second trained model's weights, optimizer and scheduler (the critic) in `directory`, a sub-directory of a
+    checkpoint being staged: complete on its own (marker included), made durable and final with the checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_contents(
+        directory,
+        step,
+        _unwrap(model),
+        tokenizer=None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={},
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+    )
+    (directory / COMPLETE_MARKER).write_text(f"{int(step)}\n")
+
+
 def staging_dir(output_dir, step: int, pid: int) -> Path:
     """Where checkpoint-<step> is assembled before its atomic rename (`pid`: the main process's)."""
     return Path(output_dir) / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{int(step)}-{int(pid)}"

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from gspo.core import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, recommended_clip_range
 
@@ -204,6 +204,43 @@ class GSPOConfig:
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
+    # --- advantage estimator: group (GSPO / GRPO) or a critic with GAE (PPO / VAPO) ------
+    advantage_estimator: str = _f(
+        "group",
+        "'group': advantages from the group's rewards (Eq. 6, GSPO / GRPO); 'gae': a critic (value model) and GAE "
+        "per token (PPO, VAPO), with importance_sampling_level 'token' or 'sequence_token'.",
+        choices=("group", "gae"),
+    )
+    value_model_name: Optional[str] = _f(
+        None,
+        "The critic (gae): None initialises it from policy_model_name with a fresh scalar head "
+        "(AutoModelForTokenClassification, one label); or a directory / hub id, e.g. a reward model.",
+    )
+    value_learning_rate: float = _f(2e-5, "The critic's AdamW learning rate (VAPO: 2x the actor's).")
+    value_clip_range: float = _f(0.2, "Clip of the value update around the rollout-time values (PPO's value clip).")
+    gamma: float = _f(1.0, "GAE discount per token.")
+    gae_lambda: Union[float, str] = _f(
+        0.95,
+        "The policy's GAE lambda: a number in [0, 1], or 'adaptive' for VAPO's length-adaptive "
+        "lambda = 1 - 1/(length_adaptive_alpha * length) per sequence (Eq. 5).",
+        own_check=True,
+    )
+    gae_lambda_value: float = _f(1.0, "The critic's GAE lambda for its return targets (VAPO's decoupled GAE: 1.0).")
+    length_adaptive_alpha: float = _f(0.05, "alpha of the length-adaptive lambda (VAPO: 0.05).")
+    value_warmup_steps: int = _f(
+        0,
+        "Critic-only steps at the start (VAPO value pretraining, 50 in the paper): the policy is untouched.",
+    )
+    positive_nll_coef: float = _f(
+        0.0, "Weight mu of VAPO's positive-example LM loss (Eq. 9; 0.1 in the paper) on completions scored as correct."
+    )
+    positive_reward_threshold: float = _f(1.0, "A completion is a positive example when its reward is >= this.")
+    whiten_advantages: bool = _f(True, "Normalise GAE advantages to mean 0, std 1 over the batch's tokens.")
+    kl_in_reward: bool = _f(
+        False,
+        "gae: put the KL to the reference in the per-token reward (-kl_coef * (log pi_old - log pi_ref)), as "
+        "classic PPO-RLHF does, instead of in the loss.",
+    )
     # --- rollout engine -------------------------------------------------------------
     rollout_engine: str = _f(
         "hf",
@@ -347,11 +384,14 @@ _OPTIONAL_TYPES = {
     "save_total_limit": int,
     "resume_from_checkpoint": str,
     "vllm_max_model_len": int,
+    "value_model_name": str,
 }
 
 
 def _check_types(cfg: GSPOConfig) -> None:
     for f in fields(cfg):
+        if f.metadata.get("own_check"):
+            continue  # a number or a word: _check_critic
         v, d = getattr(cfg, f.name), f.default
         if d is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             d = f.default_factory()  # list fields (reward_funcs, report_to, ...)
@@ -497,6 +537,7 @@ def _check_engine(cfg: GSPOConfig) -> None:
             "corrects pi_old from the trainer for a vLLM engine's sampling: needs rollout_engine='vllm' and "
             "old_logprobs_source='trainer' (with 'engine', pi_old already is the sampling distribution)",
         )
+    _check_critic(cfg)
     if not cfg.engine_is_cap > 1.0:
         raise _err("engine_is_cap", cfg.engine_is_cap, "must be > 1")
     if not cfg.engine_mismatch_tolerance > 0:
@@ -509,13 +550,39 @@ def _check_engine(cfg: GSPOConfig) -> None:
         raise _err("vllm_cpu_kv_cache_gb", cfg.vllm_cpu_kv_cache_gb, "must be > 0")
 
 
+def _check_critic(cfg: GSPOConfig) -> None:
+    lam = cfg.gae_lambda
+    if lam != "adaptive" and not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
+        raise _err("gae_lambda", lam, "must be a number in [0, 1] or 'adaptive'")
+    if cfg.advantage_estimator == "gae" and cfg.importance_sampling_level == "sequence":
+        raise _err(
+            "advantage_estimator",
+            "gae",
+            "GAE gives one advantage per token and importance_sampling_level='sequence' (GSPO, Eq. 5) takes one "
+            "per sequence: use importance_sampling_level='token' (PPO / VAPO) or 'sequence_token' (GSPO-token, "
+            "Eq. 13-14), or advantage_estimator='group'",
+        )
+    if cfg.kl_in_reward and cfg.advantage_estimator != "gae":
+        raise _err("kl_in_reward", True, "needs advantage_estimator='gae' (group advantages have no per-token reward)")
+    for name in ("value_learning_rate", "value_clip_range", "length_adaptive_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise _err(name, getattr(cfg, name), "must be > 0")
+    if not 0 < cfg.gamma <= 1:
+        raise _err("gamma", cfg.gamma, "must be in (0, 1]")
+    if not 0 <= cfg.gae_lambda_value <= 1:
+        raise _err("gae_lambda_value", cfg.gae_lambda_value, "must be in [0, 1]")
+    if cfg.value_warmup_steps < 0 or cfg.positive_nll_coef < 0:
+        bad = "value_warmup_steps" if cfg.value_warmup_steps < 0 else "positive_nll_coef"
+        raise _err(bad, getattr(cfg, bad), "must be >= 0")
+
+
 def _looks_local(name: str) -> bool:
     """A hub id is 'owner/name' or 'name'; anything else (./x, /x, ~/x, a/b/c) is a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def _check_paths(cfg: GSPOConfig) -> None:
-    for name in ("policy_model_name", "reward_model_name"):
+    for name in ("policy_model_name", "reward_model_name", "value_model_name"):
         v = getattr(cfg, name)
         if v is None or v.startswith(BUILTIN_MODEL_PREFIX):
             continue

@@ -106,13 +106,14 @@ def autocast(device: torch.device, mode: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def adamw_factory(config: GSPOConfig):
-    """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards)."""
+def adamw_factory(config: GSPOConfig, lr: float | None = None):
+    """The default optimizer: AdamW over the parameters a back-end hands it (after sharding: its shards);
+    `lr` defaults to config.learning_rate (the critic passes value_learning_rate)."""
 
     def make(params):
         return torch.optim.AdamW(
             params,
-            lr=config.learning_rate,
+            lr=config.learning_rate if lr is None else lr,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )

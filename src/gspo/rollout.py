@@ -33,6 +33,8 @@ class Rollout:
     old_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_old, when off-policy updates need it
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_ref
     engine_logprobs: Optional[torch.Tensor] = None  # [N, T] the engine's log-probs of its samples (vLLM)
+    values: Optional[torch.Tensor] = None  # [N, T] the critic's V_t at rollout time (advantage_estimator='gae')
+    returns: Optional[torch.Tensor] = None  # [N, T] the critic's GAE return targets
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -20,8 +20,11 @@ from gspo import checkpoint as ckpt
 log = logging.getLogger("gspo")
 
 
+CRITIC_DIR = "critic"  # the critic's part of a checkpoint, and of the final export
+
+
 class RunCheckpoints:
-    def __init__(self, *, accelerator, config, backend, policy, tokenizer) -> None:
+    def __init__(self, *, accelerator, config, backend, policy, tokenizer, critic=None) -> None:
         self.acc, self.config, self.backend, self.policy, self.tokenizer = (
             accelerator,
             config,
@@ -29,6 +32,7 @@ class RunCheckpoints:
             policy,
             tokenizer,
         )
+        self.critic = critic  # a second TrainedModel (advantage_estimator='gae'), saved and restored with the policy
 
     def path(self, step: int) -> Path:
         return Path(self.config.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{step}"
@@ -49,7 +53,18 @@ class RunCheckpoints:
         if acc.num_processes > 1:
             broadcast_object_list(holder)
         self.policy.save_native_state(holder[0])  # engine files every rank writes a part of (DeepSpeed)
+        critic_states = self.critic.full_states(with_optimizer=True) if self.critic is not None else None
         acc.wait_for_everyone()
+        if acc.is_main_process and self.critic is not None:
+            ckpt.write_model_part(
+                holder[0] / CRITIC_DIR,
+                step,
+                self.critic.unwrapped(),
+                optimizer=self.critic.optimizer,
+                scheduler=self.critic.scheduler,
+                model_state=critic_states[0],
+                optimizer_state=critic_states[1],
+            )
         if acc.is_main_process:
             ckpt.save_checkpoint(
                 cfg.output_dir,
@@ -74,6 +89,11 @@ class RunCheckpoints:
         path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
         self.policy.load_checkpoint(path)  # weights and optimizer, as the back-end stores them
         state = ckpt.load_checkpoint(path, scheduler=self.policy.scheduler)  # + scheduler, RNG, trainer state
+        if self.critic is not None:
+            if not (path / CRITIC_DIR / ckpt.COMPLETE_MARKER).is_file():
+                raise ValueError(f"{path} holds no critic ({CRITIC_DIR}/): it was not written by a run with a critic")
+            self.critic.load_checkpoint(path / CRITIC_DIR)
+            ckpt.load_checkpoint(path / CRITIC_DIR, scheduler=self.critic.scheduler, restore_rng=False)
         if state.get("rng_per_rank"):
             self._restore_rank_rng(state["rng_per_rank"])
         if self.acc.is_main_process:
@@ -98,7 +118,16 @@ class RunCheckpoints:
             ckpt.save_final_model(
                 model, self.tokenizer, output_dir, merge_lora=cfg.merge_lora_on_save, state_dict=model_state
             )
+        self._export_critic(Path(output_dir) / CRITIC_DIR)
         acc.wait_for_everyone()
+
+    def _export_critic(self, directory: Path) -> None:
+        """output_dir/critic/: the critic, loadable with AutoModelForTokenClassification.from_pretrained."""
+        if self.critic is None:
+            return
+        state, _ = self.critic.full_states(with_optimizer=False)
+        if self.acc.is_main_process:
+            ckpt.save_final_model(self.critic.unwrapped(), self.tokenizer, directory, state_dict=state)
 
     def _rng_per_rank(self) -> list:
         """Every rank's torch RNG (sampling draws from it); the checkpoint's rng_state.pt is the main rank's only."""

@@ -325,7 +325,11 @@ def step_metrics(
 
     acc = accelerator
     gather = lambda t: acc.gather(t.float().to(acc.device)).cpu()  # noqa: E731  equal sizes on every rank
-    rewards, adv = gather(rollout.rewards), gather(rollout.advantages)
+    adv = rollout.advantages
+    if adv.dim() == 2:  # per-token (GAE): one mean per sequence, since completion widths differ across ranks
+        mask = rollout.completion_mask.to(adv.dtype)
+        adv = (adv * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    rewards, adv = gather(rollout.rewards), gather(adv)
     lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)
     metrics = {
         "raw_reward_mean": rewards.mean().item(),

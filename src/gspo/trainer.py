@@ -39,10 +39,11 @@ from gspo.core import (
     FixedKLController,
     aggregate,
     engine_is_weights,
-    group_advantages,
     kl_penalty,
     policy_loss,
+    positive_example_nll,
 )
+from gspo.critic import build_estimator
 from gspo.data import as_dataset, rank_batch, steps_per_epoch
 from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
@@ -90,10 +91,12 @@ class GSPOTrainer:
         rollout_engine: RolloutEngine | None = None,
         reward_scorer=None,
         optimizer_factory=None,
+        value_optimizer_factory=None,
     ):
         """The seed's arguments, then the seams: `rollout_engine` (default: transformers `generate`),
         `reward_scorer` (default: bound to config.reward_funcs + reward_funcs + the reward model) and
-        `optimizer_factory` (parameters -> optimizer; default AdamW from the config)."""
+        `optimizer_factory` (parameters -> optimizer; default AdamW from the config), and the critic's
+        `value_optimizer_factory` (default AdamW at value_learning_rate; advantage_estimator='gae')."""
         self.config = cfg = config
         self.accelerator = make_accelerator()
         self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
@@ -112,6 +115,10 @@ class GSPOTrainer:
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
         )
+        # group advantages, or a critic (a second trained model) with GAE: chosen once
+        self.estimator = build_estimator(
+            cfg, backend=self.backend, precision_context=self._autocast, optimizer_factory=value_optimizer_factory
+        )
         self.engine = rollout_engine or build_engine(
             cfg,
             policy=self.policy,
@@ -123,7 +130,12 @@ class GSPOTrainer:
         self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
         self.checkpoints = RunCheckpoints(
-            accelerator=self.accelerator, config=cfg, backend=self.backend, policy=self.policy, tokenizer=self.tokenizer
+            accelerator=self.accelerator,
+            config=cfg,
+            backend=self.backend,
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            critic=self.estimator.critic,
         )
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -157,7 +169,9 @@ class GSPOTrainer:
         per_epoch = steps_per_epoch(len(dataset), batch_size=cfg.batch_size, world_size=acc.num_processes)
         total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
-        self.policy.scheduler = get_scheduler(cfg.lr_scheduler_type, self.policy.optimizer, cfg.warmup_steps, updates)
+        schedule = lambda optimizer: get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)  # noqa: E731
+        self.policy.scheduler = schedule(self.policy.optimizer)
+        self.estimator.schedule(schedule)
         resumed = self._maybe_resume()
         if resumed:
             self.engine.sync_weights(self.policy)  # an engine holding its own weights must see the restored ones
@@ -211,9 +225,11 @@ class GSPOTrainer:
                     rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.policy.module, rollout)
         if cfg.old_logprobs_source == "engine":  # GSPO paper §5.4: the sampler's own likelihoods are pi_old
             rollout.old_logprobs = rollout.engine_logprobs
-        elif cfg.num_mini_batches > 1:  # later mini-batches run after an update: they need pi_old
+        elif cfg.num_mini_batches > 1 or cfg.kl_in_reward:  # updated weights, or a KL reward, need pi_old first
             with timed(timings, "old_logprobs"):
                 rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
+        with timed(timings, "advantages"):
+            estimator_metrics = self.estimator.estimate(rollout, self.accelerator)  # Eq. 6, or the critic's GAE
         with timed(timings, "update"):
             update_metrics = self._update(rollout)
         with timed(timings, "weight_sync"):  # the engine generates again at the next step only
@@ -229,7 +245,8 @@ class GSPOTrainer:
             skipped_updates=self.skips.total,
         )
         metrics.update(self.engine_monitor.step_metrics(self.accelerator))
-        if math.isfinite(metrics["kl_divergence"]):  # a skipped NaN update must not poison kl_coef for good
+        metrics.update(estimator_metrics)
+        if math.isfinite(metrics.get("kl_divergence", math.nan)):  # a skipped NaN update (or value warm-up)
             self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
         metrics["step_time_s"] = time.perf_counter() - start
         return metrics, rollout
@@ -243,9 +260,6 @@ class GSPOTrainer:
         result = self.scorer(rollout)
         rollout.rewards, rollout.reward_per_func = result.total.float(), result.per_func
         rollout.num_penalized = result.num_penalized
-        rollout.advantages = group_advantages(
-            rollout.rewards, self.config.group_size, self.config.normalize_advantages
-        )  # Eq. 6
 
     def _logprobs(self, model, part: Rollout, *, training: bool):
         """([n, T] log-probs, [n, T] entropy or None) of a micro-batch; the output head as the back-end allows."""
@@ -305,45 +319,69 @@ class GSPOTrainer:
         self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool, keep_old: bool, first: bool
     ) -> dict:
         """One optimizer update from this rank's rows `idx` of a mini-batch (`first`: the step's first update,
-        where the engine's log-probs are checked against the trainer's before anything changed).
+        where the engine's log-probs are checked against the trainer's before anything changed), and the
+        critic's update on the same rows when there is one. During value_warmup_steps only the critic trains.
 
         Denominators are the whole mini-batch's: n_seq and n_tok are its global sequence and token
         counts divided by the world size, because DDP averages gradients over ranks."""
         cfg, acc = self.config, self.accelerator
         n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        sums = dict.fromkeys(UPDATE_METRICS, 0.0)  # same keys, same order on every rank
+        counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=self._positive_tokens(rollout, idx))
+        train_policy = self.step >= cfg.value_warmup_steps  # VAPO's value pretraining: the critic alone first
+        keys = UPDATE_METRICS + (("positive_nll",) if counts["n_pos"] else ())
+        sums = dict.fromkeys(keys, 0.0)  # same keys, same order on every rank
+        critic = defaultdict(float)
         # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
         # ranks must run the same number of forward/backward passes (DDP/FSDP collectives).
         micro_batches = torch.tensor_split(idx, cfg.gradient_accumulation_steps)
         for j, mic in enumerate(micro_batches):
-            empty = len(mic) == 0
+            empty, last = len(mic) == 0, j == len(micro_batches) - 1
             part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
-            last = j == len(micro_batches) - 1
-            with self.policy.no_sync(last):
-                loss, values = self._micro_batch_loss(part, n_seq=n_seq, n_tok=n_tok, on_policy=on_policy)
-                self.policy.backward(loss * 0.0 if empty else loss, last=last)
-            if keep_old and on_policy and not empty:
-                rollout.old_logprobs[mic] = values["logprobs"]
-            if empty:
-                continue
-            if values["is_weights"] is not None:
-                self.engine_monitor.add_weights(values["is_weights"], part.completion_mask.to(acc.device))
-            if first and part.engine_logprobs is not None:
-                self.engine_monitor.add_mismatch(values["logprobs"], part.engine_logprobs, part.completion_mask)
-            for key in ("policy_loss", "entropy", "kl_divergence", "loss"):
-                sums[key] += values[key]
-            sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / n_seq
-            sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
-            sums["ratio_mean"] += values["ratio_mean"] * len(mic) / n_seq
+            if train_policy:
+                self._policy_micro_batch(rollout, part, mic, sums, counts, on_policy, keep_old, first, last)
+            for k, v in self.estimator.micro_batch(part, num_tokens=n_tok, last=last, empty=empty).items():
+                critic[k] += v
+        critic.update(self.estimator.step(critic.get("value_loss", 0.0)))
+        if not train_policy:
+            return dict(critic)
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         if first:
             self.engine_monitor.check(acc, self.step + 1)  # a stale engine stops the run before this update
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
-        return sums
+        return {**sums, **critic}
 
-    def _micro_batch_loss(self, part: Rollout, *, n_seq: float, n_tok: float, on_policy: bool):
+    def _policy_micro_batch(self, rollout, part, mic, sums, counts, on_policy, keep_old, first, last) -> None:
+        """The policy's forward / backward on one micro-batch; its values added to `sums`."""
+        empty, acc = len(mic) == 0, self.accelerator
+        with self.policy.no_sync(last):
+            loss, values = self._micro_batch_loss(part, on_policy=on_policy, **counts)
+            self.policy.backward(loss * 0.0 if empty else loss, last=last)
+        if keep_old and on_policy and not empty:
+            rollout.old_logprobs[mic] = values["logprobs"]
+        if empty:
+            return
+        if values["is_weights"] is not None:
+            self.engine_monitor.add_weights(values["is_weights"], part.completion_mask.to(acc.device))
+        if first and part.engine_logprobs is not None:
+            self.engine_monitor.add_mismatch(values["logprobs"], part.engine_logprobs, part.completion_mask)
+        for key in ("policy_loss", "entropy", "kl_divergence", "loss") + (("positive_nll",) if counts["n_pos"] else ()):
+            sums[key] += values[key]
+        sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / counts["n_seq"]
+        sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
+        sums["ratio_mean"] += values["ratio_mean"] * len(mic) / counts["n_seq"]
+
+    def _positive_tokens(self, rollout: Rollout, idx: torch.Tensor) -> float:
+        """VAPO's positive examples: their global token count / world size in this mini-batch (0: no NLL term)."""
+        cfg, acc = self.config, self.accelerator
+        if not cfg.positive_nll_coef:
+            return 0.0
+        positive = (rollout.rewards[idx] >= cfg.positive_reward_threshold).float()
+        local = (rollout.completion_mask[idx].float() * positive[:, None]).sum()
+        return max(acc.reduce(local.to(acc.device), "mean").item(), 1e-12)  # > 0: the term is on, perhaps empty
+
+    def _micro_batch_loss(self, part: Rollout, *, n_seq: float, n_tok: float, n_pos: float, on_policy: bool):
         """(loss with its graph, detached values) for one micro-batch; seed §4.1:
-        loss = policy loss - entropy_coef * entropy + kl_coef * KL."""
+        loss = policy loss - entropy_coef * entropy + kl_coef * KL (+ VAPO's mu * positive-example NLL)."""
         cfg, device = self.config, self.accelerator.device
         mask = part.completion_mask.to(device)
         logp, entropy = self._logprobs(self.policy.module, part, training=True)
@@ -373,20 +411,16 @@ class GSPOTrainer:
             if part.ref_logprobs is not None
             else torch.zeros((), device=device)
         )
-        loss = pg - cfg.entropy_coef * ent + self.kl_ctl.value * kl
+        kl_weight = 0.0 if cfg.kl_in_reward else self.kl_ctl.value  # the KL is in the reward (PPO-RLHF) or here
+        loss = pg - cfg.entropy_coef * ent + kl_weight * kl
+        terms = [pg, ent, kl]
+        if n_pos:  # VAPO Eq. 9 on the completions scored as correct
+            nll = positive_example_nll(logp, mask, part.rewards.to(device) >= cfg.positive_reward_threshold, n_pos)
+            loss, terms = loss + cfg.positive_nll_coef * nll, terms + [nll]
         # One device->host copy per micro-batch (each .item() would be a GPU sync).
-        keys = UPDATE_METRICS + ("tokens",)
-        values = dict(
-            zip(
-                keys,
-                torch.stack(
-                    [pg, ent, kl, loss, m["clip_fraction_seq"], m["clip_fraction_token"], m["ratio_mean"], mask.sum()]
-                )
-                .detach()
-                .double()
-                .tolist(),
-            )
-        )
+        keys = UPDATE_METRICS + ("tokens",) + (("positive_nll",) if n_pos else ())
+        stacked = terms[:3] + [loss, m["clip_fraction_seq"], m["clip_fraction_token"], m["ratio_mean"], mask.sum()]
+        values = dict(zip(keys, torch.stack(stacked + terms[3:]).detach().double().tolist()))
         values["logprobs"], values["is_weights"] = logp.detach().cpu(), weights
         return loss, values
 

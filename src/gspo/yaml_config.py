@@ -56,7 +56,7 @@ def field_type(name: str) -> tuple[type, bool]:
     hint = _type_hints()[name]
     if typing.get_origin(hint) is Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _bare(args[0]), True
+        return _bare(args[0]), type(None) in typing.get_args(hint)
     return _bare(hint), False
 
 
@@ -68,6 +68,8 @@ def _bare(hint: Any) -> type:
 def type_name(name: str) -> str:
     """Human-readable type of a field for help text and docs: 'float', 'str | None', ..."""
     base, optional = field_type(name)
+    if config_fields()[name].metadata.get("own_check"):
+        return "float | str"  # a number or a word (gae_lambda: 'adaptive')
     text = base.__name__
     if base is list:
         text = f"list[{LIST_ITEM_TYPES.get(name, str).__name__}]"
@@ -170,6 +172,11 @@ def parse_cli_value(field: Union[str, dataclasses.Field], text: str) -> Any:
     """
     name = _field_name(field)
     base, optional = field_type(name)
+    if config_fields()[name].metadata.get("own_check"):  # a number or a word: GSPOConfig checks which
+        try:
+            return float(text)
+        except ValueError:
+            return text.strip()
     if optional and text.strip().lower() in NONE_WORDS:
         return None
     return _PARSERS[base](name, text)
