@@ -157,6 +157,20 @@ SCENARIOS = {
     ),
     "uneven": dict(importance_sampling_level="sequence", batch_size=2, group_size=2, gspo_epochs=1, num_mini_batches=4),
     "fail_rank1": dict(importance_sampling_level="sequence", gspo_epochs=1),
+    # PPO / VAPO: a critic (second trained model), length-adaptive GAE, positive-example NLL, KL in the reward
+    "gae": dict(
+        importance_sampling_level="token",
+        advantage_estimator="gae",
+        gae_lambda="adaptive",
+        length_adaptive_alpha=0.5,
+        positive_nll_coef=0.1,
+        positive_reward_threshold=2.0,
+        kl_in_reward=True,
+        value_clip_range=1e-3,  # most tokens clip after the first update: none sit at the clip boundary
+        gspo_epochs=2,
+        num_mini_batches=2,
+        gradient_accumulation_steps=2,
+    ),
 }
 
 
@@ -165,6 +179,7 @@ SCENARIOS.update(
     fsdp_bf16=dict(SCENARIOS["seq_offpolicy"], mixed_precision="bf16", fsdp=True),
     fsdp_offpolicy=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_token=dict(SCENARIOS["token_mean"], fsdp=True),
+    fsdp_gae=dict(SCENARIOS["gae"], fsdp=True),
     fsdp_resume=dict(SCENARIOS["seq_offpolicy"], fsdp=True),
     fsdp_ckpt=dict(SCENARIOS["seq_offpolicy"], fsdp=True, gradient_checkpointing=True, entropy_chunk_size=5),
     lora=dict(

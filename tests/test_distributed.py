@@ -44,10 +44,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
 BIN = Path(sys.executable).parent
-EQUIV = ["seq_offpolicy", "token_mean", "uneven"]
+EQUIV = ["seq_offpolicy", "token_mean", "uneven", "gae"]
 FSDP = {
     "fsdp_offpolicy": "seq_offpolicy",
     "fsdp_token": "token_mean",  # 2-process FSDP2 run -> 1-process twin
+    "fsdp_gae": "gae",
     "fsdp_ckpt": "seq_offpolicy",
 }
 BF16 = {"bf16_offpolicy": "bf16_offpolicy", "fsdp_bf16": "bf16_offpolicy"}  # DDP / FSDP2 under bf16 autocast
@@ -256,6 +257,19 @@ def test_logged_metrics_match_one_process_and_agree_across_ranks(runs, scenario)
     logged = [json.loads(line) for line in lines]
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     assert [m["raw_reward_mean"] for m in logged] == [m["raw_reward_mean"] for m in h2[0]]
+
+
+@pytest.mark.parametrize("scenario", ["gae", "fsdp_gae"])
+def test_critic_metrics_match_one_process(runs, scenario):
+    """The critic trains as a second model under DDP and FSDP2: its loss, the GAE statistics (whitened over
+    all ranks' tokens) and the positive-example NLL equal the 1-process run's."""
+    h1, h2 = _rank(runs["one"], "gae", 0)["history"], _rank(runs["two"], scenario, 0)["history"]
+    keys = ("value_loss", "value_clip_fraction", "explained_variance", "value_mean", "returns_mean")
+    keys += ("advantages_mean", "advantages_std", "gae_lambda_policy_mean", "positive_nll", "value_grad_norm")
+    for a, b in zip(h1, h2):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL, rel=1e-4), (a["step"], k)
+    assert h1[-1]["positive_nll"] > 0 and h1[-1]["value_loss"] > 0 and h1[-1]["value_clip_fraction"] > 0
 
 
 @pytest.mark.parametrize("scenario", ["seq_offpolicy", "token_mean"])
