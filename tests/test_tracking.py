@@ -189,6 +189,17 @@ def test_plot_run_subset_of_keys_and_explicit_output(tmp_path):
     assert out.is_file() and out.stat().st_size > 0
 
 
+def test_the_critic_panel_appears_only_with_a_critic(tmp_path):
+    from gspo.plotting import panel_titles
+
+    plain = [{"step": s, "raw_reward_mean": 0.1 * s, "policy_loss": 1.0} for s in range(1, 4)]
+    assert panel_titles(plain) == ["Reward", "Policy loss"]
+    critic = [dict(r, value_loss=1.0 / r["step"], explained_variance=0.1 * r["step"]) for r in plain]
+    assert panel_titles(critic) == ["Reward", "Policy loss", "Critic"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in critic))
+    assert plot_run(tmp_path).stat().st_size > 0
+
+
 def test_plot_run_without_known_metrics_raises(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "unrelated": 1.0}) + "\n")
     with pytest.raises(ValueError, match="none of the plotted metrics"):

@@ -1,8 +1,9 @@
-"""The `gspo` command: train, eval, demo, plot, config.
+"""The `gspo` command: train, eval, demo, compare, plot, config.
 
     gspo train  [--config run.yaml] [--<field> <value> ...]
     gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
     gspo demo   [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
+    gspo compare [--config YAML] [--algorithms gspo,grpo,ppo,vapo] [--seeds 0,1,2] [--max_steps N]
     gspo plot   RUN_DIR [--out PNG]
     gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
 
@@ -188,6 +189,26 @@ def _add_eval(sub) -> None:
     p.set_defaults(handler=cmd_eval)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="Run GSPO, GRPO, PPO and VAPO side by side on one task; writes compare.png and compare.md.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        dest="config_path",
+        default=None,
+        metavar="YAML",
+        help="Base config (data, reward, model, sampling); default: the offline demo's built-in arithmetic task.",
+    )
+    p.add_argument("--algorithms", default="gspo,grpo,ppo,vapo", help="Comma-separated: gspo, grpo, ppo, vapo.")
+    p.add_argument("--seeds", default="0", help="Comma-separated seeds, e.g. 0,1,2 (default: 0).")
+    p.add_argument("--max_steps", type=int, default=None, metavar="N", help="Steps per run (default: the base's).")
+    p.add_argument("--output_dir", default="outputs/compare", metavar="DIR", help="Default: outputs/compare.")
+    p.set_defaults(handler=cmd_compare)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -238,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_demo, _add_plot, _add_config):
+    for add in (_add_train, _add_eval, _add_demo, _add_compare, _add_plot, _add_config):
         add(sub)
     for p in sub.choices.values():
         p.allow_abbrev = False  # --group would otherwise silently mean --group_size
@@ -305,6 +326,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gspo.demo import run_demo
 
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, rollout_engine=args.rollout_engine)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gspo.compare import run_compare
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    run_compare(
+        algorithms=algorithms,
+        seeds=seeds,
+        output_dir=args.output_dir,
+        config_path=args.config_path,
+        max_steps=args.max_steps,
+    )
     return 0
 
 

@@ -182,7 +182,23 @@ _PANELS = [
         ("policy_loss",),
         lambda ax, rows: _panel_lines(ax, rows, [("policy_loss", "policy loss", "tab:pink")], "loss"),
     ),
+    (  # only with a critic (advantage_estimator='gae')
+        "Critic",
+        ("value_loss", "explained_variance"),
+        lambda ax, rows: _panel_with_twin(
+            ax,
+            rows,
+            ("value_loss", "value loss", "tab:blue"),
+            ("explained_variance", "explained variance", "tab:green"),
+            "loss",
+        ),
+    ),
 ]
+
+
+def panel_titles(rows: list[dict]) -> list[str]:
+    """The panels a run's metrics give (a 'Critic' panel only when a critic logged its values)."""
+    return [title for title, keys, _ in _PANELS if any(_series(rows, k)[0] for k in keys)]
 
 
 def plot_run(run_dir_or_metrics_file, out_png=None) -> Path:
@@ -222,4 +238,66 @@ def plot_run(run_dir_or_metrics_file, out_png=None) -> Path:
         tmp.replace(out)
     finally:
         plt.close(fig)  # long-lived trainers call this repeatedly; do not leak figures
+    return out
+
+
+_COMPARE_COLORS = {"gspo": "tab:blue", "grpo": "tab:orange", "ppo": "tab:green", "vapo": "tab:red"}
+
+
+def _aligned(runs: list, key: str, x: str, smooth: bool):
+    """(x of the first seed, mean, min, max over seeds) of `key`; x is 'step' or cumulative step time."""
+    curves = []
+    for r in runs:
+        rows = [m for m in r["rows"] if isinstance(m.get(key), (int, float))]
+        clock, t = {}, 0.0
+        for m in r["rows"]:
+            t += float(m.get("step_time_s", 0.0))
+            clock[m["step"]] = t
+        xs = [m["step"] if x == "step" else clock[m["step"]] for m in rows]
+        ys = [float(m[key]) for m in rows]
+        curves.append((xs, ema(ys) if smooth and len(ys) >= 10 else ys))
+    n = min(len(c[1]) for c in curves)
+    if n == 0:
+        return None
+    cols = list(zip(*(c[1][:n] for c in curves)))
+    xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]  # wall times differ a little by seed
+    return xs, [sum(v) / len(v) for v in cols], [min(v) for v in cols], [max(v) for v in cols]
+
+
+def plot_compare(runs: dict, out_png) -> Path:
+    """compare.png: training reward (EMA) and eval accuracy against step and against training wall time, one
+    colour per algorithm, the line the mean over seeds and the band their range. `runs`: algorithm -> runs."""
+    out = Path(out_png)
+    panels = [
+        ("raw_reward_mean", "step", "training reward (EMA) by step"),
+        ("eval/accuracy", "step", "eval accuracy (greedy) by step"),
+        ("raw_reward_mean", "time", "training reward (EMA) by wall time"),
+        ("eval/accuracy", "time", "eval accuracy (greedy) by wall time"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), squeeze=False)
+    try:
+        for ax, (key, x, title) in zip(axes.flat, panels):
+            for i, (name, seeds) in enumerate(runs.items()):
+                line = _aligned(seeds, key, x, smooth=key == "raw_reward_mean")
+                if line is None:
+                    continue
+                xs, mean, low, high = line
+                color = _COMPARE_COLORS.get(name, f"C{i}")
+                ax.plot(xs, mean, color=color, linewidth=2, marker="o" if key.startswith("eval") else None, label=name)
+                if len(seeds) > 1:
+                    ax.fill_between(xs, low, high, color=color, alpha=0.18, linewidth=0)
+            ax.set_title(title, fontsize=11, fontweight="bold")
+            ax.set_xlabel("step" if x == "step" else "training wall time (s)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=9)
+        n_seeds = max(len(s) for s in runs.values())
+        band = f"; bands: range over {n_seeds} seeds" if n_seeds > 1 else ""
+        fig.suptitle(f"gspo compare: {', '.join(runs)} (line: mean over seeds{band})", fontsize=13)
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
     return out
