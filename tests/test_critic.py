@@ -168,3 +168,20 @@ def test_gae_config_rules():
         small_config("x", "y", advantage_estimator="gae")
     with pytest.raises(ConfigError, match="kl_in_reward=True is not allowed"):
         small_config("x", "y", kl_in_reward=True)
+
+
+def test_the_critic_can_start_from_a_reward_model(tiny_model_dir, tmp_path):
+    """value_model_name = a sequence-classification reward model: its backbone and `score` weight carry over
+    (the token-classification head adds a bias, newly initialised)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from gspo.critic import load_value_model
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    torch.manual_seed(1)
+    reward_model = AutoModelForSequenceClassification.from_config(config)
+    reward_model.save_pretrained(tmp_path / "rm")
+    critic = load_value_model(gae_config(tiny_model_dir, tmp_path, value_model_name=str(tmp_path / "rm")))
+    want, got = reward_model.state_dict(), critic.state_dict()
+    assert set(got) - set(want) == {"score.bias"}
+    assert all(torch.equal(want[k], got[k]) for k in want)
