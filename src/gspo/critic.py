@@ -143,6 +143,16 @@ class GAEEstimator:
         self.critic.scheduler = make_scheduler(self.critic.optimizer)
 
 
+def positive_token_count(rollout: Rollout, idx: torch.Tensor, config, accelerator) -> float:
+    """VAPO's positive examples in the mini-batch `idx`: their global token count / world size, the NLL's
+    denominator (Eq. 9); 0 when positive_nll_coef is 0 (no NLL term). Collective when the term is on."""
+    if not config.positive_nll_coef:
+        return 0.0
+    positive = (rollout.rewards[idx] >= config.positive_reward_threshold).float()
+    local = (rollout.completion_mask[idx].float() * positive[:, None]).sum()
+    return max(accelerator.reduce(local.to(accelerator.device), "mean").item(), 1e-12)  # > 0: on, perhaps empty
+
+
 def _global_moments(x: torch.Tensor, mask: torch.Tensor, accelerator) -> dict:
     """Mean and (population) std of x over the masked tokens of every rank."""
     m = mask.to(torch.float64)
@@ -176,4 +186,11 @@ def build_estimator(config, *, backend, precision_context, optimizer_factory=Non
     return GAEEstimator(config, critic, precision_context=precision_context)
 
 
-__all__ = ["GAEEstimator", "GroupEstimator", "build_estimator", "load_value_model", "token_values"]
+__all__ = [
+    "GAEEstimator",
+    "GroupEstimator",
+    "build_estimator",
+    "load_value_model",
+    "positive_token_count",
+    "token_values",
+]

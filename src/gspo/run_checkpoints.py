@@ -9,6 +9,7 @@ The final export gathers sharded weights and, for LoRA with merge_lora_on_save, 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from gspo import checkpoint as ckpt
+from gspo.faults import TrainingInterrupted
 
 log = logging.getLogger("gspo")
 
@@ -80,6 +82,22 @@ class RunCheckpoints:
             )
         acc.wait_for_everyone()
         return self.path(step)
+
+    def save_if_due(self, step: int, total: int, signum: Optional[int], trainer_state) -> None:
+        """Every save_steps steps and at the last step (so a finished run can be continued), or on a signal
+        caught on any rank: then save and raise TrainingInterrupted. `trainer_state()` is called only to save."""
+        acc, cfg = self.acc, self.config
+        flag = acc.reduce(torch.tensor(float(signum or 0), device=acc.device), "max").item()
+        if (cfg.save_steps and (step % cfg.save_steps == 0 or step == total)) or flag:
+            path = self.save(step, trainer_state())
+        if flag:
+            message = (
+                f"[gspo] interrupted at step {step}/{total}; checkpoint saved to {path}. Resume with "
+                f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir."
+            )
+            if acc.is_main_process:
+                print(message, file=sys.stderr, flush=True)  # SystemExit with an int code prints nothing
+            raise TrainingInterrupted(message, int(flag))
 
     def resume(self) -> Optional[dict]:
         """The trainer state of config.resume_from_checkpoint after restoring everything else; None without one."""

@@ -383,3 +383,13 @@ def timed(timings: dict, name: str):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     timings[name] = time.perf_counter() - start
+
+
+def record_step(metrics: dict, rollout, *, tracker, progress, config, main) -> None:
+    """Log a finished step: metrics.jsonl / trackers, the progress line, and every log_completions_steps a
+    table of sampled completions (main process only; `main` is the accelerator)."""
+    step = metrics["step"]
+    tracker.log(step, metrics)
+    progress.update(step, metrics)
+    if main.is_main_process and config.log_completions_steps and step % config.log_completions_steps == 0:
+        print_samples(step, rollout.prompts, rollout.completions, rollout.rewards.tolist())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 
@@ -43,12 +42,12 @@ from gspo.core import (
     policy_loss,
     positive_example_nll,
 )
-from gspo.critic import build_estimator
+from gspo.critic import build_estimator, positive_token_count
 from gspo.data import as_dataset, rank_batch, steps_per_epoch
 from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
 from gspo.evaluate import evaluate_as_configured
-from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
+from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter
 from gspo.logprobs import completion_logprobs
 from gspo.models import (
     adamw_factory,
@@ -62,7 +61,7 @@ from gspo.models import (
 from gspo.rewards import build_scorer
 from gspo.rollout import Rollout
 from gspo.run_checkpoints import RunCheckpoints
-from gspo.tracking import MetricsLogger, Progress, print_samples, step_metrics, timed, write_run_summary
+from gspo.tracking import MetricsLogger, Progress, record_step, step_metrics, timed, write_run_summary
 
 log = logging.getLogger("gspo")
 # per-update values: summed over micro-batches, then averaged over a step's updates and the ranks
@@ -127,10 +126,16 @@ class GSPOTrainer:
             precision_context=self._autocast,
             world_size=self.accelerator.num_processes,
         )
+        self.eval_dataset = eval_dataset
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What a run keeps besides the models: sampling, checkpoints, the KL controller, skip counts, the step."""
+        cfg, acc = self.config, self.accelerator
         self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
         self.checkpoints = RunCheckpoints(
-            accelerator=self.accelerator,
+            accelerator=acc,
             config=cfg,
             backend=self.backend,
             policy=self.policy,
@@ -143,10 +148,9 @@ class GSPOTrainer:
             else FixedKLController(cfg.kl_coef)
         )
         self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
-        self.eval_dataset = eval_dataset
         self.step = 0
         self.history: list = []
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             log.warning("gspo: %s", cfg.clip_summary())
 
     # The wrapped policy, its optimizer and schedule (the back-end's TrainedModel holds them).
@@ -202,8 +206,9 @@ class GSPOTrainer:
                     self.step += 1
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
                         metrics.update(self.evaluate(eval_ds))
-                    self._record(metrics, rollout, tracker, progress)
-                    self._checkpoint_if_due(total, guard)
+                    self.history.append({"step": self.step, **metrics})
+                    record_step(self.history[-1], rollout, tracker=tracker, progress=progress, config=cfg, main=acc)
+                    self.checkpoints.save_if_due(self.step, total, guard.signum, self._trainer_state)
             if eval_ds is not None and self.history and not (cfg.eval_steps and total % cfg.eval_steps == 0):
                 self.history[-1].update(self.evaluate(eval_ds))
             self._finish()
@@ -326,7 +331,7 @@ class GSPOTrainer:
         counts divided by the world size, because DDP averages gradients over ranks."""
         cfg, acc = self.config, self.accelerator
         n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=self._positive_tokens(rollout, idx))
+        counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=positive_token_count(rollout, idx, cfg, acc))
         train_policy = self.step >= cfg.value_warmup_steps  # VAPO's value pretraining: the critic alone first
         keys = UPDATE_METRICS + (("positive_nll",) if counts["n_pos"] else ())
         sums = dict.fromkeys(keys, 0.0)  # same keys, same order on every rank
@@ -369,15 +374,6 @@ class GSPOTrainer:
         sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / counts["n_seq"]
         sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
         sums["ratio_mean"] += values["ratio_mean"] * len(mic) / counts["n_seq"]
-
-    def _positive_tokens(self, rollout: Rollout, idx: torch.Tensor) -> float:
-        """VAPO's positive examples: their global token count / world size in this mini-batch (0: no NLL term)."""
-        cfg, acc = self.config, self.accelerator
-        if not cfg.positive_nll_coef:
-            return 0.0
-        positive = (rollout.rewards[idx] >= cfg.positive_reward_threshold).float()
-        local = (rollout.completion_mask[idx].float() * positive[:, None]).sum()
-        return max(acc.reduce(local.to(acc.device), "mean").item(), 1e-12)  # > 0: the term is on, perhaps empty
 
     def _micro_batch_loss(self, part: Rollout, *, n_seq: float, n_tok: float, n_pos: float, on_policy: bool):
         """(loss with its graph, detached values) for one micro-batch; seed §4.1:
@@ -440,19 +436,6 @@ class GSPOTrainer:
         return grad_norm if math.isfinite(grad_norm) else 0.0
 
     # ------------------------------------------------------------------ metrics
-    def _record(self, metrics: dict, rollout: Rollout, tracker, progress) -> None:
-        cfg = self.config
-        metrics = {"step": self.step, **metrics}
-        self.history.append(metrics)
-        tracker.log(self.step, metrics)
-        progress.update(self.step, metrics)
-        if (
-            self.accelerator.is_main_process
-            and cfg.log_completions_steps
-            and self.step % cfg.log_completions_steps == 0
-        ):
-            print_samples(self.step, rollout.prompts, rollout.completions, rollout.rewards.tolist())
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, dataset=None) -> dict:
         """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
@@ -465,21 +448,6 @@ class GSPOTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict()}
-
-    def _checkpoint_if_due(self, total: int, guard: InterruptGuard) -> None:
-        """Every save_steps steps and at the last step (so a finished run can be continued), or on a signal."""
-        cfg, acc = self.config, self.accelerator
-        flag = acc.reduce(torch.tensor(float(guard.signum or 0), device=acc.device), "max").item()
-        if (cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == total)) or flag:
-            path = self.checkpoints.save(self.step, self._trainer_state())
-        if flag:
-            message = (
-                f"[gspo] interrupted at step {self.step}/{total}; checkpoint saved to {path}. Resume with "
-                f"resume_from_checkpoint='latest' (CLI: --resume_from_checkpoint latest) and the same output_dir."
-            )
-            if acc.is_main_process:
-                print(message, file=sys.stderr, flush=True)  # SystemExit with an int code prints nothing
-            raise TrainingInterrupted(message, int(flag))
 
     def _maybe_resume(self) -> bool:
         state = self.checkpoints.resume()
