@@ -210,6 +210,7 @@ SCENARIOS.update(
     plain_from_ckpt=SCENARIOS["seq_offpolicy"],
 )
 SCENARIOS.update(fsdp_lora_resume=SCENARIOS["fsdp_lora"], fsdp_fail_rank1=dict(SCENARIOS["fail_rank1"], fsdp=True))
+SCENARIOS.update(fsdp_gae_resume=SCENARIOS["fsdp_gae"])  # the critic's sharded state through a checkpoint
 # DeepSpeed: launched with `accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml`;
 # the ZeRO stage comes from the launch, these are the GSPO settings.
 for _zero in ("zero2", "zero3"):
@@ -233,6 +234,7 @@ RESUMES = {
     "resume": "seq_offpolicy",
     "fsdp_resume": "fsdp_offpolicy",
     "fsdp_lora_resume": "fsdp_lora",
+    "fsdp_gae_resume": "fsdp_gae",
     "zero2_resume": "zero2_offpolicy",
     "zero3_resume": "zero3_offpolicy",
 }

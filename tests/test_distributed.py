@@ -52,7 +52,7 @@ FSDP = {
     "fsdp_ckpt": "seq_offpolicy",
 }
 BF16 = {"bf16_offpolicy": "bf16_offpolicy", "fsdp_bf16": "bf16_offpolicy"}  # DDP / FSDP2 under bf16 autocast
-FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume"]
+FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume", "fsdp_gae_resume"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
 METRIC_ATOL = 1e-5  # measured: <= ~5e-7
@@ -270,6 +270,17 @@ def test_critic_metrics_match_one_process(runs, scenario):
         for k in keys:
             assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL, rel=1e-4), (a["step"], k)
     assert h1[-1]["positive_nll"] > 0 and h1[-1]["value_loss"] > 0 and h1[-1]["value_clip_fraction"] > 0
+
+
+def test_fsdp_critic_resumes_exactly(runs):
+    """FSDP2 with a critic: 2 steps, a checkpoint (policy and critic/ gathered to full states), a fresh trainer
+    resumes and runs step 3; weights and the critic's metrics end where the uninterrupted run ends."""
+    straight, resumed = _params(runs["two"], "fsdp_gae", 0), _params(runs["two"], "fsdp_gae_resume", 0)
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in resumed) < 1e-6
+    a, b = _rank(runs["two"], "fsdp_gae", 0)["history"][-1], _rank(runs["two"], "fsdp_gae_resume", 0)["history"][-1]
+    assert b["step"] == 3 and _rank(runs["two"], "fsdp_gae_resume", 0)["start_step"] == 2
+    for k in ("value_loss", "value_mean", "explained_variance", "policy_loss"):
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
 
 
 @pytest.mark.parametrize("scenario", ["seq_offpolicy", "token_mean"])
