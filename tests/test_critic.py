@@ -185,3 +185,21 @@ def test_the_critic_can_start_from_a_reward_model(tiny_model_dir, tmp_path):
     want, got = reward_model.state_dict(), critic.state_dict()
     assert set(got) - set(want) == {"score.bias"}
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(mixed_precision="bf16"), dict(use_lora=True, lora_r=4)], ids=["bf16", "lora"]
+)
+def test_the_critic_trains_under_bf16_autocast_and_beside_a_lora_policy(
+    tiny_model_dir, arithmetic_rows, tmp_path, overrides
+):
+    """bf16: the critic's forwards run under the same autocast; LoRA: the policy trains adapters, the critic all
+    its weights (it has no adapters)."""
+    trainer = GSPOTrainer(gae_config(tiny_model_dir, tmp_path, max_steps=2, **overrides), [length_reward])
+    critic0 = params(trainer.estimator.critic.unwrapped())
+    history = trainer.train(arithmetic_rows)
+    critic1 = params(trainer.estimator.critic.unwrapped())
+    moved = [k for k in critic0 if not torch.equal(critic0[k], critic1[k])]
+    assert "score.weight" in moved and any(k.startswith("model.layers.") for k in moved)
+    for m in history:
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("value_loss", "policy_loss", "grad_norm"))
