@@ -223,6 +223,8 @@ for _zero in ("zero2", "zero3"):
             f"{_zero}_sampled": dict(SCENARIOS["seq_offpolicy"], eval_steps=1, eval_max_samples=5, eval_batch_size=2),
             f"{_zero}_nan": dict(SCENARIOS["seq_offpolicy"], gspo_epochs=1, num_mini_batches=1),
             f"{_zero}_fail_rank1": SCENARIOS["fail_rank1"],
+            f"{_zero}_gae": SCENARIOS["gae"],  # the critic as a second DeepSpeed engine
+            f"{_zero}_gae_resume": SCENARIOS["gae"],
         }
     )
 SCENARIOS["nan"] = SCENARIOS["zero2_nan"]  # the 1-process twin
@@ -237,6 +239,8 @@ RESUMES = {
     "fsdp_gae_resume": "fsdp_gae",
     "zero2_resume": "zero2_offpolicy",
     "zero3_resume": "zero3_offpolicy",
+    "zero2_gae_resume": "zero2_gae",
+    "zero3_gae_resume": "zero3_gae",
 }
 SAMPLED = ("fsdp_sampled", "zero2_sampled", "zero3_sampled")
 

@@ -25,8 +25,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 from helpers_data import save_tiny_reward_model  # noqa: E402
 from test_distributed import BIN, HERE, METRIC_ATOL, PARAM_ATOL, STEPS, WORKER, _env, _finish, _free_port  # noqa: E402
 
-TWINS = {"offpolicy": "seq_offpolicy", "token": "token_mean", "nan": "nan", "lora": "lora"}
-EXTRA = ["resume", "sampled"]
+TWINS = {"offpolicy": "seq_offpolicy", "token": "token_mean", "nan": "nan", "lora": "lora", "gae": "gae"}
+EXTRA = ["resume", "sampled", "gae_resume"]
 STAGES = ("zero2", "zero3")
 
 
@@ -321,3 +321,16 @@ def test_resuming_a_checkpoint_without_deepspeed_state_under_deepspeed_says_so(t
 
     with pytest.raises(ConfigError, match="not written by a DeepSpeed run"):
         ds_backend.load_engine_state(None, tmp_path)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_critic_matches_one_process_and_resumes_exactly(runs, stage):
+    """PPO / VAPO under ZeRO-2/3: the critic is a second DeepSpeed engine; its metrics equal the 1-process run's,
+    and resuming from DeepSpeed's engine files (policy and critic/) ends where the uninterrupted run ends."""
+    h1, h2 = _rank(runs["one"], "gae", 0)["history"], _rank(runs["two"], f"{stage}_gae", 0)["history"]
+    for a, b in zip(h1, h2):
+        for k in ("value_loss", "value_mean", "explained_variance", "advantages_std", "positive_nll"):
+            assert b[k] == pytest.approx(a[k], abs=METRIC_ATOL, rel=1e-4), (stage, a["step"], k)
+    straight, resumed = _params(runs["two"], f"{stage}_gae", 0), _params(runs["two"], f"{stage}_gae_resume", 0)
+    assert _max_diff(straight, resumed) < 1e-6
+    assert (runs["two"] / f"{stage}_gae_resume" / "checkpoint-2" / "critic" / "deepspeed").is_dir()

@@ -173,14 +173,8 @@ def build_estimator(config, *, backend, precision_context, optimizer_factory=Non
     """The estimator of config.advantage_estimator; 'gae' loads and prepares the critic as a trained model."""
     if config.advantage_estimator == "group":
         return GroupEstimator(config)
-    from gspo.config import ConfigError
     from gspo.models import adamw_factory
 
-    if backend.name == "deepspeed":
-        raise ConfigError(
-            "GSPOConfig.advantage_estimator='gae' is not allowed under a DeepSpeed launch yet (the critic would be a "
-            "second DeepSpeed engine, not run here): launch with DDP or FSDP2 (GSPOConfig.fsdp=True)"
-        )
     make_optimizer = optimizer_factory or adamw_factory(config, lr=config.value_learning_rate)
     critic = backend.prepare_trained(load_value_model(config), make_optimizer)
     return GAEEstimator(config, critic, precision_context=precision_context)

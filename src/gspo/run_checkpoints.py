@@ -55,18 +55,9 @@ class RunCheckpoints:
         if acc.num_processes > 1:
             broadcast_object_list(holder)
         self.policy.save_native_state(holder[0])  # engine files every rank writes a part of (DeepSpeed)
-        critic_states = self.critic.full_states(with_optimizer=True) if self.critic is not None else None
-        acc.wait_for_everyone()
-        if acc.is_main_process and self.critic is not None:
-            ckpt.write_model_part(
-                holder[0] / CRITIC_DIR,
-                step,
-                self.critic.unwrapped(),
-                optimizer=self.critic.optimizer,
-                scheduler=self.critic.scheduler,
-                model_state=critic_states[0],
-                optimizer_state=critic_states[1],
-            )
+        if self.critic is not None:
+            self._save_critic(holder[0] / CRITIC_DIR, step)
+        acc.wait_for_everyone()  # every rank's engine files are in before the checkpoint is completed
         if acc.is_main_process:
             ckpt.save_checkpoint(
                 cfg.output_dir,
@@ -82,6 +73,21 @@ class RunCheckpoints:
             )
         acc.wait_for_everyone()
         return self.path(step)
+
+    def _save_critic(self, directory: Path, step: int) -> None:
+        """The critic's part of a checkpoint being staged (collective): engine files, then weights, optimizer
+        (where the back-end holds it whole) and scheduler."""
+        model_state, optim_state = self.critic.full_states(with_optimizer=True)
+        self.critic.save_native_state(directory)  # DeepSpeed's engine files, every rank its partition
+        if self.acc.is_main_process:
+            ckpt.write_model_part(
+                directory,
+                step,
+                self.critic.unwrapped(),
+                scheduler=self.critic.scheduler,
+                model_state=model_state,
+                optimizer_state=optim_state,
+            )
 
     def save_if_due(self, step: int, total: int, signum: Optional[int], trainer_state) -> None:
         """Every save_steps steps and at the last step (so a finished run can be continued), or on a signal

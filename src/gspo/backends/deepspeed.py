@@ -123,6 +123,18 @@ def configure(acc, cfg) -> None:
         ds["bf16"]["check_grad_overflow"] = True  # skip non-finite steps (DeepSpeed >= 0.17 defaults to it)
 
 
+def second_trained_engine(acc, model, optimizer):
+    """A second trained model (the critic) as an engine of its own: accelerate prepares one DeepSpeed engine
+    per Accelerator, so this one is initialised directly, with the policy's (already configured) settings."""
+    import deepspeed
+
+    ds = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine
+
+
 def reference_engine(acc, model):
     """A frozen model partitioned like the policy under ZeRO-3 (no optimizer): an inference engine."""
     import deepspeed
@@ -271,13 +283,18 @@ class DeepSpeedBackend(Backend):
     def __init__(self, accelerator, config) -> None:
         super().__init__(accelerator)
         self.config, self.stage = config, stage(accelerator)
+        self.trained = 0  # models prepared for training so far
         self.one_head_call = self.stage == 3
         self.synced_gpus = False if self.stage == 3 else None  # ZeRO-3 generation gathers first
 
     def prepare_trained(self, model, make_optimizer: Callable) -> TrainedModel:
         configure(self.accelerator, self.config)  # GSPOConfig's geometry and clipping into the launch's config
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        engine, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.trained:  # the critic: the scheduler steps its torch optimizer, the engine applies the updates
+            engine = second_trained_engine(self.accelerator, model, optimizer)
+        else:
+            engine, optimizer = self.accelerator.prepare(model, optimizer)
+        self.trained += 1
         return DeepSpeedModel(engine, optimizer, self.accelerator)
 
     def prepare_frozen(self, model):
