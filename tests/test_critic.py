@@ -203,3 +203,25 @@ def test_the_critic_trains_under_bf16_autocast_and_beside_a_lora_policy(
     assert "score.weight" in moved and any(k.startswith("model.layers.") for k in moved)
     for m in history:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("value_loss", "policy_loss", "grad_norm"))
+
+
+def test_token_rewards_with_the_kl_in_the_reward_by_hand():
+    from gspo.critic import token_rewards
+    from gspo.rollout import Rollout
+
+    mask = torch.tensor([[1, 1, 0]])
+    rollout = Rollout(
+        prompt_ids=torch.zeros(1, 1, dtype=torch.long),
+        prompt_mask=torch.ones(1, 1, dtype=torch.long),
+        completion_ids=torch.zeros(1, 3, dtype=torch.long),
+        completion_mask=mask,
+        truncated=torch.tensor([False]),
+        group_size=1,
+        rewards=torch.tensor([2.0]),
+        old_logprobs=torch.tensor([[-1.0, -2.0, -7.0]]),
+        ref_logprobs=torch.tensor([[-1.5, -1.0, -3.0]]),
+    )
+    # k1 per token: log pi_old - log pi_ref = [0.5, -1.0] (the padded third ignored); kl_coef 0.1:
+    # [0 - 0.05, 2 + 0.1, 0] = [-0.05, 2.1, 0]
+    assert token_rewards(rollout, kl_coef=0.1).flatten().tolist() == pytest.approx([-0.05, 2.1, 0.0])
+    assert token_rewards(rollout, kl_coef=0.0).flatten().tolist() == [0.0, 2.0, 0.0]

@@ -32,7 +32,7 @@ class GroupEstimator:
     def __init__(self, config) -> None:
         self.config = config
 
-    def estimate(self, rollout: Rollout, accelerator) -> dict:
+    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> dict:
         rollout.advantages = group_advantages(rollout.rewards, self.config.group_size, self.config.normalize_advantages)
         return {}
 
@@ -44,6 +44,16 @@ class GroupEstimator:
 
     def schedule(self, make_scheduler) -> None:
         """Give the critic its learning-rate schedule (nothing to schedule here)."""
+
+
+def token_rewards(rollout: Rollout, *, kl_coef: float) -> torch.Tensor:  # [N, T]
+    """The sequence reward on the last completion token, minus kl_coef * (log pi_old - log pi_ref) on every
+    token when the KL is part of the reward (PPO-RLHF, k1 per token; kl_coef 0: reward only)."""
+    mask = rollout.completion_mask
+    rewards = place_sequence_rewards(rollout.rewards, mask)
+    if kl_coef and rollout.ref_logprobs is not None:
+        rewards = rewards - kl_coef * (rollout.old_logprobs - rollout.ref_logprobs) * mask
+    return rewards
 
 
 def load_value_model(config):
@@ -86,13 +96,12 @@ class GAEEstimator:
         with self._precision():
             return torch.cat([token_values(self.critic.module, part).cpu() for part in parts])
 
-    def estimate(self, rollout: Rollout, accelerator) -> dict:
-        """Fills rollout.values, .returns and per-token .advantages; returns the batch's metrics."""
+    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> dict:
+        """Fills rollout.values, .returns and per-token .advantages; returns the batch's metrics. `kl_coef`: the
+        KL controller's current coefficient, for kl_in_reward."""
         cfg, mask = self.config, rollout.completion_mask
         values = self._values(rollout) * mask
-        rewards = place_sequence_rewards(rollout.rewards, mask)  # [N, T]
-        if cfg.kl_in_reward and rollout.ref_logprobs is not None:
-            rewards = rewards - cfg.kl_coef * (rollout.old_logprobs - rollout.ref_logprobs) * mask
+        rewards = token_rewards(rollout, kl_coef=kl_coef if cfg.kl_in_reward else 0.0)  # [N, T]
         lam = (
             length_adaptive_lambda(rollout.lengths, cfg.length_adaptive_alpha)  # VAPO Eq. 5
             if cfg.gae_lambda == "adaptive"
@@ -186,5 +195,6 @@ __all__ = [
     "build_estimator",
     "load_value_model",
     "positive_token_count",
+    "token_rewards",
     "token_values",
 ]

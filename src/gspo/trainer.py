@@ -234,7 +234,7 @@ class GSPOTrainer:
             with timed(timings, "old_logprobs"):
                 rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
         with timed(timings, "advantages"):
-            estimator_metrics = self.estimator.estimate(rollout, self.accelerator)  # Eq. 6, or the critic's GAE
+            estimator_metrics = self.estimator.estimate(rollout, self.accelerator, kl_coef=self.kl_ctl.value)
         with timed(timings, "update"):
             update_metrics = self._update(rollout)
         with timed(timings, "weight_sync"):  # the engine generates again at the next step only
