@@ -23,7 +23,17 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 
 from helpers_data import save_tiny_reward_model  # noqa: E402
-from test_distributed import BIN, HERE, METRIC_ATOL, PARAM_ATOL, STEPS, WORKER, _env, _finish, _free_port  # noqa: E402
+from test_distributed import (  # noqa: E402
+    HERE,
+    METRIC_ATOL,
+    PARAM_ATOL,
+    STEPS,
+    WORKER,
+    _env,
+    _finish,
+    _free_port,
+    accelerate_launch,
+)
 
 TWINS = {"offpolicy": "seq_offpolicy", "token": "token_mean", "nan": "nan", "lora": "lora", "gae": "gae"}
 EXTRA = ["resume", "sampled", "gae_resume"]
@@ -33,25 +43,8 @@ STAGES = ("zero2", "zero3")
 def _launch(stage: str, model_dir: Path, out: Path, scenarios: list, reward_model: str = "") -> subprocess.Popen:
     port = _free_port()
     config = HERE.parent / "examples" / "accelerate" / f"deepspeed_{stage}.yaml"
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(port),
-        WORKER,
-        "--model_dir",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--scenarios",
-        ",".join(scenarios),
-        "--reward_model",
-        reward_model,
-    ]
+    cmd = accelerate_launch(config, port, WORKER, "--model_dir", str(model_dir), "--out", str(out))
+    cmd += ["--scenarios", ",".join(scenarios), "--reward_model", reward_model]
     return subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

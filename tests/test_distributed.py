@@ -74,6 +74,12 @@ def _env(port: int) -> dict:
     return env
 
 
+def accelerate_launch(config: Path, port: int, worker: str, *args: str) -> list:
+    """`accelerate launch --config_file CONFIG` of `worker args` on 2 processes (the example configs' commands)."""
+    head = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2"]
+    return head + ["--main_process_port", str(port), worker, *args]
+
+
 def _free_port() -> int:
     import socket
 
@@ -416,23 +422,9 @@ def test_accelerate_launch_with_the_fsdp_example_config_shards_and_matches(runs)
     here (it falls back to DDP), so the trainer shards with FSDP2 itself; the result is the 1-process one."""
     port = _free_port()
     config = HERE.parent / "examples" / "accelerate" / "fsdp.yaml"
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(port),
-        WORKER,
-        "--model_dir",
-        str(runs["model_dir"]),
-        "--out",
-        str(runs["root"] / "acc"),
-        "--scenarios",
-        "accelerate_fsdp",
-    ]
+    cmd = accelerate_launch(
+        config, port, WORKER, "--model_dir", str(runs["model_dir"]), "--out", str(runs["root"] / "acc")
+    ) + ["--scenarios", "accelerate_fsdp"]
     rc, out = _finish(
         subprocess.Popen(cmd, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), 300
     )

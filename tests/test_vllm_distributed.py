@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import vllm_or_skip
 
+from test_distributed import accelerate_launch
+
 vllm_or_skip()
 pytestmark = pytest.mark.vllm
 HERE = Path(__file__).parent
@@ -31,16 +33,14 @@ def _free_port() -> int:
 
 def _launch(backend: str, model_dir: Path, out: Path) -> None:
     port = _free_port()
-    if backend == "zero3":
-        config = HERE.parent / "examples" / "accelerate" / "deepspeed_zero3.yaml"
-        launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2"]
-        launcher += ["--main_process_port", str(port)]
-    else:
-        launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
     worker = [str(HERE / "vllm_worker.py"), "--model_dir", str(model_dir), "--out", str(out), "--backend", backend]
+    if backend == "zero3":
+        cmd = accelerate_launch(HERE.parent / "examples" / "accelerate" / "deepspeed_zero3.yaml", port, *worker)
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)] + worker
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(launcher + worker, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 

@@ -21,6 +21,7 @@ from gspo.core import (
     place_sequence_rewards,
     value_loss,
 )
+from gspo.logprobs import position_ids
 from gspo.rollout import Rollout
 
 
@@ -75,8 +76,7 @@ def token_values(model, part: Rollout) -> torch.Tensor:  # [n, T]
     device = next(model.parameters()).device
     ids = torch.cat([part.prompt_ids, part.completion_ids], dim=1).to(device)
     mask = torch.cat([part.prompt_mask, part.completion_mask], dim=1).to(device)
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding must not shift positions
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[..., 0]  # [n, P + T]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[..., 0]  # [n, P + T]
     p, t = part.prompt_ids.shape[1], part.completion_ids.shape[1]
     return out[:, p - 1 : p - 1 + t].float()
 
@@ -90,11 +90,10 @@ class GAEEstimator:
 
     @torch.no_grad()
     def _values(self, rollout: Rollout) -> torch.Tensor:
-        cfg = self.config
-        micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
-        parts = [rollout.select(idx) for idx in torch.arange(len(rollout)).split(micro)]
         with self._precision():
-            return torch.cat([token_values(self.critic.module, part).cpu() for part in parts])
+            return torch.cat(
+                [token_values(self.critic.module, part).cpu() for part in rollout.no_grad_parts(self.config)]
+            )
 
     def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> dict:
         """Fills rollout.values, .returns and per-token .advantages; returns the batch's metrics. `kl_coef`: the

@@ -45,23 +45,27 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :end], completion_mask[:, :end]
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:  # [n, L]
+    """Positions from the mask: left padding must not shift them (generate does the same)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def _model_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
     """The model's logits, asking for only the last `keep` positions where the model supports it."""
-    # Position ids from the mask: left padding must not shift positions (generate does the same).
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     kind = type(model)
     if kind not in _NO_LOGITS_TO_KEEP:
         try:
             return model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids,
+                position_ids=positions,
                 logits_to_keep=keep,
                 use_cache=False,
             ).logits
         except TypeError:
             _NO_LOGITS_TO_KEEP.add(kind)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
 
 
 def _forward_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:  # [n, keep, V]

@@ -47,6 +47,12 @@ class Rollout:
     def completion_id_lists(self) -> list:
         return [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
 
+    def no_grad_parts(self, config) -> list:
+        """The rollout in micro-batches the size of a training micro-batch, for no-grad passes (reference,
+        old log-probs, the critic's values): the same memory bound as the update."""
+        micro = max(1, len(self) // (config.num_mini_batches * config.gradient_accumulation_steps))
+        return [self.select(idx) for idx in torch.arange(len(self)).split(micro)]
+
     def select(self, index: torch.Tensor) -> "Rollout":
         """Rows `index` of every per-sequence tensor (texts and extras are left out)."""
         picked = {

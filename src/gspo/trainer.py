@@ -286,9 +286,7 @@ class GSPOTrainer:
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        cfg = self.config
-        micro = max(1, len(rollout) // (cfg.num_mini_batches * cfg.gradient_accumulation_steps))
-        parts = [rollout.select(idx) for idx in torch.arange(len(rollout)).split(micro)]
+        parts = rollout.no_grad_parts(self.config)
         return torch.cat([self._logprobs(model, part, training=False)[0].cpu() for part in parts])
 
     def _update(self, rollout: Rollout) -> dict:
@@ -343,7 +341,9 @@ class GSPOTrainer:
             empty, last = len(mic) == 0, j == len(micro_batches) - 1
             part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
             if train_policy:
-                self._policy_micro_batch(rollout, part, mic, sums, counts, on_policy, keep_old, first, last)
+                self._policy_micro_batch(
+                    rollout, part, mic, sums, counts, on_policy=on_policy, keep_old=keep_old, first=first, last=last
+                )
             for k, v in self.estimator.micro_batch(part, num_tokens=n_tok, last=last, empty=empty).items():
                 critic[k] += v
         critic.update(self.estimator.step(critic.get("value_loss", 0.0)))
@@ -355,7 +355,7 @@ class GSPOTrainer:
         sums["grad_norm"] = self._optimizer_step(sums["loss"])
         return {**sums, **critic}
 
-    def _policy_micro_batch(self, rollout, part, mic, sums, counts, on_policy, keep_old, first, last) -> None:
+    def _policy_micro_batch(self, rollout, part, mic, sums, counts, *, on_policy, keep_old, first, last) -> None:
         """The policy's forward / backward on one micro-batch; its values added to `sums`."""
         empty, acc = len(mic) == 0, self.accelerator
         with self.policy.no_sync(last):
