@@ -20,15 +20,18 @@ from gspo.tasks.arithmetic import (  # noqa: E402
     exact_answer_reward,
     extract_answer,
     make_problems,
+    off_by_one_teacher,
 )
 from gspo.tasks.tiny_model import (  # noqa: E402
     RECIPE_VERSION,
     SFT_SEED,
+    SFT_TEACHER_ERROR_RATE,
     build_model,
     build_tokenizer,
     encode_sft_batch,
     ensure_tiny_model,
     evaluate_accuracy,
+    generate_completions,
     model_dir_name,
     read_warm_start_info,
     warm_start,
@@ -55,6 +58,27 @@ def test_problems_are_deterministic_and_well_formed():
         assert lhs.endswith("=")
         # The answer is the true value of the expression.
         assert str(eval(lhs[:-1])) == p["answer"]  # noqa: S307 - digits and +/- only
+
+
+def test_off_by_one_teacher_changes_about_its_rate_of_answers_to_the_true_result_plus_one():
+    truth = make_problems(4000, seed=1, split="train")
+    copy = [dict(p) for p in truth]
+    taught = off_by_one_teacher(truth, 0.35, seed=1)
+    assert truth == copy  # the input is not modified
+    assert [p["prompt"] for p in taught] == [p["prompt"] for p in truth]
+    wrong = [(t, p) for t, p in zip(taught, truth) if t["answer"] != p["answer"]]
+    assert all(int(t["answer"]) == int(p["answer"]) + 1 for t, p in wrong)  # e.g. "17-42=" -> "-24"
+    # Binomial(4000, 0.35): sd = sqrt(4000 * 0.35 * 0.65) / 4000 = 0.0075; 0.025 is over 3 sd.
+    assert abs(len(wrong) / 4000 - 0.35) < 0.025
+    assert off_by_one_teacher(truth, 0.35, seed=1) == taught
+    assert off_by_one_teacher(truth, 0.35, seed=2) != taught
+    assert off_by_one_teacher(truth, 0.0, seed=1) == truth
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.7, -0.1])
+def test_off_by_one_teacher_rejects_a_rate_where_the_truth_is_no_majority(rate):
+    with pytest.raises(ValueError, match=rf"error_rate must be in \[0, 0.5\).*got {rate}"):
+        off_by_one_teacher(make_problems(3, seed=0), rate, seed=0)
 
 
 def test_train_and_eval_splits_are_disjoint():
@@ -206,8 +230,11 @@ def test_ensure_tiny_model_loads_and_generates(tiny_dir):
     out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[0] == 2
     assert enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 3
-    acc = evaluate_accuracy(model, tok, make_problems(16, seed=0, split="eval"), batch_size=8)
-    assert 0.0 <= acc <= 1.0
+    problems = make_problems(16, seed=0, split="eval")
+    # The same greedy answers decoded directly, scored by hand against the true results.
+    answers = generate_completions(model, tok, [p["prompt"] for p in problems], max_new_tokens=8, do_sample=False)
+    expected = sum(extract_answer(a) == p["answer"] for a, p in zip(answers, problems)) / 16
+    assert evaluate_accuracy(model, tok, problems, batch_size=8) == expected
 
 
 def test_warm_start_seed_is_part_of_the_cache_key(tmp_path):
@@ -217,14 +244,17 @@ def test_warm_start_seed_is_part_of_the_cache_key(tmp_path):
     assert json.loads((other / "warm_start.json").read_text())["seed"] == 7
 
 
-def test_a_cached_build_of_another_recipe_is_rebuilt(tmp_path):
-    """A record whose seed or target differs from what is asked (an experiment wrote it) is not reused."""
+@pytest.mark.parametrize(("field", "stale"), [("target", 0.2), ("seed", 8), ("teacher_error_rate", 0.0)])
+def test_a_cached_build_of_another_recipe_is_rebuilt(tmp_path, field, stale):
+    """A record whose seed, target or teacher error rate differs from what is asked (an experiment
+    wrote it) is not reused."""
     built = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, seed=7, verbose=False)
     record = json.loads((built / "warm_start.json").read_text())
-    (built / "warm_start.json").write_text(json.dumps({**record, "target": 0.2}))
+    assert (record["seed"], record["target"], record["teacher_error_rate"]) == (7, None, SFT_TEACHER_ERROR_RATE)
+    (built / "warm_start.json").write_text(json.dumps({**record, field: stale}))
     again = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, seed=7, verbose=False)
     assert again == built
-    assert json.loads((built / "warm_start.json").read_text())["target"] is None  # rebuilt: the recipe's record
+    assert json.loads((built / "warm_start.json").read_text())[field] == record[field]  # rebuilt: the recipe's record
 
 
 def test_ensure_tiny_model_uses_cache(tiny_dir):

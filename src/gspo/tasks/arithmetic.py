@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from gspo.rewards import completion_text
 
@@ -92,6 +92,22 @@ def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
     else:
         chosen = [rng.choice(pool) for _ in range(n)]
     return [format_problem(*t) for t in chosen]
+
+
+def off_by_one_teacher(problems: Sequence[dict], error_rate: float, seed: int) -> list[dict]:
+    """The warm start's sloppy teacher: each answer, independently with probability `error_rate`,
+    is replaced by the true result + 1 (``"23+58="`` -> ``"82"``, ``"17-42="`` -> ``"-24"``).
+
+    The tiny model imitates this teacher, errors included, so its greedy answer is often the
+    teacher's mistake while the true answer keeps much of its probability; the RL reward checks the
+    true result. Deterministic in `seed`; the input is not modified.
+    """
+    if not 0.0 <= error_rate < 0.5:
+        raise ValueError(
+            f"error_rate must be in [0, 0.5) so the true answer stays the teacher's majority, got {error_rate!r}"
+        )
+    rng = random.Random(f"teacher:{seed}")
+    return [{**p, "answer": str(int(p["answer"]) + 1)} if rng.random() < error_rate else dict(p) for p in problems]
 
 
 def extract_answer(completion: Any) -> str:

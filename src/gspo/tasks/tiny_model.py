@@ -5,28 +5,36 @@ library, the model is a randomly initialised ~1.3M-parameter Llama, and a
 supervised warm start on the train split of `gspo.tasks.arithmetic` gives it a
 partial grip on the task, which group-relative RL then improves.
 
-Stopping rule (recipe v4): the warm start stops at the first check, every
-SFT_CHECK_EVERY = 25 steps, where greedy exact-match accuracy on 512 fixed
-problems of the dev split (disjoint from train and from the eval split the
-demo reports on) reaches SFT_TARGET_DEV_ACCURACY = 0.35; SFT_MAX_STEPS = 2500
-caps it, with a RuntimeWarning if the cap is hit. The earlier recipe trained a
-fixed 600 steps, which sat on the steep part of the learning curve, so where
-the start landed depended on the CPU's rounding (0.207 held-out accuracy on
-one CPU, 0.301 on an AMD EPYC). Now the start is pinned in accuracy and the
-step count varies instead (with the seed, and with the CPU).
-
-Measured on the 2-core AMD EPYC machine, one thread (bench/demo_seeds.py,
-bench/results/demo_seeds.json), warm-start seeds 1234 and 1-5: the warm start
-stopped after 675-1750 steps (75-179 s) at dev accuracy 0.352-0.371, with
-held-out greedy accuracy 0.340-0.387. The curve stays flat (dev ~0.05-0.10)
-for hundreds of steps, then "clicks" (dev passes 0.2 at ~600 steps for seed
-1, ~1000-1300 for seeds 1234, 2 and 3). An SFT learning rate of 2e-3 had not
-clicked by 1500 steps for seeds 1234 and 2.
+Recipe v5, what the demo's figures rest on:
+* The warm start imitates a sloppy teacher: 40% of its answers are one too
+  high (`off_by_one_teacher`, SFT_TEACHER_ERROR_RATE), the rest are right.
+  The model learns the teacher's mistakes along with the arithmetic, so its
+  greedy answer is often the "+1" one while the true answer keeps much of its
+  probability. The RL reward (exact answer) checks the true result, and the
+  demo shows GSPO removing errors that imitation put in: the regime where RL
+  from a verifier is known to help. Without the teacher's errors the gain was
+  smaller (see the README's "Offline demo" section for both, measured).
+* Stopping rule: the warm start stops at the first check, every
+  SFT_CHECK_EVERY = 25 steps, where greedy exact-match accuracy (against the
+  true results) on 512 fixed problems of the dev split (disjoint from train
+  and from the eval split the demo reports on) reaches
+  SFT_TARGET_DEV_ACCURACY = 0.35; SFT_MAX_STEPS = 3000 caps it, with a
+  RuntimeWarning if the cap is hit. A fixed step count (recipe v3) sat on the
+  steep part of the learning curve, so where the start landed depended on the
+  CPU's rounding (0.207 held-out accuracy on one CPU, 0.301 on an AMD EPYC);
+  now the start is pinned in accuracy and the step count varies instead.
+* 8 attention heads (v4 had 4, same parameters): the curve stays flat for
+  hundreds of steps, then "clicks". With the teacher at 35% errors, 8 heads
+  stopped after 500-2275 steps over six seeds where 4 heads took 825-1850 and
+  seed 4 never reached the target in 2500 (exploration, not kept in results/).
+  The 40% rate gained more than 35% for the slowest seeds (seed 3: +25.8
+  against +15.2 points).
 
 The result is cached on disk under a versioned directory name (plus
 `-seed<N>` for a non-default seed), so changing the recipe (bump
 `RECIPE_VERSION`) rebuilds it instead of reusing a stale model. The build
-also saves WARM_START_INFO (steps, dev accuracy at the stop, seed).
+also saves WARM_START_INFO (steps, dev accuracy at the stop, seed, target,
+teacher error rate); a cached build whose record differs is rebuilt.
 """
 
 from __future__ import annotations
@@ -43,11 +51,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from gspo.tasks.arithmetic import exact_answer_reward, make_problems
+from gspo.tasks.arithmetic import exact_answer_reward, make_problems, off_by_one_teacher
 
 # Bump whenever anything below changes what gets built (vocab, architecture,
 # SFT data or hyperparameters): the cache directory name includes it.
-RECIPE_VERSION = "v4"
+RECIPE_VERSION = "v5"
 MODEL_NAME = "tiny-arithmetic"
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -56,13 +64,15 @@ CHARS = "0123456789+-*= "
 
 # Architecture: small enough that a 16x8 rollout batch generates in a fraction
 # of a second on CPU. Width 256 learned far faster per step than 128 (or than
-# 4 layers at 128), which is what keeps the warm start short.
+# 4 layers at 128), which is what keeps the warm start short. 8 heads of 32
+# (recipe v5; v4 had 4 of 64, the same parameters and FLOPs) made the warm
+# start "click" sooner for most seeds (module docstring).
 MODEL_KWARGS = dict(
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
     max_position_embeddings=64,
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
@@ -74,14 +84,18 @@ MODEL_KWARGS = dict(
 # instead of after a fixed step count: accuracy climbs steeply once SFT
 # "clicks", and where that step falls depends on the seed and on the CPU's
 # kernels (rounding), so a fixed count landed at 0.21 on one CPU and 0.30 on
-# another. Over seeds 1234 and 1-5 this rule stopped after 675-1750 steps.
+# another.
 SFT_TARGET_DEV_ACCURACY = 0.35
 SFT_CHECK_EVERY = 25  # a 512-problem check costs ~10% of 25 steps
-SFT_MAX_STEPS = 2500  # cap: ~1.4x the latest stop measured (1750 steps, seed 4)
+SFT_MAX_STEPS = 3000  # cap: ~1.4x the latest stop measured with recipe v5 (2100 steps, seed 2)
 SFT_BATCH_SIZE = 64
 SFT_LR = 1e-3  # 2e-3 had not clicked by 1500 steps for two seeds
 SFT_WARMUP = 20
 SFT_SEED = 1234
+# The SFT data's answers come from a sloppy teacher that is off by one (true result + 1) on this
+# fraction of them (gspo.tasks.arithmetic.off_by_one_teacher); the dev check and every reward use
+# the true result. See the module docstring for why.
+SFT_TEACHER_ERROR_RATE = 0.4
 # The stopping check: a fixed draw from the dev split (~0.24 s greedy on one
 # thread); 512 rather than 256 problems halves its variance.
 DEV_SAMPLES = 512
@@ -99,6 +113,7 @@ class WarmStartResult:
     reached_target: bool
     final_loss: float
     target: Optional[float]
+    teacher_error_rate: float = 0.0
 
 
 def build_tokenizer():
@@ -205,6 +220,7 @@ def warm_start(
     batch_size: int = SFT_BATCH_SIZE,
     lr: float = SFT_LR,
     seed: int = SFT_SEED,
+    teacher_error_rate: float = SFT_TEACHER_ERROR_RATE,
     verbose: bool = False,
 ) -> WarmStartResult:
     """Supervised warm start on the train split.
@@ -220,7 +236,7 @@ def warm_start(
         dev_accuracy = dev_accuracy_check(tokenizer)
     torch.manual_seed(seed)
     # The stream depends on max_steps only, not on where training stops.
-    data = make_problems(max_steps * batch_size, seed=seed, split="train")
+    data = off_by_one_teacher(make_problems(max_steps * batch_size, seed=seed, split="train"), teacher_error_rate, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     loss_value, acc = float("nan"), None
@@ -249,7 +265,14 @@ def warm_start(
     reached = target is None or (acc is not None and acc >= target)
     if not reached:
         _warn_cap_hit(max_steps, acc, target)
-    return WarmStartResult(steps=step, dev_accuracy=acc, reached_target=reached, final_loss=loss_value, target=target)
+    return WarmStartResult(
+        steps=step,
+        dev_accuracy=acc,
+        reached_target=reached,
+        final_loss=loss_value,
+        target=target,
+        teacher_error_rate=teacher_error_rate,
+    )
 
 
 def _warn_cap_hit(max_steps: int, acc: float, target: float) -> None:
@@ -296,7 +319,11 @@ def _is_complete(path: Path, sft_steps: Optional[int], seed: int) -> bool:
         return False
     info = read_warm_start_info(path)
     wanted_target = SFT_TARGET_DEV_ACCURACY if sft_steps is None else None
-    return info.get("seed") == seed and info.get("target") == wanted_target
+    return (
+        info.get("seed") == seed
+        and info.get("target") == wanted_target
+        and info.get("teacher_error_rate") == SFT_TEACHER_ERROR_RATE
+    )
 
 
 def _build_into(tmp: Path, sft_steps: Optional[int], seed: int, verbose: bool) -> WarmStartResult:
