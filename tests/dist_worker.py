@@ -401,7 +401,9 @@ def build_model_dir(path: Path) -> str:
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    build_model(tok, hidden_size=64, intermediate_size=128).save_pretrained(path, safe_serialization=True)
+    build_model(
+        tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4
+    ).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
 

@@ -36,7 +36,9 @@ def make_model_dir(path) -> str:
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=64, intermediate_size=128)  # small: fast tests
+    model = build_model(
+        tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4
+    )  # small: fast tests
     path = Path(path)
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))

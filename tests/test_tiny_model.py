@@ -172,7 +172,9 @@ def test_sft_batch_masks_prompt_and_padding():
 def _small_model():
     tok = build_tokenizer()
     torch.manual_seed(0)
-    return build_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1), tok
+    return build_model(
+        tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+    ), tok
 
 
 class ScriptedDev:
@@ -277,7 +279,7 @@ def test_build_model_accepts_config_overrides():
     from gspo.tasks.tiny_model import build_model
 
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=64, intermediate_size=128)
+    model = build_model(tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
     assert model.config.hidden_size == 64
     assert model.config.vocab_size == len(tok)
     assert model.generation_config.pad_token_id == tok.pad_token_id

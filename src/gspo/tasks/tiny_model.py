@@ -13,7 +13,7 @@ Recipe v5, what the demo's figures rest on:
   probability. The RL reward (exact answer) checks the true result, and the
   demo shows GSPO removing errors that imitation put in: the regime where RL
   from a verifier is known to help. Without the teacher's errors the gain was
-  smaller (see the README's "Offline demo" section for both, measured).
+  smaller (+14.8 points against +27.3 for the default seeds; docs/benchmarks.md).
 * Stopping rule: the warm start stops at the first check, every
   SFT_CHECK_EVERY = 25 steps, where greedy exact-match accuracy (against the
   true results) on 512 fixed problems of the dev split (disjoint from train
@@ -24,11 +24,12 @@ Recipe v5, what the demo's figures rest on:
   CPU's rounding (0.207 held-out accuracy on one CPU, 0.301 on an AMD EPYC);
   now the start is pinned in accuracy and the step count varies instead.
 * 8 attention heads (v4 had 4, same parameters): the curve stays flat for
-  hundreds of steps, then "clicks". With the teacher at 35% errors, 8 heads
-  stopped after 500-2275 steps over six seeds where 4 heads took 825-1850 and
-  seed 4 never reached the target in 2500 (exploration, not kept in results/).
-  The 40% rate gained more than 35% for the slowest seeds (seed 3: +25.8
-  against +15.2 points).
+  hundreds of steps, then "clicks". With a 35%-error teacher, 8 heads
+  reached the target after 500-575 steps for three of six seeds and
+  1100-2275 for the others; 4 heads took 825-1850 and seed 4 hit the cap.
+  The 40% rate then gained more than 35% for the slowest seed (seed 3: +25.8
+  against +15.2 points). That exploration is in docs/benchmarks.md; the
+  current per-seed figures in the README.
 
 The result is cached on disk under a versioned directory name (plus
 `-seed<N>` for a non-default seed), so changing the recipe (bump
