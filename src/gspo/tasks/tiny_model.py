@@ -249,19 +249,14 @@ def warm_start(
             data[(step - 1) * batch_size : step * batch_size],
             _lr_at(step - 1, lr, min(SFT_WARMUP, max_steps)),
         )
-        if target is not None and (step % check_every == 0 or step == max_steps):
+        checked = target is not None and (step % check_every == 0 or step == max_steps)
+        if checked:
             acc = dev_accuracy(model)
             model.train()
-            if verbose and (step % 100 == 0 or acc >= target or step == max_steps):  # not every check
-                print(
-                    f"[gspo.tiny_model] warm start step {step}: loss {loss_value:.3f}, "
-                    f"dev accuracy {acc:.3f} (target {target:.3f})",
-                    flush=True,
-                )
-            if acc >= target:
-                break
-        elif verbose and target is None and (step % 50 == 0 or step == max_steps):
-            print(f"[gspo.tiny_model] warm start step {step}/{max_steps} loss {loss_value:.3f}", flush=True)
+        if verbose:
+            _report_progress(step, max_steps, loss_value, acc if checked else None, target)
+        if checked and acc >= target:
+            break
     model.eval()
     reached = target is None or (acc is not None and acc >= target)
     if not reached:
@@ -274,6 +269,17 @@ def warm_start(
         target=target,
         teacher_error_rate=teacher_error_rate,
     )
+
+
+def _report_progress(step: int, max_steps: int, loss: float, acc: Optional[float], target: Optional[float]) -> None:
+    """Verbose progress: checks at every 100 steps, the stop and the cap; unchecked runs every 50 steps."""
+    if acc is not None and (step % 100 == 0 or acc >= target or step == max_steps):  # not every check
+        print(
+            f"[gspo.tiny_model] warm start step {step}: loss {loss:.3f}, dev accuracy {acc:.3f} (target {target:.3f})",
+            flush=True,
+        )
+    elif target is None and (step % 50 == 0 or step == max_steps):
+        print(f"[gspo.tiny_model] warm start step {step}/{max_steps} loss {loss:.3f}", flush=True)
 
 
 def _warn_cap_hit(max_steps: int, acc: float, target: float) -> None:
