@@ -259,6 +259,15 @@ def test_a_cached_build_of_another_recipe_is_rebuilt(tmp_path, field, stale):
     assert json.loads((built / "warm_start.json").read_text())[field] == record[field]  # rebuilt: the recipe's record
 
 
+def test_building_the_model_leaves_the_callers_rng_as_it_was(tmp_path):
+    """A trainer that seeds and then finds the model missing must sample as it would from the cached model."""
+    torch.manual_seed(42)
+    expected = torch.rand(3)  # what the caller draws next without a build in between
+    torch.manual_seed(42)
+    ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, verbose=False)  # seeds 1234 and trains inside
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_ensure_tiny_model_uses_cache(tiny_dir):
     stamp = (tiny_dir / "model.safetensors").stat().st_mtime_ns
     again = ensure_tiny_model(cache_dir=tiny_dir.parent, sft_steps=5, verbose=False)
