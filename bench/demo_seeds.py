@@ -9,6 +9,7 @@ wall time (build + demo); then the median and minimum gain. Writes bench/results
     .venv/bin/python bench/demo_seeds.py                      # the default pairs
     .venv/bin/python bench/demo_seeds.py --pairs 1234:42 1:7  # chosen pairs
     .venv/bin/python bench/demo_seeds.py --out bench/results/demo_seeds_other.json
+    .venv/bin/python bench/demo_seeds.py --pairs 1234:42 --teacher-error-rate 0   # a correct teacher
 
 Pairs run one after another, or `--jobs N` at once (each in its own process, one torch thread, as
 in the demo; the gains do not depend on it, the wall times do). Measured on the 2-core AMD
@@ -28,6 +29,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 # (warm-start seed, RL seed): the recipe's default seeds first, then warm-start seeds 1-5,
 # each with a different RL seed.
@@ -35,7 +37,7 @@ DEFAULT_PAIRS = ((1234, 42), (1, 1), (2, 7), (3, 13), (4, 42), (5, 3))
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "demo_seeds.json"
 
 
-def run_pair(warm_seed: int, rl_seed: int) -> dict:
+def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] = None) -> dict:
     """Build the model (fresh cache) and run the demo once; the row this script prints."""
     from gspo.demo import run_demo
     from gspo.tasks.tiny_model import ensure_tiny_model, read_warm_start_info
@@ -43,7 +45,8 @@ def run_pair(warm_seed: int, rl_seed: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"demo_seeds_{warm_seed}_{rl_seed}_"))
     try:
         start = time.perf_counter()
-        model_dir = ensure_tiny_model(cache_dir=work / "cache", seed=warm_seed, verbose=False)
+        rate = {} if teacher_error_rate is None else {"teacher_error_rate": teacher_error_rate}
+        model_dir = ensure_tiny_model(cache_dir=work / "cache", seed=warm_seed, verbose=False, **rate)
         build_s = time.perf_counter() - start
         summary = run_demo(
             output_dir=str(work / "demo"),
@@ -56,6 +59,7 @@ def run_pair(warm_seed: int, rl_seed: int) -> dict:
         return {
             "warm_start_seed": warm_seed,
             "rl_seed": rl_seed,
+            "teacher_error_rate": info["teacher_error_rate"],
             "warm_start_steps": info["steps"],
             "dev_accuracy_at_stop": info["dev_accuracy"],
             "reached_target": info["reached_target"],
@@ -97,6 +101,12 @@ def main(argv=None) -> int:
         "--pairs", nargs="+", default=[f"{w}:{r}" for w, r in DEFAULT_PAIRS], help="WARM_SEED:RL_SEED pairs"
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument(
+        "--teacher-error-rate",
+        type=float,
+        default=None,
+        help="the warm-start teacher's error rate (default: the recipe's)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="pairs run at once, each in its own process (one thread)")
     args = ap.parse_args(argv)
     pairs = [tuple(int(x) for x in p.split(":")) for p in args.pairs]
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
     # spawn: each pair in a fresh interpreter, as from an empty cache; results keep the pairs' order.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
-        for row in pool.map(run_pair, *zip(*pairs)):
+        for row in pool.map(run_pair, *zip(*pairs), [args.teacher_error_rate] * len(pairs)):
             rows.append(row)
             print(f"[demo_seeds] {header}\n[demo_seeds] {_row_text(row)}", flush=True)
     gains = [r["gain_points"] for r in rows]

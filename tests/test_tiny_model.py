@@ -246,6 +246,15 @@ def test_warm_start_seed_is_part_of_the_cache_key(tmp_path):
     assert json.loads((other / "warm_start.json").read_text())["seed"] == 7
 
 
+def test_a_non_default_teacher_is_its_own_cache_entry(tmp_path):
+    correct = ensure_tiny_model(cache_dir=tmp_path, sft_steps=2, teacher_error_rate=0.0, verbose=False)
+    assert (
+        correct.name == f"tiny-arithmetic-{RECIPE_VERSION}-sft2-teacher0" == model_dir_name(2, teacher_error_rate=0.0)
+    )
+    assert json.loads((correct / "warm_start.json").read_text())["teacher_error_rate"] == 0.0
+    assert model_dir_name(2, teacher_error_rate=SFT_TEACHER_ERROR_RATE) == model_dir_name(2)
+
+
 @pytest.mark.parametrize(("field", "stale"), [("target", 0.2), ("seed", 8), ("teacher_error_rate", 0.0)])
 def test_a_cached_build_of_another_recipe_is_rebuilt(tmp_path, field, stale):
     """A record whose seed, target or teacher error rate differs from what is asked (an experiment

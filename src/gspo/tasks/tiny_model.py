@@ -12,8 +12,8 @@ Recipe v5, what the demo's figures rest on:
   greedy answer is often the "+1" one while the true answer keeps much of its
   probability. The RL reward (exact answer) checks the true result, and the
   demo shows GSPO removing errors that imitation put in: the regime where RL
-  from a verifier is known to help. Without the teacher's errors the gain was
-  smaller (+14.8 points against +27.3 for the default seeds; docs/benchmarks.md).
+  from a verifier is known to help. With a correct teacher two pairs gained
+  +14.8 (default seeds, against +27.3) and +34.4 (seed 1): README "Offline demo".
 * Stopping rule: the warm start stops at the first check, every
   SFT_CHECK_EVERY = 25 steps, where greedy exact-match accuracy (against the
   true results) on 512 fixed problems of the dev split (disjoint from train
@@ -310,14 +310,17 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gspo"
 
 
-def model_dir_name(sft_steps: Optional[int] = None, seed: int = SFT_SEED) -> str:
-    """Cache key: model name + recipe version (+ fixed step count, + non-default seed)."""
+def model_dir_name(
+    sft_steps: Optional[int] = None, seed: int = SFT_SEED, teacher_error_rate: float = SFT_TEACHER_ERROR_RATE
+) -> str:
+    """Cache key: model name + recipe version (+ fixed step count, + non-default seed, + non-default teacher)."""
     steps = "" if sft_steps is None else f"-sft{sft_steps}"
     seed_part = "" if seed == SFT_SEED else f"-seed{seed}"
-    return f"{MODEL_NAME}-{RECIPE_VERSION}{steps}{seed_part}"
+    teacher = "" if teacher_error_rate == SFT_TEACHER_ERROR_RATE else f"-teacher{teacher_error_rate:g}"
+    return f"{MODEL_NAME}-{RECIPE_VERSION}{steps}{seed_part}{teacher}"
 
 
-def _is_complete(path: Path, sft_steps: Optional[int], seed: int) -> bool:
+def _is_complete(path: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float) -> bool:
     """A finished build has config, weights, tokenizer and a warm-start record of this recipe: the same seed,
     and for a recipe build the current dev-accuracy target (a build made with another target, say by an
     experiment that changed SFT_TARGET_DEV_ACCURACY, is rebuilt rather than silently reused)."""
@@ -329,11 +332,13 @@ def _is_complete(path: Path, sft_steps: Optional[int], seed: int) -> bool:
     return (
         info.get("seed") == seed
         and info.get("target") == wanted_target
-        and info.get("teacher_error_rate") == SFT_TEACHER_ERROR_RATE
+        and info.get("teacher_error_rate") == teacher_error_rate
     )
 
 
-def _build_into(tmp: Path, sft_steps: Optional[int], seed: int, verbose: bool) -> WarmStartResult:
+def _build_into(
+    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool
+) -> WarmStartResult:
     """Build tokenizer + model, warm start, and save both (and the record) into `tmp`."""
     threads = torch.get_num_threads()
     # One thread: the matrices are tiny, so extra threads buy little, and on a
@@ -345,20 +350,30 @@ def _build_into(tmp: Path, sft_steps: Optional[int], seed: int, verbose: bool) -
         # missing builds it after setting its own seed; without this a run from an empty cache sampled other
         # rollouts than every later run from the cached model (the demo's +9.0 against +8.6 with recipe v4).
         with torch.random.fork_rng(devices=[]):
-            return _train_and_save(tmp, sft_steps, seed, verbose)
+            return _train_and_save(tmp, sft_steps, seed, teacher_error_rate, verbose)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_save(tmp: Path, sft_steps: Optional[int], seed: int, verbose: bool) -> WarmStartResult:
+def _train_and_save(
+    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool
+) -> WarmStartResult:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)  # weight init is part of the recipe too
     model = build_model(tokenizer)
     start = time.time()
     if sft_steps is None:
-        result = warm_start(model, tokenizer, seed=seed, verbose=verbose)
+        result = warm_start(model, tokenizer, seed=seed, teacher_error_rate=teacher_error_rate, verbose=verbose)
     else:  # a fixed count (tests): no dev checks
-        result = warm_start(model, tokenizer, max_steps=sft_steps, target=None, seed=seed, verbose=verbose)
+        result = warm_start(
+            model,
+            tokenizer,
+            max_steps=sft_steps,
+            target=None,
+            seed=seed,
+            teacher_error_rate=teacher_error_rate,
+            verbose=verbose,
+        )
     elapsed = time.time() - start
     if verbose:
         dev = "unchecked" if result.dev_accuracy is None else f"{result.dev_accuracy:.3f}"
@@ -380,18 +395,20 @@ def ensure_tiny_model(
     verbose: bool = True,
     sft_steps: Optional[int] = None,
     seed: int = SFT_SEED,
+    teacher_error_rate: float = SFT_TEACHER_ERROR_RATE,
 ) -> Path:
     """Return the directory of the warm-started tiny model, building it if absent.
 
     `sft_steps=None` is the recipe (stop at the dev-accuracy target); an int
     trains exactly that many steps (fast builds for tests). `seed` sets weight
-    init and the SFT data stream. The build is written to a temporary sibling
+    init and the SFT data stream; `teacher_error_rate` the SFT teacher's error
+    rate (0: a correct teacher). The build is written to a temporary sibling
     directory and renamed into place, so an interrupted or concurrent build
     never leaves a half-written model at the final path.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = root / model_dir_name(sft_steps, seed)
-    if _is_complete(final, sft_steps, seed) and not force:
+    final = root / model_dir_name(sft_steps, seed, teacher_error_rate)
+    if _is_complete(final, sft_steps, seed, teacher_error_rate) and not force:
         return final
     root.mkdir(parents=True, exist_ok=True)
     if verbose:
@@ -399,7 +416,7 @@ def ensure_tiny_model(
         print(f"[gspo.tiny_model] building {final} (warm start {how})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        _build_into(tmp, sft_steps, seed, verbose)
+        _build_into(tmp, sft_steps, seed, teacher_error_rate, verbose)
         if final.exists():
             # force, or a stale partial directory: replace it.
             shutil.rmtree(final, ignore_errors=True)
@@ -407,7 +424,7 @@ def ensure_tiny_model(
             os.rename(tmp, final)
         except OSError:
             # Another process finished first; its build is equivalent.
-            if not _is_complete(final, sft_steps, seed):
+            if not _is_complete(final, sft_steps, seed, teacher_error_rate):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
