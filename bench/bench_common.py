@@ -32,6 +32,18 @@ SCALE_BASE = dict(
     vocab_size=8192,
 )
 PROMPT_WORDS = 16
+# --smoke (tests/test_bench_smoke.py): every size becomes small enough that a script runs end to end in seconds.
+# The tiny demo model gets a fixed 2-step warm start instead of the recipe's (minutes from an empty cache), and
+# the Qwen2 sizes a 2-layer, 1024-word shape. Figures measured this way mean nothing; only the exit status does.
+SMOKE_SFT_STEPS = 2
+SMOKE_ARCH = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=1024,
+)
 
 
 def peak_rss_mb() -> float:
@@ -140,18 +152,22 @@ def word_prompts(n: int, vocab: int, seed: int = 0) -> list[str]:
     return [" ".join(f"w{int(i)}" for i in row) for row in ids]
 
 
-def model_setup(size: str, workdir: Path, arch: dict | None = None):
-    """(model_dir, tokenizer, prompt rows) for a size name."""
+def model_setup(size: str, workdir: Path, arch: dict | None = None, smoke: bool = False):
+    """(model_dir, tokenizer, prompt rows) for a size name; `smoke`: the smoke-test shapes (SMOKE_ARCH)."""
     if size == "tiny":
         from gspo.models import load_tokenizer
         from gspo.tasks.arithmetic import make_problems
         from gspo.tasks.tiny_model import ensure_tiny_model
 
-        path = ensure_tiny_model(verbose=False)
+        path = (
+            ensure_tiny_model(cache_dir=workdir / "tiny-smoke", sft_steps=SMOKE_SFT_STEPS, verbose=False)
+            if smoke
+            else ensure_tiny_model(verbose=False)
+        )
         tok = load_tokenizer(str(path))
         rows = [{"prompt": p["prompt"], "answer": p["answer"]} for p in make_problems(N_PROMPTS, seed=7, split="train")]
         return path, tok, rows
-    arch = arch or SMALL_ARCH
+    arch = SMOKE_ARCH if smoke else (arch or SMALL_ARCH)
     key = "-".join(f"{k[:3]}{v}" for k, v in sorted(arch.items()))
     path = build_qwen2_dir(workdir / f"qwen2-{key}", arch)
     return path, load_word_tokenizer(path), [{"prompt": p} for p in word_prompts(N_PROMPTS, arch["vocab_size"])]

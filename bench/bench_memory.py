@@ -3,8 +3,9 @@
 
     .venv/bin/python bench/bench_memory.py                  # both parts
     .venv/bin/python bench/bench_memory.py --only chunkmem  # chunkmem | headmem
+    .venv/bin/python bench/bench_memory.py --smoke --out /tmp/x.json   # each path once, small: does it run (tests)
 
-chunkmem  gspo.core.logprobs_and_entropy on [32, 64, 32768] fp32 logits at chunk 256 / 1024 / unchunked
+chunkmem  gspo.kernels.logprobs_and_entropy on [32, 64, 32768] fp32 logits at chunk 256 / 1024 / unchunked
 headmem   the output head at the small model's shape: full [32, T, V] logits vs the chunked, recomputed head
 
 Each measurement runs in its own subprocess, so its peak RSS is its own. Last stdout line: JSON (also
@@ -24,15 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import GROUP, HERE, N_PROMPTS, SMALL_ARCH, current_rss_mb, peak_rss_mb, run_script  # noqa: E402
 
+SMOKE_VOCAB = 1024  # --smoke: [32, 64, 1024] logits instead of [32, 64, 32768]; the figures then mean nothing
 
-def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
+
+def worker_chunkmem(chunk: int, threads: int, fn: str = "core", vocab: int = SMALL_ARCH["vocab_size"]) -> dict:
     """Peak RSS above the live logits (+ their gradient) of a chunked log-prob forward+backward:
-    fn='core': gspo.core.logprobs_and_entropy (entropy with grad, entropy_coef != 0);
-    fn='label': gspo.core.logprobs_and_entropy(with_entropy=False) (log p only)."""
+    fn='core': gspo.kernels.logprobs_and_entropy (entropy with grad, entropy_coef != 0);
+    fn='label': gspo.kernels.logprobs_and_entropy(with_entropy=False) (log p only)."""
     torch.set_num_threads(threads)
-    from gspo.core import logprobs_and_entropy
+    from gspo.kernels import logprobs_and_entropy
 
-    n, t, v = N_PROMPTS * GROUP, 64, SMALL_ARCH["vocab_size"]
+    n, t, v = N_PROMPTS * GROUP, 64, vocab
     logits = torch.randn(n, t, v, requires_grad=True)
     labels = torch.randint(0, v, (n, t))
     logits.grad = torch.zeros_like(logits)  # the gradient buffer exists whatever the chunking
@@ -57,15 +60,17 @@ def worker_chunkmem(chunk: int, threads: int, fn: str = "core") -> dict:
     }
 
 
-def worker_headmem(chunk: int, threads: int, bounded: bool, new_tokens: int) -> dict:
+def worker_headmem(
+    chunk: int, threads: int, bounded: bool, new_tokens: int, vocab: int = SMALL_ARCH["vocab_size"]
+) -> dict:
     """Peak RSS above weights + gradient buffers of the output head's forward+backward at the small
     model's shape ([32 x new_tokens] hidden states of width 384, vocabulary 32768): bounded = the
     chunked, recomputed head (gradient_checkpointing); otherwise full [32, T, V] logits then chunked log p."""
     torch.set_num_threads(threads)
-    from gspo.core import logprobs_and_entropy
+    from gspo.kernels import logprobs_and_entropy
     from gspo.logprobs import _head_logprobs
 
-    n, t, h, v = N_PROMPTS * GROUP, new_tokens, SMALL_ARCH["hidden_size"], SMALL_ARCH["vocab_size"]
+    n, t, h, v = N_PROMPTS * GROUP, new_tokens, SMALL_ARCH["hidden_size"], vocab
     torch.manual_seed(0)
     head = torch.nn.Linear(h, v, bias=False)
     hidden = torch.randn(n, t, h, requires_grad=True)
@@ -93,18 +98,19 @@ def run_worker(args: list) -> dict:
     return run_script(Path(__file__).resolve(), args)
 
 
-def run_chunkmem(th: list) -> list:
+def run_chunkmem(th: list, smoke: bool = False) -> list:
+    vocab = {"vocab": SMOKE_VOCAB} if smoke else {}
     res = [
-        run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f})] + th)
-        for f in ("core_nograd", "core", "label")
-        for c in (256, 1024, 0)
+        run_worker(["--worker", "chunkmem", "--spec", json.dumps({"chunk": c, "fn": f, **vocab})] + th)
+        for f in (("core", "label") if smoke else ("core_nograd", "core", "label"))  # smoke: each call once
+        for c in ((256,) if smoke else (256, 1024, 0))
     ]
     print(
         "\n== chunked log-probs forward+backward, logits [32, 64, 32768] fp32 (256 MB): peak RSS above "
-        "logits+grad\n   (core_nograd = gspo.core.logprobs_and_entropy forward only, as in the reference pass; "
+        "logits+grad\n   (core_nograd = gspo.kernels.logprobs_and_entropy forward only, as in the reference pass; "
         "core = "
         "the same with entropy grad, forward+backward; label = "
-        "gspo.core.logprobs_and_entropy(with_entropy=False), log p only)"
+        "gspo.kernels.logprobs_and_entropy(with_entropy=False), log p only)"
     )
     for r in res:
         print(
@@ -114,12 +120,15 @@ def run_chunkmem(th: list) -> list:
     return res
 
 
-def run_headmem(th: list) -> list:
+def run_headmem(th: list, smoke: bool = False) -> list:
+    vocab = {"vocab": SMOKE_VOCAB} if smoke else {}
     res = [
-        run_worker(["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t})] + th)
-        for t in (64, 256)
-        for b in (False, True)
-        for c in (256, 1024)
+        run_worker(
+            ["--worker", "headmem", "--spec", json.dumps({"chunk": c, "bounded": b, "new_tokens": t, **vocab})] + th
+        )
+        for t in ((64,) if smoke else (64, 256))
+        for b in ((True,) if smoke else (False, True))  # smoke: full logits go through chunkmem's "label" call
+        for c in ((256,) if smoke else (256, 1024))
     ]
     print(
         "\n== output head forward+backward, hidden [32, T, 384] -> vocabulary 32768: peak RSS above weights and "
@@ -140,21 +149,26 @@ def main() -> None:
     ap.add_argument("--only", default="chunkmem,headmem")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "bench_memory.json"))
+    ap.add_argument(
+        "--smoke", action="store_true", help="vocabulary 1024, each function call once: checks the script runs"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()
     spec = json.loads(a.spec)
     if a.worker == "headmem":
-        print(json.dumps(worker_headmem(spec["chunk"], a.threads, spec["bounded"], spec["new_tokens"])))
+        vocab = spec.get("vocab", SMALL_ARCH["vocab_size"])
+        print(json.dumps(worker_headmem(spec["chunk"], a.threads, spec["bounded"], spec["new_tokens"], vocab)))
         return
     if a.worker == "chunkmem":
-        print(json.dumps(worker_chunkmem(spec["chunk"], a.threads, spec.get("fn", "core"))))
+        vocab = spec.get("vocab", SMALL_ARCH["vocab_size"])
+        print(json.dumps(worker_chunkmem(spec["chunk"], a.threads, spec.get("fn", "core"), vocab)))
         return
     th = ["--threads", str(a.threads)]
     out = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "torch": torch.__version__}
     for part, run in (("chunkmem", run_chunkmem), ("headmem", run_headmem)):
         if part in a.only.split(","):
-            out[part] = run(th)
+            out[part] = run(th, smoke=a.smoke)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))

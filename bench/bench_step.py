@@ -5,6 +5,7 @@ Not part of the test suite. Run from the repo root with the project venv:
 
     .venv/bin/python bench/bench_step.py                 # everything: 12 min on 2 CPU cores at load 4-5
     .venv/bin/python bench/bench_step.py --only tiny     # one part: tiny|small|epochs|scaling
+    .venv/bin/python bench/bench_step.py --only tiny --steps-tiny 1 --smoke --out /tmp/x.json   # seconds (tests)
 
 Parts (each model size / configuration runs in its own subprocess, so peak RSS is its own):
   tiny     the demo's model (gspo.tasks.tiny_model), 8 prompts x 4 completions, 8 new tokens, KL on,
@@ -28,7 +29,6 @@ Last line of stdout: one JSON object with every figure (also written to bench/re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -58,6 +58,7 @@ from bench_common import (  # noqa: E402  (bench/ is on sys.path when run as a s
 )
 
 MIXED_PRECISION = "no"  # --mixed-precision: gspo's GSPOConfig.mixed_precision, and autocast around the raw ops
+SMOKE = False  # --smoke: bench_common's smoke-test model shapes (tests/test_bench_smoke.py); figures mean nothing
 
 
 def make_trainer(model_dir, tok, *, group=GROUP, new_tokens=8, epochs=1, mini=1, out_dir=None):
@@ -107,18 +108,28 @@ def time_optimizer(trainer, sink: list):
 
 
 def time_phases_cpu(trainer, sink: dict):
-    """Replace trainer._timed so each phase also records process CPU time into sink[name]. With one torch
-    thread, CPU time is the work done, and much less sensitive than wall time to other processes' load."""
-    inner = trainer._timed
+    """Record each phase's process CPU time into sink[name], by wrapping the objects the producer and the learner
+    call (instance attributes only; the library is unchanged). With one torch thread, CPU time is the work done,
+    and much less sensitive than wall time to other processes' load."""
+    policy_module = trainer.policy.module
 
-    @contextlib.contextmanager
-    def timed(timings, name):
-        c0 = time.process_time()
-        with inner(timings, name):
-            yield
-        sink[name] = time.process_time() - c0
+    def wrap(owner, attr, name_of):
+        inner = getattr(owner, attr)
 
-    trainer._timed = timed
+        def timed(*args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                name = name_of(args)
+                sink[name] = sink.get(name, 0.0) + time.process_time() - c0
+
+        setattr(owner, attr, timed)
+
+    wrap(trainer.engine, "generate", lambda a: "generation")
+    wrap(trainer.producer, "scorer", lambda a: "reward")
+    wrap(trainer.logprobs, "no_grad", lambda a: "old_logprobs" if a[0] is policy_module else "reference")
+    wrap(trainer.learner, "learn", lambda a: "update")
 
 
 # ---------------------------------------------------------------------------- raw ops
@@ -194,7 +205,7 @@ def check_logits_to_keep(model) -> bool:
 def worker_step(size: str, steps: int, workdir: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     new_tokens = 8 if size == "tiny" else 64
-    model_dir, tok, rows = model_setup(size, workdir)
+    model_dir, tok, rows = model_setup(size, workdir, smoke=SMOKE)
     trainer = make_trainer(model_dir, tok, new_tokens=new_tokens)
     from gspo.data import GSPODataset
 
@@ -305,17 +316,17 @@ def worker_gspo_only(
         path = Path(model_dir)
         tok = load_word_tokenizer(path) if (path / "tokenizer.json").is_file() and size != "tiny" else None
         if tok is None:
-            _, tok, _ = model_setup("tiny", workdir)
+            _, tok, _ = model_setup("tiny", workdir, smoke=SMOKE)
         rows = (
             [
                 {"prompt": p}
                 for p in word_prompts(N_PROMPTS, json.loads((path / "config.json").read_text())["vocab_size"])
             ]
             if size != "tiny"
-            else model_setup("tiny", workdir)[2]
+            else model_setup("tiny", workdir, smoke=SMOKE)[2]
         )
     else:
-        path, tok, rows = model_setup(size, workdir, arch)
+        path, tok, rows = model_setup(size, workdir, arch, smoke=SMOKE)
     trainer = make_trainer(path, tok, group=group, new_tokens=new_tokens)
     from gspo.data import GSPODataset
 
@@ -352,7 +363,7 @@ def worker_gspo_only(
 def worker_epochs(workdir: Path, threads: int) -> list:
     """Count forward calls per rollout batch with gspo_epochs=3."""
     torch.set_num_threads(threads)
-    model_dir, tok, rows = model_setup("tiny", workdir)
+    model_dir, tok, rows = model_setup("tiny", workdir, smoke=SMOKE)
     from gspo.data import GSPODataset
 
     out = []
@@ -462,11 +473,14 @@ def main() -> None:
     ap.add_argument("--steps-scaling", type=int, default=2)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
     ap.add_argument("--out", default=str(HERE / "results" / "bench_step.json"))
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny model shapes, for a seconds-long check that the script runs"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    global MIXED_PRECISION
-    MIXED_PRECISION = a.mixed_precision
+    global MIXED_PRECISION, SMOKE
+    MIXED_PRECISION, SMOKE = a.mixed_precision, a.smoke
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = json.loads(a.spec)
@@ -511,6 +525,7 @@ def main() -> None:
     }
     t_start = time.perf_counter()
     th = ["--threads", str(a.threads), "--workdir", str(workdir), "--mixed-precision", a.mixed_precision]
+    th += ["--smoke"] if a.smoke else []
     print(
         f"gspo bench: torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
         f"mixed precision {a.mixed_precision}, "

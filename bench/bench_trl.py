@@ -3,6 +3,7 @@
 
     bash bench/setup_trl_venv.sh                 # once: TRL in its own venv, bench/.venv-trl
     .venv/bin/python bench/bench_trl.py          # ~6 min per repeat on 2 shared CPU cores
+    .venv/bin/python bench/bench_trl.py --steps 1 --repeats 1 --new-tokens 4 --smoke --out /tmp/x.json  # (tests)
 
 Both run in their own subprocess, each with its own interpreter (gspo: this venv; TRL: bench/.venv-trl),
 on the same model directory (the random-init Qwen2 "small" model of bench_step.py, built here if absent),
@@ -148,6 +149,9 @@ def main() -> None:
     )
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gspo-bench-models"))
     ap.add_argument("--out", default=str(HERE / "results" / "bench_trl.json"))
+    ap.add_argument(
+        "--smoke", action="store_true", help="bench_common's 2-layer smoke model: checks the script runs, nothing more"
+    )
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -160,11 +164,12 @@ def main() -> None:
     if not TRL_PY.exists():
         raise SystemExit(f"{TRL_PY} not found: run `bash bench/setup_trl_venv.sh` first")
     sys.path.insert(0, str(HERE))
-    from bench_common import SMALL_ARCH, build_qwen2_dir
+    from bench_common import SMALL_ARCH, SMOKE_ARCH, build_qwen2_dir
 
     workdir = Path(a.workdir)
-    key = "-".join(f"{k[:3]}{v}" for k, v in sorted(SMALL_ARCH.items()))
-    model_dir = build_qwen2_dir(workdir / f"qwen2-{key}", SMALL_ARCH)
+    arch = SMOKE_ARCH if a.smoke else SMALL_ARCH
+    key = "-".join(f"{k[:3]}{v}" for k, v in sorted(arch.items()))
+    model_dir = build_qwen2_dir(workdir / f"qwen2-{key}", arch)
     spec = json.dumps({"size": "small", "steps": a.steps, "model_dir": str(model_dir), "new_tokens": a.new_tokens})
     gspo_cmd = [
         sys.executable,

@@ -10,6 +10,7 @@ wall time (build + demo); then the median and minimum gain. Writes bench/results
     .venv/bin/python bench/demo_seeds.py --pairs 1234:42 1:7  # chosen pairs
     .venv/bin/python bench/demo_seeds.py --out bench/results/demo_seeds_other.json
     .venv/bin/python bench/demo_seeds.py --pairs 1234:42 --teacher-error-rate 0   # a correct teacher
+    .venv/bin/python bench/demo_seeds.py --pairs 1234:42 --smoke --out /tmp/x.json  # seconds: does it run (tests)
 
 Pairs run one after another, or `--jobs N` at once (each in its own process, one torch thread, as
 in the demo; the gains do not depend on it, the wall times do). Measured on the 2-core AMD
@@ -35,9 +36,11 @@ from typing import Optional
 # each with a different RL seed.
 DEFAULT_PAIRS = ((1234, 42), (1, 1), (2, 7), (3, 13), (4, 42), (5, 3))
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "demo_seeds.json"
+# --smoke: a 2-step warm start (no dev checks), 1 GSPO step, 32 eval prompts, no plot; the gains mean nothing.
+SMOKE_SFT_STEPS, SMOKE_DEMO = 2, dict(max_steps=1, eval_max_samples=32, plot_curves=False)
 
 
-def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] = None) -> dict:
+def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] = None, smoke: bool = False) -> dict:
     """Build the model (fresh cache) and run the demo once; the row this script prints."""
     from gspo.demo import run_demo
     from gspo.tasks.tiny_model import ensure_tiny_model, read_warm_start_info
@@ -46,7 +49,8 @@ def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] =
     try:
         start = time.perf_counter()
         rate = {} if teacher_error_rate is None else {"teacher_error_rate": teacher_error_rate}
-        model_dir = ensure_tiny_model(cache_dir=work / "cache", seed=warm_seed, verbose=False, **rate)
+        steps = {"sft_steps": SMOKE_SFT_STEPS} if smoke else {}
+        model_dir = ensure_tiny_model(cache_dir=work / "cache", seed=warm_seed, verbose=False, **rate, **steps)
         build_s = time.perf_counter() - start
         summary = run_demo(
             output_dir=str(work / "demo"),
@@ -54,6 +58,7 @@ def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] =
             seed=rl_seed,
             progress_bar=False,
             log_completions_steps=0,
+            **(SMOKE_DEMO if smoke else {}),
         )
         info = read_warm_start_info(model_dir)
         return {
@@ -74,9 +79,10 @@ def run_pair(warm_seed: int, rl_seed: int, teacher_error_rate: Optional[float] =
 
 
 def _row_text(r: dict) -> str:
+    dev = r["dev_accuracy_at_stop"]  # None: a fixed-step warm start (--smoke) checks no dev accuracy
     return (
         f"{r['warm_start_seed']:>9} {r['rl_seed']:>7} {r['warm_start_steps']:>10} "
-        f"{r['dev_accuracy_at_stop']:>8.3f} {r['accuracy_before']:>7.3f} {r['accuracy_after']:>7.3f} "
+        f"{'-' if dev is None else f'{dev:.3f}':>8} {r['accuracy_before']:>7.3f} {r['accuracy_after']:>7.3f} "
         f"{r['gain_points']:>+7.1f} {r['wall_s']:>7.1f}"
     )
 
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
         help="the warm-start teacher's error rate (default: the recipe's)",
     )
     ap.add_argument("--jobs", type=int, default=1, help="pairs run at once, each in its own process (one thread)")
+    ap.add_argument("--smoke", action="store_true", help="2-step warm start, 1 GSPO step: checks the script runs")
     args = ap.parse_args(argv)
     pairs = [tuple(int(x) for x in p.split(":")) for p in args.pairs]
     import torch
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     # spawn: each pair in a fresh interpreter, as from an empty cache; results keep the pairs' order.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
-        for row in pool.map(run_pair, *zip(*pairs), [args.teacher_error_rate] * len(pairs)):
+        for row in pool.map(run_pair, *zip(*pairs), [args.teacher_error_rate] * len(pairs), [args.smoke] * len(pairs)):
             rows.append(row)
             print(f"[demo_seeds] {header}\n[demo_seeds] {_row_text(row)}", flush=True)
     gains = [r["gain_points"] for r in rows]

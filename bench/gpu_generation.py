@@ -1,11 +1,13 @@
 """GPU check of rollout generation: gspo's inverse-CDF sampler vs generate's own multinomial sampling.
 
     PYTHONPATH=src python3 bench/gpu_generation.py      # needs CUDA; ~0.5B Qwen2 (random init, bf16)
+    PYTHONPATH=src python3 bench/gpu_generation.py --smoke   # CUDA, a 2-layer model, 2x2x8: does it run (tests)
 
 Prints per-call times of the samplers alone on [rows, vocab] logits, and whole generation times
 (gspo.rollout.generate_rollout vs model.generate(do_sample=True)) at the same shape. Last line: JSON.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
+from bench_common import SMOKE_ARCH, build_qwen2_dir, load_word_tokenizer, word_prompts  # noqa: E402
 from gspo.engines import generate_rollout  # noqa: E402
 from gspo.sampling import sample_tokens  # noqa: E402
 
@@ -48,13 +50,21 @@ def timed(fn, reps=3):
 
 
 def main():
+    global ARCH, PROMPTS, GROUP, NEW
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer model, 2 prompts x 2, 8 tokens: checks it runs")
+    if ap.parse_args().smoke:
+        ARCH = dict(SMOKE_ARCH)
+        PROMPTS, GROUP, NEW = 2, 2, 8
+    assert torch.cuda.is_available(), "no CUDA device visible"
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     res = {"device": torch.cuda.get_device_name()}
     logits = torch.randn(PROMPTS * GROUP, ARCH["vocab_size"], device="cuda", dtype=torch.bfloat16) * 3
     res["sampler_inverse_cdf_ms"] = 1e3 * timed(lambda: sample_tokens(logits), 20)
     res["sampler_multinomial_ms"] = 1e3 * timed(lambda: torch.multinomial(logits.float().softmax(-1), 1), 20)
-    path = build_qwen2_dir(Path(tempfile.gettempdir()) / "gspo-gpu-qwen2-0.5b", ARCH, dtype=torch.bfloat16)
+    name = "gspo-gpu-qwen2-" + ("smoke" if ARCH["vocab_size"] == SMOKE_ARCH["vocab_size"] else "0.5b")
+    path = build_qwen2_dir(Path(tempfile.gettempdir()) / name, ARCH, dtype=torch.bfloat16)
     tok = load_word_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     rows = [{"prompt": p, "prompt_ids": tok.encode(p)} for p in word_prompts(PROMPTS, ARCH["vocab_size"])]

@@ -1,6 +1,7 @@
 """Generation levers at the small size (27.5M Qwen2, vocabulary 32768, 8 prompts x 4, 64 new tokens), CPU time.
 
     .venv/bin/python bench/lever_generation.py [--reps 6]
+    .venv/bin/python bench/lever_generation.py --reps 1 --smoke    # tiny shapes, seconds: does it run (tests)
 
 1. The sampler inside `generate`: gspo's two-level inverse CDF (`gspo.sampling.sample_tokens`) against the
    one-level form it replaced (a float64 running sum over the whole vocabulary, kept below as the baseline),
@@ -70,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--workdir", default="/tmp/gspo-bench-models")
+    ap.add_argument("--smoke", action="store_true", help="bench_common's smoke-test shapes: checks the script runs")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
@@ -77,7 +79,7 @@ def main() -> None:
     import gspo.sampling as sampling
     from gspo.engines import generate_rollout
 
-    path, tok, rows = model_setup("small", Path(a.workdir))
+    path, tok, rows = model_setup("small", Path(a.workdir), smoke=a.smoke)
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     for r in rows:
         r["prompt_ids"] = tok.encode(r["prompt"])

@@ -34,6 +34,8 @@ Scenarios (comma-separated in --scenarios):
   plain_from_ckpt        fsdp=False resuming step 3 from --resume_from (e.g. an fsdp checkpoint: by name)
   accelerate_fsdp        seq_offpolicy with fsdp=False, for `accelerate launch --config_file
                  examples/accelerate/fsdp.yaml`: the sharding must come from the launch config
+  dynamic        dynamic_sampling on a reward whose groups have zero spread for half the prompts, truncated
+                 completions masked: ranks refill their own shares and must still take the same steps
   lora, fsdp_lora, fsdp_lora_resume
                  LoRA (q/v/gate projections, merged on export) in one process, under FSDP2, and resumed
                  under FSDP2 from its step-2 adapter checkpoint
@@ -139,6 +141,12 @@ def digit_reward(prompts, completions, **kwargs):
     return [sum(int(c) for c in text if c.isdigit()) / 10.0 for text in completions]
 
 
+def half_flat_reward(prompts, completions, **kwargs):
+    """digit_reward for prompts whose first operand is odd; 1.0 for every completion of the others, so their
+    groups have zero spread and dynamic sampling drops them."""
+    return [digit_reward([p], [c])[0] if int(p.split("+")[0]) % 2 else 1.0 for p, c in zip(prompts, completions)]
+
+
 def fails_on_rank1(prompts, completions, **kwargs):
     if os.environ.get("RANK", "0") == "1":
         raise ValueError("deliberate failure on rank 1 (dist_worker)")
@@ -202,6 +210,10 @@ SCENARIOS.update(
         merge_lora_on_save=True,
     ),
     fsdp_sampled=dict(SCENARIOS["seq_offpolicy"], fsdp=True, eval_steps=1, eval_max_samples=5, eval_batch_size=2),
+)
+# DAPO dynamic sampling: half the prompts give zero-spread groups; each rank refills its own share
+SCENARIOS["dynamic"] = dict(
+    SCENARIOS["seq_offpolicy"], dynamic_sampling=True, dynamic_sampling_max_rounds=3, mask_truncated_completions=True
 )
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(
@@ -287,6 +299,7 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
 
     out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
+    reward = half_flat_reward if scenario == "dynamic" else reward
     rows = [{"prompt": p} for p in PROMPTS]
     if scenario in RESUMES:  # 2 steps with a checkpoint, then a fresh trainer resumes and runs step 3
         _train_until(trainer_for, reward, rows, stop_after=2)

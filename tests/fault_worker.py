@@ -78,6 +78,7 @@ def make_config(output_dir, model_dir, **overrides):
         adaptive_kl=False,
         progress_bar=False,
         log_completions_steps=0,
+        plot_curves=False,  # the end-of-run PNG costs seconds (matplotlib import) and is not what these tests check
         lr_scheduler_type="constant",
         num_epochs=1,
         seed=7,
@@ -110,13 +111,6 @@ def comparable(rows: list[dict]) -> list[dict]:
     return out
 
 
-def no_plots() -> None:
-    """The end-of-run PNG costs seconds (matplotlib import) and is not what these tests check."""
-    import gspo.plotting
-
-    gspo.plotting.plot_run = lambda *a, **k: None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("output_dir")
@@ -144,7 +138,6 @@ def main(argv=None) -> int:
     from gspo.trainer import GSPOTrainer
 
     torch.set_num_threads(1)
-    no_plots()
     if args.slow_save:
         import gspo.checkpoint as ckpt
 

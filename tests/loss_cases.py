@@ -1,4 +1,5 @@
-"""Shared by the gspo.core tests: random batches with padding garbage, the loop oracles by level, tolerances."""
+"""Shared by the gspo.core tests: random batches with padding garbage (and a hole), the loop oracles by level,
+tolerances."""
 
 from __future__ import annotations
 
@@ -38,8 +39,19 @@ def random_batch(seed, n=6, t=7, scale=0.05, min_len=1, dtype=F64):
     return logprobs.requires_grad_(), old, adv, mask
 
 
-def loss_and_grad(logprobs, *args, **kwargs):
-    loss, metrics = policy_loss(logprobs, *args, **kwargs)
+def holed_batch(seed, **kw):
+    """random_batch with a hole in the loss mask of the full first row (as an environment's tokens inside a
+    multi-turn episode), garbage in the hole like in the padding."""
+    lp, old, adv, mask = random_batch(seed, **kw)
+    mask = mask.clone()
+    mask[0, 2] = False
+    lp = torch.where(mask, lp.detach(), torch.full_like(lp, 7.0)).requires_grad_()
+    old = torch.where(mask, old, torch.full_like(old, -30.0))
+    return lp, old, adv, mask
+
+
+def loss_and_grad(logprobs, *args, objective=policy_loss, **kwargs):
+    loss, metrics = objective(logprobs, *args, **kwargs)
     (grad,) = torch.autograd.grad(loss, logprobs)
     return loss.detach(), grad, metrics
 

@@ -330,7 +330,7 @@ def test_train_and_eval_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert json.loads(proc.stdout) == metrics
     from gspo.config import GSPOConfig
-    from gspo.evaluate import evaluate_model  # tests/test_evaluate.py checks it against a plain decode loop
+    from gspo.model_eval import evaluate_model  # tests/test_evaluate.py checks it against a plain decode loop
 
     cfg = GSPOConfig(
         policy_model_name=str(out_dir), reward_funcs=["exact_answer"], max_new_tokens=4, eval_max_samples=3

@@ -26,10 +26,10 @@ from gspo.core import (
     group_advantages,
     kl_penalty,
     kl_per_token,
-    logprobs_and_entropy,
     masked_mean,
     policy_loss,
 )
+from gspo.kernels import logprobs_and_entropy
 from loss_cases import AGGS, F64, LEVEL_AGGS, close, loss_and_grad, random_batch
 
 

@@ -164,7 +164,7 @@ def test_sequence_levels_reject_token_aggregations(level, agg):
 
 def test_unknown_level_and_aggregation_rejected():
     lp, old, adv, mask = hand_inputs()
-    with pytest.raises(ValueError, match="importance sampling level"):
+    with pytest.raises(ValueError, match=r"importance_sampling_level 'tokens' is not one of \['sequence'"):
         policy_loss(lp, old, adv, mask, level="tokens")
     with pytest.raises(ValueError, match="not one of"):
         policy_loss(lp, old, adv, mask, level="token", aggregation="mean")
@@ -188,6 +188,11 @@ def test_recommended_clip_ranges():
     assert core.recommended_clip_range("sequence") == (3e-4, 4e-4)
     assert core.recommended_clip_range("sequence_token") == (3e-4, 4e-4)
     assert core.recommended_clip_range("token") == (0.2, 0.2)
+    # per objective (tests/test_core_objectives.py checks the levels each refuses)
+    assert core.recommended_clip_range("token", "cispo") == (1.0, 0.2)  # no lower bound (MiniMax-M1)
+    assert core.recommended_clip_range("token", "sapo") == (0.2, 0.2)  # only for SAPO's clip_fraction metric
+    assert core.recommended_clip_range("sequence", "gmpo") == (0.4, 0.4)  # log space: (e^-0.4, e^0.4)
+    assert core.policy_loss is core.POLICY_LOSSES["clip"]
 
 
 def test_old_logprobs_gradient_is_not_taken():
@@ -326,17 +331,31 @@ def test_token_level_matches_loop_oracle(seed, agg, token_adv):
 
 
 # ==================================================================================
-# 5. on-policy: ratio exactly 1, nothing clipped, plain policy gradient
+# 5. ratio metrics from a known log-ratio; on-policy: plain policy gradient
 # ==================================================================================
 @pytest.mark.parametrize("level,agg", LEVEL_AGGS)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_on_policy_ratio_exactly_one(level, agg, dtype):
-    lp, _, adv, mask = random_batch(0, dtype=dtype)
-    _, m = policy_loss(lp, lp.detach(), adv, mask, level=level, aggregation=agg, clip_low=1e-9, clip_high=1e-9)
-    assert m["ratio_mean"].item() == 1.0
-    assert m["ratio_min"].item() == 1.0 and m["ratio_max"].item() == 1.0
-    assert m["clip_fraction_seq"].item() == 0.0
-    assert m["clip_fraction_token"].item() == 0.0
+def test_ratio_metrics_from_a_known_log_ratio(level, agg, dtype):
+    # old = logprobs - d_i on every token of sequence i, garbage on padding: every token ratio of sequence i is
+    # exp(d_i), so is the sequence ratio s_i (Eq. 7) and the mean token ratio: d = 0, 0.05, ..., 0.25 gives
+    # ratio_min = exp(0) = 1, ratio_max = exp(0.25) = 1.28402542, ratio_mean = mean_i exp(0.05 i)
+    # = (1 + 1.05127110 + 1.10517092 + 1.16183424 + 1.22140276 + 1.28402542) / 6 = 6.82370444 / 6 = 1.13728407
+    lp, old, adv, mask = random_batch(0, dtype=dtype)
+    d = torch.arange(6, dtype=dtype) * 0.05  # [N]
+    old = torch.where(mask, lp.detach() - d[:, None], old)
+    _, m = policy_loss(lp, old, adv, mask, level=level, aggregation=agg, clip_low=0.01, clip_high=0.01)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    close(m["ratio_min"], 1.0, atol=tol)
+    close(m["ratio_max"], math.exp(0.25), atol=tol)
+    close(m["ratio_mean"], sum(math.exp(0.05 * i) for i in range(6)) / 6, atol=tol)
+    close(m["ratio_mean"], 1.13728407, atol=1e-7)
+    # eps 0.01: sequences 1..5 have ratio >= exp(0.05) > 1.01, clipped where A_i > 0 (the side A pushes to);
+    # sequence 0 (ratio 1) never. The fractions, counted by hand from the signs of A and the lengths:
+    up = [i >= 1 and adv[i].item() > 0 for i in range(6)]
+    lengths = mask.sum(1).tolist()
+    assert 0 < sum(up) < 6  # both cases occur in this batch
+    close(m["clip_fraction_seq"], sum(up) / 6, atol=1e-7)
+    close(m["clip_fraction_token"], sum(n for n, u in zip(lengths, up) if u) / sum(lengths), atol=1e-7)
 
 
 @pytest.mark.parametrize("level,agg", [("sequence", None), ("sequence_token", None), ("token", "seq-mean-token-mean")])

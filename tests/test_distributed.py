@@ -142,7 +142,7 @@ def runs(tmp_path_factory):
             "--out",
             str(root / "two"),
             "--scenarios",
-            ",".join(EQUIV + ["resume"] + list(FSDP) + FSDP_EXTRA + list(BF16)),
+            ",".join(EQUIV + ["resume", "dynamic"] + list(FSDP) + FSDP_EXTRA + list(BF16)),
         ],
         env=_env(port),
         stdout=subprocess.PIPE,
@@ -196,7 +196,7 @@ def test_two_process_run_is_really_distributed(runs):
     assert [a + b for a, b in zip(t0, t1)] == _rank(runs["one"], "token_mean", 0)["local_tokens"]
 
 
-@pytest.mark.parametrize("scenario", EQUIV + ["resume"] + list(BF16))
+@pytest.mark.parametrize("scenario", EQUIV + ["resume", "dynamic"] + list(BF16))
 def test_ranks_hold_identical_parameters(runs, scenario):
     p0, p1 = _params(runs["two"], scenario, 0), _params(runs["two"], scenario, 1)
     assert p0.keys() == p1.keys()
@@ -452,3 +452,18 @@ def test_fsdp_lora_matches_one_process_and_resumes_exactly(runs):
     straight, resumed = _params(runs["two"], "fsdp_lora", 0), _params(runs["two"], "fsdp_lora_resume", 0)
     assert any("lora_A" in k for k in straight)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0.0
+
+
+def test_dynamic_sampling_under_ddp_keeps_the_global_batch_and_the_step_count(runs):
+    """Each rank refills its own share of groups with spread; the ranks still take the same number of steps with
+    the same logged (global) metrics, and every step trains batch_size groups: kept + topped up = 4."""
+    a, b = _rank(runs["two"], "dynamic", 0), _rank(runs["two"], "dynamic", 1)
+    assert [m["step"] for m in a["history"]] == [m["step"] for m in b["history"]] == [1, 2, 3]
+    for ma, mb in zip(a["history"], b["history"]):
+        for key in ("dynamic_sampling/rounds", "dynamic_sampling/kept_groups", "policy_loss", "frac_reward_zero_std"):
+            assert ma[key] == mb[key], key
+        assert ma["dynamic_sampling/kept_groups"] + ma["dynamic_sampling/filled_groups"] == 4
+        # the groups trained on are the kept ones plus the top-ups: only those can have zero spread
+        assert ma["frac_reward_zero_std"] == ma["dynamic_sampling/filled_groups"] / 4
+    # half the prompts are flat: some step needed a second round
+    assert max(m["dynamic_sampling/rounds"] for m in a["history"]) >= 2

@@ -8,7 +8,8 @@ from conftest import small_config
 from transformers import AutoModelForCausalLM
 
 from gspo.engines import RolloutEngine
-from gspo.evaluate import evaluate, evaluate_model
+from gspo.evaluate import evaluate
+from gspo.model_eval import evaluate_model
 from gspo.models import load_tokenizer
 from gspo.rewards import RewardFunction, RewardScorer
 from gspo.rollout import Rollout

@@ -32,7 +32,6 @@ NAN, INF = float("nan"), float("inf")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    fw.no_plots()
     return {"root": root, "model": fw.make_model_dir(root / "model"), "data": fw.make_dataset(root / "data.jsonl")}
 
 

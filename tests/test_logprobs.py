@@ -144,9 +144,9 @@ def test_auto_bound_follows_the_logits_size(tiny_model_dir, batch, limit, expect
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=0), n
 
 
-# ---------------------------------------------------------------------------- gspo.core.label_logprob
+# ------------------------------------------------------------------------- gspo.kernels.label_logprob
 def test_label_logprob_hand_values():
-    from gspo.core import label_logprob
+    from gspo.kernels import label_logprob
 
     # logits [0, 0, ln 2] -> p = [1/4, 1/4, 1/2]; label 2: log p = ln(1/2) = -0.693147;
     # H = -(2 * 1/4 * ln(1/4) + 1/2 * ln(1/2)) = 0.5 * 1.386294 + 0.5 * 0.693147 = 1.039721
@@ -161,7 +161,7 @@ def test_label_logprob_hand_values():
 
 
 def test_label_logprob_matches_log_softmax_oracle_and_gradcheck():
-    from gspo.core import label_logprob
+    from gspo.kernels import label_logprob
 
     torch.manual_seed(0)
     x = (torch.randn(16, 300, dtype=torch.float64) * 3).requires_grad_()
@@ -191,17 +191,17 @@ def test_label_logprob_matches_log_softmax_oracle_and_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_label_logprob_row_blocks_match_the_oracle_and_leave_the_logits_alone(dtype, monkeypatch):
     """On CPU the Function works a block of rows at a time; a ragged last block, every dtype."""
-    import gspo.core as core
+    import gspo.kernels as kernels
 
     torch.manual_seed(2)
     vocab = 1000
-    monkeypatch.setattr(core, "_BLOCK_BYTES", 3 * 4 * vocab)  # 3 rows per block: 11 rows -> 3, 3, 3, 2
+    monkeypatch.setattr(kernels, "_BLOCK_BYTES", 3 * 4 * vocab)  # 3 rows per block: 11 rows -> 3, 3, 3, 2
     x = (torch.randn(11, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_()
     before = x.detach().clone()
     labels = torch.randint(0, vocab, (11,))
     weights, entropy_weights = torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
-    assert [r.stop - r.start for r in core._row_blocks(x)] == [3, 3, 3, 2]
-    logp, entropy = core.label_logprob(x, labels, entropy_grad=True)  # gradients through both outputs
+    assert [r.stop - r.start for r in kernels._row_blocks(x)] == [3, 3, 3, 2]
+    logp, entropy = kernels.label_logprob(x, labels, entropy_grad=True)  # gradients through both outputs
     (logp.double() * weights + entropy.double() * entropy_weights).sum().backward()
     assert torch.equal(x.detach(), before)  # in-place work only on the Function's own copies
     ref = x.detach().double().requires_grad_()  # float64 oracle on the same (rounded) logits
@@ -215,7 +215,7 @@ def test_label_logprob_row_blocks_match_the_oracle_and_leave_the_logits_alone(dt
 
 
 def test_label_logprob_bf16_logits_get_a_bf16_gradient_from_float32_math():
-    from gspo.core import label_logprob
+    from gspo.kernels import label_logprob
 
     torch.manual_seed(1)
     x = (torch.randn(8, 50) * 2).bfloat16().requires_grad_()

@@ -10,7 +10,7 @@ from conftest import small_config
 from transformers import AutoModelForCausalLM
 
 from gspo.config import ConfigError
-from gspo.core import label_logprob
+from gspo.kernels import label_logprob
 from gspo.logprobs import HeadMode, completion_logprobs
 from gspo.models import autocast, mixed_precision_mode
 from gspo.trainer import GSPOTrainer

@@ -47,6 +47,8 @@ LORA = dict(
 VARIANTS = {
     "full-linear-lr": dict(lr_scheduler_type="linear", warmup_steps=1),
     "lora-adaptive-kl": LORA,
+    # extra generation rounds take extra prompt batches: the checkpoint must count them
+    "dynamic-sampling": dict(dynamic_sampling=True, dynamic_sampling_max_rounds=3),
 }
 
 
@@ -55,7 +57,6 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker subprocess uses 1 thread: same arithmetic, same bits
-    fw.no_plots()
     try:
         yield {
             "root": root,

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from gspo.config import ConfigError, GSPOConfig
 from gspo.rewards import (
     BUILTIN_REWARDS,
     RewardError,
     RewardFunction,
     RewardModelScorer,
+    RewardScorer,
+    SoftOverlongPunishment,
     compute_rewards,
     resolve_reward_funcs,
 )
@@ -105,6 +108,109 @@ def test_builtins_by_hand():
     assert ans == [1.0, 1.0, 0.0, 1.0]
     assert BUILTIN_REWARDS["length_penalty"](completion_ids=IDS) == pytest.approx([-0.001, -0.003, -0.002])
     assert BUILTIN_REWARDS["exact_answer"](completions=COMPLETIONS, answer=ANSWERS) == [1.0, 0.0, 1.0]
+
+
+# --- soft overlong punishment (DAPO Eq. 13) ---------------------------------------------
+def test_soft_overlong_punishment_by_hand():
+    # L_max = 10, L_cache = 4: lengths up to 10 - 4 = 6 go free, then (6 - |y|) / 4 per token, -1 from 10 on.
+    fn = SoftOverlongPunishment(max_len=10, buffer_len=4)
+    lengths = [0, 5, 6, 7, 8, 9, 10, 11, 30]
+    expected = [
+        0.0,  # empty
+        0.0,  # 5 <= 6
+        0.0,  # 6 <= 6: the edge of the buffer is still free
+        -0.25,  # (6 - 7) / 4
+        -0.5,  # (6 - 8) / 4
+        -0.75,  # (6 - 9) / 4
+        -1.0,  # (6 - 10) / 4: L_max itself, a completion cut off by max_new_tokens
+        -1.0,  # beyond L_max: -penalty (not -1.25: capped, as TRL; verl would keep falling)
+        -1.0,
+    ]
+    assert fn(completion_ids=[[7] * n for n in lengths]) == pytest.approx(expected, abs=1e-12)
+    half = SoftOverlongPunishment(max_len=10, buffer_len=4, penalty=0.5)
+    # (6 - 7) / 4 * 0.5 = -0.125; (6 - 9) / 4 * 0.5 = -0.375; beyond: -0.5
+    assert half(completion_ids=[[1] * 6, [1] * 7, [1] * 9, [1] * 12]) == pytest.approx([0.0, -0.125, -0.375, -0.5])
+    one = SoftOverlongPunishment(max_len=2, buffer_len=1)  # the smallest buffer: 1 free token, then -1
+    assert one(completion_ids=[[1], [1, 2], [1, 2, 3]]) == [0.0, -1.0, -1.0]
+    assert SoftOverlongPunishment(10, 4, penalty=0)(completion_ids=[[1] * 9]) == [0.0]  # factor 0: off
+    with pytest.raises(ValueError, match="completion_ids"):
+        fn(completions=["abc"])
+
+
+def _overlong_config(**kw):
+    return GSPOConfig(**{"max_new_tokens": 10, "overlong_buffer_len": 4, **kw})
+
+
+def test_soft_overlong_punishment_resolves_by_name_from_the_config():
+    cfg = _overlong_config(
+        reward_funcs=["exact_answer", {"name": "soft_overlong_punishment", "weight": 2.0}], overlong_penalty=0.5
+    )
+    scorer = RewardScorer.from_config(cfg)
+    assert [f.name for f in scorer.funcs] == ["exact_answer", "soft_overlong_punishment"]
+    bound = scorer.funcs[1].fn
+    assert (bound.max_len, bound.buffer_len, bound.penalty) == (10, 4, 0.5)  # max_new_tokens is L_max
+    ids = [[1] * 3, [1] * 8, [1] * 10]
+    res = compute_rewards(scorer.funcs, PROMPTS, COMPLETIONS, ids, extra={"answer": ANSWERS})
+    # exact_answer: 1, 0, 1. overlong (raw): 0, (6 - 8) / 4 * 0.5 = -0.25, -0.5; weight 2 -> 0, -0.5, -1.0
+    assert res.per_func["soft_overlong_punishment"].tolist() == pytest.approx([0.0, -0.25, -0.5])
+    assert res.total.tolist() == pytest.approx([1.0, -0.5, 0.0])
+
+
+def test_soft_overlong_punishment_from_yaml(tmp_path):
+    from gspo.yaml_config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "reward_funcs: [exact_answer, soft_overlong_punishment]\nmax_new_tokens: 64\noverlong_buffer_len: 16\n"
+    )
+    fn = RewardScorer.from_config(load_config(str(path))).funcs[1].fn
+    # L_max 64, L_cache 16: free up to 48 tokens; 56 -> (48 - 56) / 16 = -0.5
+    assert (fn.max_len, fn.buffer_len, fn.penalty) == (64, 16, 1.0)
+    assert fn(completion_ids=[[0] * 48, [0] * 56, [0] * 64]) == [0.0, -0.5, -1.0]
+
+
+def test_soft_overlong_punishment_needs_a_config():
+    with pytest.raises(RewardError, match="soft_overlong_punishment.*config"):
+        resolve_reward_funcs(["soft_overlong_punishment"])
+    with pytest.raises(RewardError, match="soft_overlong_punishment"):  # listed among the built-ins
+        resolve_reward_funcs(["soft_overlong"])
+
+
+@pytest.mark.parametrize(
+    "overrides, field, value",
+    [
+        (dict(overlong_buffer_len=0), "overlong_buffer_len", "0"),
+        (dict(overlong_buffer_len=-3), "overlong_buffer_len", "-3"),
+        (dict(overlong_buffer_len=10), "overlong_buffer_len", "10"),  # == max_new_tokens: nothing goes free
+        (dict(overlong_buffer_len=11), "overlong_buffer_len", "11"),
+        (dict(overlong_buffer_len=4.0), "overlong_buffer_len", "4.0"),
+        (dict(overlong_buffer_len=True), "overlong_buffer_len", "True"),
+        (dict(overlong_penalty=-0.5), "overlong_penalty", "-0.5"),
+        (dict(overlong_penalty=float("inf")), "overlong_penalty", "inf"),
+        (dict(overlong_buffer_len=None, reward_funcs=["soft_overlong_punishment"]), "overlong_buffer_len", "None"),
+        (
+            dict(overlong_buffer_len=None, reward_funcs=[{"name": "soft_overlong_punishment"}]),
+            "overlong_buffer_len",
+            "None",
+        ),
+    ],
+)
+def test_overlong_config_errors_name_the_field_and_value(overrides, field, value):
+    with pytest.raises(ConfigError) as e:
+        _overlong_config(**overrides)
+    assert f"GSPOConfig.{field}={value}" in str(e.value)
+
+
+def test_overlong_buffer_unset_is_fine_without_the_reward():
+    assert GSPOConfig(max_new_tokens=2, reward_funcs=["exact_answer"]).overlong_buffer_len is None
+    cfg = GSPOConfig(max_new_tokens=10, reward_funcs=["exact_answer"])
+    cfg.reward_funcs = ["soft_overlong_punishment"]  # changed after validation: the binding still says what is missing
+    with pytest.raises(ConfigError, match="overlong_buffer_len=None"):
+        RewardScorer.from_config(cfg)
+    with pytest.raises(ValueError, match="buffer_len"):
+        SoftOverlongPunishment(max_len=10, buffer_len=10)
+    with pytest.raises(ValueError, match="penalty"):
+        SoftOverlongPunishment(max_len=10, buffer_len=4, penalty=-1.0)
 
 
 # --- weighted sum ------------------------------------------------------------------

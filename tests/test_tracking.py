@@ -204,3 +204,16 @@ def test_plot_run_without_known_metrics_raises(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "unrelated": 1.0}) + "\n")
     with pytest.raises(ValueError, match="none of the plotted metrics"):
         plot_run(tmp_path)
+
+
+@pytest.mark.parametrize("plot_curves", [True, False])
+def test_run_summary_draws_the_curves_only_when_configured(tmp_path, plot_curves):
+    from gspo.config import GSPOConfig
+    from gspo.tracking import write_run_summary
+
+    _synthetic_run(tmp_path / "metrics.jsonl")
+    cfg = GSPOConfig(output_dir=str(tmp_path), plot_curves=plot_curves)
+    write_run_summary(cfg, steps=3, history=[{"step": 3, "policy_loss": 0.5}])
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_metrics"] == {"step": 3, "policy_loss": 0.5}
+    assert (tmp_path / "training_curves.png").is_file() is plot_curves

@@ -208,10 +208,34 @@ def test_dataset_smaller_than_batch_is_a_clear_error(tiny_model_dir, tmp_path):
 
 
 def test_evaluate_reports_greedy_accuracy(tiny_model_dir, arithmetic_rows, tmp_path):
-    trainer = GSPOTrainer(small_config(tiny_model_dir, tmp_path, eval_max_samples=10))
-    metrics = trainer.evaluate(arithmetic_rows)
+    """eval/accuracy on rows whose answers are known to be right for exactly 7 of the 10 evaluated: the answer
+    column holds the model's own greedy answer (decoded here by a plain generate loop, prompt by prompt) for
+    rows 0-6, and that answer + "x" (never matched) for rows 7-9. exact_answer then scores 1, 1, ..., 0, 0, 0:
+    accuracy 7/10, whatever the random model says."""
+    from gspo.answers import extract_answer
+    from gspo.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = []
+    for i, row in enumerate(arithmetic_rows[:10]):
+        ids = torch.tensor([tok.encode(row["prompt"])])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=4,  # small_config's
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :]
+        answer = extract_answer(tok.decode(out, skip_special_tokens=True))
+        rows.append({"prompt": row["prompt"], "answer": answer if i < 7 else answer + "x"})
+    rows += arithmetic_rows[10:12]  # beyond eval_max_samples: not evaluated
+    trainer = GSPOTrainer(small_config(tiny_model_dir, tmp_path, eval_max_samples=10, eval_batch_size=4))
+    metrics = trainer.evaluate(rows)
     assert metrics["eval/num_samples"] == 10.0
-    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+    assert metrics["eval/accuracy"] == pytest.approx(0.7, abs=1e-12)
+    assert metrics["eval/reward_mean"] == pytest.approx(0.7, abs=1e-12)  # exact_answer is the only reward
 
 
 SEED_8_1 = """

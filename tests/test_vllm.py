@@ -76,7 +76,7 @@ def prompt_rows(trainer, rows) -> list:
 def trainer_logprobs(trainer, rollout) -> torch.Tensor:
     """log pi_theta of the rollout's tokens from the trained model, at the sampling temperature."""
     with torch.no_grad():
-        return trainer._no_grad_logprobs(trainer.policy.module, rollout)
+        return trainer.logprobs.no_grad(trainer.policy.module, rollout)
 
 
 def test_greedy_completions_equal_the_hf_engine(vllm_model_dir, arithmetic_rows, tmp_path):

@@ -310,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_reward(cfg, "eval")
     from accelerate import PartialState
 
-    from gspo.evaluate import evaluate_model
+    from gspo.model_eval import evaluate_model
 
     metrics = evaluate_model(cfg, dataset)
     if PartialState().is_main_process:

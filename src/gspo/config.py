@@ -4,10 +4,11 @@ The seed's fields keep the seed's names and defaults (`group_size=4`,
 `learning_rate=1e-5`, `clip_range`, `kl_coef=0.2`, ...). Departures, each on purpose:
 
 * `clip_range` defaults to None, meaning "the recommended value for the chosen
-  importance level": 3e-4 / 4e-4 for GSPO and GSPO-token (paper §5.1), 0.2 for
-  token level (GRPO). 0.2 on a length-normalised sequence ratio almost never clips
-  (TRL #3834). An explicit `clip_range` (or `clip_range_low` / `clip_range_high`)
-  always wins, and the trainer logs the values it used.
+  policy_loss and importance level": 3e-4 / 4e-4 for GSPO and GSPO-token (paper §5.1),
+  0.2 for token level (GRPO); each other objective's own (gspo.core.recommended_clip_range).
+  0.2 on a length-normalised sequence ratio almost never clips (TRL #3834). An explicit
+  `clip_range` (or `clip_range_low` / `clip_range_high`) always wins, and the trainer logs
+  the values it used.
 * `advantage_type` and `use_group_normalization` combine as: advantages are divided
   by the group std when `advantage_type == "normalized"` OR
   `use_group_normalization` is True (this is what the seed's code does with its
@@ -23,7 +24,16 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
-from gspo.core import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, recommended_clip_range
+from gspo.core import (
+    AGGREGATIONS,
+    IMPORTANCE_LEVELS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    allowed_aggregations,
+    policy_loss_spec,
+    recommended_clip_range,
+    resolve_aggregation,
+)
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -77,9 +87,8 @@ class GSPOConfig:
         "no",
         "'bf16': forward passes (rollouts, reference, training) run under bfloat16 autocast "
         "while weights, gradients, AdamW state and the loss math stay float32, like "
-        "TrainingArguments(bf16=True). Measured ~3x faster matmuls on a CPU with AMX (bench/README.md; not "
-        "measured on GPUs); log-probs come from bfloat16 logits. 'no': everything in torch_dtype. "
-        "Under DeepSpeed, set mixed_precision in the accelerate config instead.",
+        "TrainingArguments(bf16=True); the log-probs are computed in float32 from the bfloat16 logits. 'no': "
+        "everything in torch_dtype. Under DeepSpeed, use the DeepSpeed config's own bf16 section instead.",
         choices=("no", "bf16"),
     )
     gradient_checkpointing: bool = _f(
@@ -147,24 +156,54 @@ class GSPOConfig:
     warmup_steps: int = _f(0, "Optimizer updates of linear warmup.")
     seed: int = _f(42, "Seed for Python, NumPy and torch (sampling included).")
     # --- algorithm ------------------------------------------------------------------
+    policy_loss: str = _f(
+        "clip",
+        "The policy objective (gspo.core.POLICY_LOSSES; docs/objectives.md): 'clip' = the clipped surrogate "
+        "(GSPO / GSPO-token / GRPO, by importance_sampling_level); 'cispo' = MiniMax-M1's clipped, stop-gradient "
+        "IS weight times log pi (arXiv 2506.13585; importance_sampling_level 'token'); 'sapo' = a soft sigmoid gate "
+        "instead of the clip (arXiv 2511.20347; 'token'; see sapo_tau_pos / sapo_tau_neg); 'gmpo' = the geometric "
+        "mean of log-space-clipped token ratios per sequence (arXiv 2507.20673; 'sequence').",
+        choices=tuple(POLICY_LOSSES),
+    )
     importance_sampling_level: str = _f(
         "sequence",
         "'sequence' = GSPO (paper Eq. 5-7), 'sequence_token' = GSPO-token (Eq. 13-14), 'token' = GRPO-style "
-        "per-token ratios.",
+        "per-token ratios. policy_loss 'cispo' and 'sapo' need 'token', 'gmpo' needs 'sequence'.",
         choices=IMPORTANCE_LEVELS,
     )
     clip_range: Optional[float] = _f(
         None,
-        "Symmetric clip epsilon. None: the level's recommended value (3e-4/4e-4 for the sequence levels, 0.2 for "
-        "token level).",
+        "Symmetric clip epsilon. None: the recommended value for policy_loss and the level: 'clip' 3e-4/4e-4 at "
+        "the sequence levels, 0.2 at token level; 'cispo' 1.0/0.2 (a floor of 0: no lower bound); 'sapo' 0.2 (it "
+        "does not clip: only counts clip_fraction); 'gmpo' 0.4/0.4 in log space (ratios within e^-0.4..e^0.4).",
     )
-    clip_range_low: Optional[float] = _f(None, "Lower clip epsilon (ratio floor 1 - eps); overrides clip_range.")
-    clip_range_high: Optional[float] = _f(None, "Upper clip epsilon (ratio ceiling 1 + eps); overrides clip_range.")
+    clip_range_low: Optional[float] = _f(
+        None, "Lower clip epsilon (ratio floor 1 - eps; gmpo: log-ratio floor -eps); overrides clip_range."
+    )
+    clip_range_high: Optional[float] = _f(
+        None, "Upper clip epsilon (ratio ceiling 1 + eps; gmpo: log-ratio ceiling eps); overrides clip_range."
+    )
     loss_aggregation: Optional[str] = _f(
         None,
-        "Token level only: 'seq-mean-token-mean' (default), 'token-mean' or 'seq-mean-token-sum'. The sequence "
-        "levels are mean over sequences by definition and accept only None or 'seq-mean-token-mean'.",
+        "Token level only: 'seq-mean-token-mean' (mean over each sequence's tokens, then sequences), 'token-mean' "
+        "(over all tokens, DAPO), 'seq-mean-token-sum' (token sums, mean over sequences) or "
+        "'seq-mean-token-sum-norm' (token sums / (sequences * loss_aggregation_norm_length), Dr. GRPO "
+        "arXiv 2503.20783). None: the objective's default ('token-mean' for cispo, else 'seq-mean-token-mean'). "
+        "The sequence levels are mean over sequences by definition and accept only None or 'seq-mean-token-mean'.",
         choices=(None,) + AGGREGATIONS,
+    )
+    loss_aggregation_norm_length: Optional[int] = _f(
+        None,
+        "The constant token count L of loss_aggregation='seq-mean-token-sum-norm'. None: max_new_tokens (Dr. GRPO "
+        "divides by the generation budget, not by each sequence's length).",
+    )
+    sapo_tau_pos: float = _f(
+        1.0, "policy_loss='sapo': the gate's temperature on tokens with advantage > 0 (verl's default 1.0)."
+    )
+    sapo_tau_neg: float = _f(
+        1.05,
+        "policy_loss='sapo': the gate's temperature on tokens with advantage <= 0 (verl's default 1.05; the SAPO "
+        "paper keeps it above sapo_tau_pos, so negative updates fade faster off-policy).",
     )
     max_log_ratio: float = _f(20.0, "Clamp on |log ratio| before exp, so an outlier cannot overflow to inf/NaN.")
     advantage_type: str = _f(
@@ -204,6 +243,27 @@ class GSPOConfig:
     temperature: float = _f(1.0, "Sampling temperature for rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
+    # --- DAPO (arXiv 2503.14476): dynamic sampling, truncated completions ------------------
+    dynamic_sampling: bool = _f(
+        False,
+        "Drop groups whose rewards are all equal (zero advantage, no signal) and generate more prompts until the "
+        "step has batch_size groups with signal (DAPO §3.3; verl algorithm.filter_groups).",
+    )
+    dynamic_sampling_metric: str = _f(
+        "reward",
+        "What must vary within a group to keep it: 'reward' (the total reward) or the name of one reward "
+        "function (as in the reward/<name>_mean metrics).",
+    )
+    dynamic_sampling_max_rounds: int = _f(
+        4,
+        "Most generation rounds per step under dynamic_sampling (0: unlimited). When they run out the step "
+        "trains on the groups it kept, topped up with zero-spread ones to batch_size, and logs it.",
+    )
+    mask_truncated_completions: bool = _f(
+        False,
+        "Completions that hit max_new_tokens without EOS get an all-zero loss mask: no gradient from a cut-off "
+        "answer (DAPO §3.4 overlong filtering). They still count in the batch and its metrics.",
+    )
     # --- advantage estimator: group (GSPO / GRPO) or a critic with GAE (PPO / VAPO) ------
     advantage_estimator: str = _f(
         "group",
@@ -265,16 +325,17 @@ class GSPOConfig:
     engine_mismatch_tolerance: float = _f(
         0.1,
         "Stop the run when engine/logprob_abs_diff_mean (|trainer - engine| sampled-token log-prob, before the "
-        "step's first update) exceeds this: a stale or broken weight sync. Measured on CPU: ~5e-7 fp32, ~3e-3 bf16.",
+        "step's first update) exceeds this: a stale or broken weight sync. Set it well above the mismatch that "
+        "kernels and precision alone cause (figures measured for fp32 and bf16: docs/benchmarks.md).",
     )
     vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory the vLLM engine may take (weights + KV).")
     vllm_max_model_len: Optional[int] = _f(
-        None, "vLLM's context length (None: the longest prompt in the data + max_new_tokens, at start-up)."
+        None, "vLLM's context length (None: max_prompt_length + max_new_tokens, capped at the model's positions)."
     )
     vllm_enable_sleep_mode: bool = _f(
         False,
-        "Release the vLLM KV cache (sleep level 1) during the update and wake it before the next rollout "
-        "(CUDA only; an error on CPU).",
+        "Release the vLLM engine's weights and KV cache (sleep level 2) during the update; on wake the weights come "
+        "back, the trained ones are pushed, then the KV cache (CUDA only; an error on CPU).",
     )
     vllm_cpu_kv_cache_gb: float = _f(1.0, "CPU only: GiB of KV cache for the vLLM engine (VLLM_CPU_KVCACHE_SPACE).")
     # --- LoRA -----------------------------------------------------------------------
@@ -292,12 +353,27 @@ class GSPOConfig:
     merge_lora_on_save: bool = _f(
         False, "Save the final model with adapters merged into the base weights instead of the adapter alone."
     )
+    # --- DAPO overlong handling -----------------------------------------------------
+    overlong_buffer_len: Optional[int] = _f(
+        None,
+        "L_cache of the 'soft_overlong_punishment' reward (DAPO Eq. 13), with L_max = max_new_tokens: completions "
+        "up to L_max - L_cache tokens get 0, longer ones a penalty growing linearly to -overlong_penalty at L_max. "
+        "An int in [1, max_new_tokens); needed when that reward is in reward_funcs, unused otherwise.",
+    )
+    overlong_penalty: float = _f(
+        1.0, "Largest penalty of the 'soft_overlong_punishment' reward (at L_max and beyond); DAPO's is 1.0."
+    )
     # --- output, logging, evaluation, checkpoints -----------------------------------
     output_dir: str = _f("outputs/gspo", "Where metrics, plots, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Print a progress line every N steps (metrics.jsonl always gets every step).")
     log_completions_steps: int = _f(10, "Print a table of sampled completions and rewards every N steps (0 disables).")
     report_to: list = _f(["jsonl"], "Metric sinks: any of 'jsonl' (always on), 'tensorboard', 'wandb'.")
     progress_bar: bool = _f(True, "Show a live progress bar.")
+    plot_curves: bool = _f(
+        True,
+        "Draw <output_dir>/training_curves.png from metrics.jsonl at the end of training (matplotlib); false "
+        "skips it. `gspo plot RUN_DIR` draws it later from any run.",
+    )
     eval_steps: int = _f(
         0,
         "Evaluate on eval_dataset_path every N steps with greedy decoding (0: only at the end, if an eval set is "
@@ -327,30 +403,73 @@ class GSPOConfig:
 
     @property
     def clip_low(self) -> float:
-        """Lower epsilon in force: clip_range_low > clip_range > the level's recommendation."""
+        """Lower epsilon in force: clip_range_low > clip_range > the objective's recommendation at the level."""
         for v in (self.clip_range_low, self.clip_range):
             if v is not None:
                 return float(v)
-        return recommended_clip_range(self.importance_sampling_level)[0]
+        return recommended_clip_range(self.importance_sampling_level, self.policy_loss)[0]
 
     @property
     def clip_high(self) -> float:
         for v in (self.clip_range_high, self.clip_range):
             if v is not None:
                 return float(v)
-        return recommended_clip_range(self.importance_sampling_level)[1]
+        return recommended_clip_range(self.importance_sampling_level, self.policy_loss)[1]
+
+    @property
+    def loss_aggregation_in_force(self) -> str:
+        """loss_aggregation, or the objective's default at the level when it is None."""
+        return resolve_aggregation(self.policy_loss, self.importance_sampling_level, self.loss_aggregation)
+
+    def policy_loss_kwargs(self) -> dict:
+        """Everything POLICY_LOSSES[policy_loss] needs from the config; the caller adds the per-batch
+        num_sequences / num_tokens / is_weights:
+        POLICY_LOSSES[cfg.policy_loss](logp, old, adv, loss_mask, num_sequences=.., num_tokens=.., is_weights=..,
+        **cfg.policy_loss_kwargs())."""
+        kwargs = {
+            "level": self.importance_sampling_level,
+            "clip_low": self.clip_low,
+            "clip_high": self.clip_high,
+            "aggregation": self.loss_aggregation_in_force,
+            "max_log_ratio": self.max_log_ratio,
+            "norm_length": (
+                self.loss_aggregation_norm_length
+                if self.loss_aggregation_norm_length is not None
+                else self.max_new_tokens
+            ),
+        }
+        # an objective's options (sapo_tau_pos, ...) are config fields of the same name
+        kwargs.update({name: getattr(self, name) for name in policy_loss_spec(self.policy_loss).options})
+        return kwargs
+
+    @property
+    def pi_old_source(self) -> str:
+        """Where pi_old comes from, decided once: 'engine' (the rollout engine's log-probs, GSPO §5.4),
+        'no_grad_pass' (the producer's pass before any update: several mini-batches change the weights before
+        the last one is used, and a KL reward needs pi_old up front), or 'first_epoch' (the learner's own
+        first-epoch log-probs: with one mini-batch that forward runs before any update, so it *is* pi_old)."""
+        if self.old_logprobs_source == "engine":
+            return "engine"
+        return "no_grad_pass" if self.num_mini_batches > 1 or self.kl_in_reward else "first_epoch"
 
     @property
     def uses_reference_model(self) -> bool:
         return self.kl_coef > 0 or self.adaptive_kl
 
     def clip_summary(self) -> str:
-        """The importance level and the clip epsilons in force, for the start-up log line."""
+        """The objective, importance level, aggregation and clip epsilons in force, for the start-up log line."""
         default = self.clip_range is None and self.clip_range_low is None and self.clip_range_high is None
-        note = " (the level's recommended values)" if default else ""
+        note = " (the recommended values for the objective and level)" if default else ""
+        extra = {
+            "cispo": " (caps the stop-gradient IS weight)",
+            "sapo": f" (SAPO does not clip: it only counts clip_fraction; gate tau_pos={self.sapo_tau_pos:g} "
+            f"tau_neg={self.sapo_tau_neg:g})",
+            "gmpo": " (in log space)",
+        }.get(self.policy_loss, "")
         return (
-            f"importance_sampling_level={self.importance_sampling_level}, clip eps low={self.clip_low:g} "
-            f"high={self.clip_high:g}{note}"
+            f"policy_loss={self.policy_loss}, importance_sampling_level={self.importance_sampling_level}, "
+            f"loss_aggregation={self.loss_aggregation_in_force}, clip eps low={self.clip_low:g} "
+            f"high={self.clip_high:g}{extra}{note}"
         )
 
     def to_dict(self) -> dict:
@@ -381,10 +500,12 @@ _OPTIONAL_TYPES = {
     "clip_range": float,
     "clip_range_low": float,
     "clip_range_high": float,
+    "loss_aggregation_norm_length": int,
     "save_total_limit": int,
     "resume_from_checkpoint": str,
     "vllm_max_model_len": int,
     "value_model_name": str,
+    "overlong_buffer_len": int,
 }
 
 
@@ -422,6 +543,7 @@ def _check_types(cfg: GSPOConfig) -> None:
 _POSITIVE_FIELDS = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs", "gspo_epochs",
                     "max_new_tokens", "max_prompt_length", "kl_horizon", "entropy_chunk_size", "eval_batch_size",
                     "eval_max_samples", "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha")
+_NON_NEGATIVE_INT_FIELDS = ("dynamic_sampling_max_rounds",)
 _NON_NEGATIVE_FIELDS = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef", "eval_steps",
                         "save_steps", "log_completions_steps", "top_k", "lora_dropout")
 # fmt: on
@@ -431,7 +553,7 @@ def _check_ranges(cfg: GSPOConfig) -> None:
     for name in _POSITIVE_FIELDS:
         if getattr(cfg, name) < 1:
             raise _err(name, getattr(cfg, name), "must be >= 1")
-    for name in _NON_NEGATIVE_FIELDS:
+    for name in _NON_NEGATIVE_FIELDS + _NON_NEGATIVE_INT_FIELDS:
         if getattr(cfg, name) < 0:
             raise _err(name, getattr(cfg, name), "must be >= 0")
     if cfg.group_size < 2:
@@ -442,7 +564,7 @@ def _check_ranges(cfg: GSPOConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (int, float)) and 0 < v):
             raise _err(name, v, "must be a number > 0, or None for the level's recommended value")
-    if cfg.clip_low >= 1:
+    if cfg.policy_loss == "clip" and cfg.clip_low >= 1:  # cispo: >= 1 is "no lower bound"; gmpo: log space
         raise _err(
             "clip_range_low" if cfg.clip_range_low is not None else "clip_range",
             cfg.clip_low,
@@ -471,18 +593,45 @@ def _check_ranges(cfg: GSPOConfig) -> None:
         raise _err("save_total_limit", cfg.save_total_limit, "must be None or >= 1")
 
 
+def _check_objective(cfg: GSPOConfig) -> None:
+    """policy_loss with importance_sampling_level, loss_aggregation and its options (gspo.core's rules)."""
+    spec, level = policy_loss_spec(cfg.policy_loss), cfg.importance_sampling_level
+    if level not in spec.clip:
+        raise _err(
+            "importance_sampling_level",
+            level,
+            f"policy_loss={cfg.policy_loss!r} is defined at {list(spec.clip)} only ({spec.level_rule})",
+        )
+    allowed = allowed_aggregations(cfg.policy_loss, level)
+    if cfg.loss_aggregation not in (None,) + allowed:
+        raise _err(
+            "loss_aggregation",
+            cfg.loss_aggregation,
+            f"importance_sampling_level={level!r} is defined per sequence (mean over sequences); only None or "
+            "'seq-mean-token-mean' apply"
+            if level != "token"
+            else f"policy_loss={cfg.policy_loss!r} at token level takes None or one of {list(allowed)}",
+        )
+    n = cfg.loss_aggregation_norm_length
+    if n is not None and n < 1:
+        raise _err("loss_aggregation_norm_length", n, "must be >= 1, or None for max_new_tokens")
+    if n is not None and cfg.loss_aggregation_in_force != "seq-mean-token-sum-norm":
+        raise _err(
+            "loss_aggregation_norm_length",
+            n,
+            "applies only with loss_aggregation='seq-mean-token-sum-norm' (importance_sampling_level='token'); "
+            f"the aggregation in force is {cfg.loss_aggregation_in_force!r}",
+        )
+    for name in ("sapo_tau_pos", "sapo_tau_neg"):
+        if not getattr(cfg, name) > 0:
+            raise _err(name, getattr(cfg, name), "must be > 0 (the temperature of SAPO's gate)")
+
+
 def _check_combinations(cfg: GSPOConfig) -> None:
     if cfg.advantage_type == "normalized" and not cfg.use_group_normalization:
         raise ConfigError(
             "GSPOConfig.advantage_type='normalized' contradicts use_group_normalization=False: "
             "set use_group_normalization=True, or advantage_type='relative' for unnormalised advantages."
-        )
-    if cfg.importance_sampling_level != "token" and cfg.loss_aggregation not in (None, "seq-mean-token-mean"):
-        raise _err(
-            "loss_aggregation",
-            cfg.loss_aggregation,
-            f"importance_sampling_level={cfg.importance_sampling_level!r} is defined per sequence "
-            "(mean over sequences); only None or 'seq-mean-token-mean' apply",
         )
     rollout = cfg.batch_size * cfg.group_size
     if rollout % cfg.num_mini_batches:
@@ -506,6 +655,7 @@ def _check_combinations(cfg: GSPOConfig) -> None:
             "precisions: use torch_dtype='float32' (master weights) or 'bfloat16'",
         )
     _check_engine(cfg)
+    _check_overlong(cfg)
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")
@@ -514,6 +664,31 @@ def _check_combinations(cfg: GSPOConfig) -> None:
             "reward_weights",
             cfg.reward_weights,
             f"needs one weight per entry of reward_funcs ({len(cfg.reward_funcs)})",
+        )
+
+
+def _reward_names(cfg: GSPOConfig) -> list:
+    """The names of reward_funcs given as strings or dict specs (callables have no name to match)."""
+    return [spec.get("name") if isinstance(spec, dict) else spec for spec in cfg.reward_funcs]
+
+
+def _check_overlong(cfg: GSPOConfig) -> None:
+    n = cfg.overlong_buffer_len
+    if n is not None and not 1 <= n < cfg.max_new_tokens:
+        raise _err(
+            "overlong_buffer_len",
+            n,
+            f"L_cache must be >= 1 and < max_new_tokens={cfg.max_new_tokens} (L_max), so that some lengths go "
+            "unpunished",
+        )
+    if not cfg.overlong_penalty >= 0:
+        raise _err("overlong_penalty", cfg.overlong_penalty, "must be >= 0 (it is subtracted)")
+    if n is None and "soft_overlong_punishment" in _reward_names(cfg):
+        raise _err(
+            "overlong_buffer_len",
+            None,
+            "reward_funcs has 'soft_overlong_punishment', which needs L_cache: set overlong_buffer_len to an int in "
+            f"[1, max_new_tokens={cfg.max_new_tokens})",
         )
 
 
@@ -600,6 +775,7 @@ def validate(cfg: GSPOConfig) -> None:
     """Check every field once; raise ConfigError naming the field, value and what is allowed."""
     _check_types(cfg)
     _check_choices(cfg)
+    _check_objective(cfg)
     _check_ranges(cfg)
     _check_combinations(cfg)
     _check_paths(cfg)

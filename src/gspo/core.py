@@ -1,10 +1,24 @@
-"""The math of GSPO, GSPO-token and GRPO as pure tensor functions. No model, no I/O.
+"""The math of GSPO, GSPO-token, GRPO and the other policy objectives as pure tensor functions. No model, no I/O.
 
-Equation numbers refer to the GSPO paper (Zheng et al., 2025,
+Equation numbers without a paper's name refer to the GSPO paper (Zheng et al., 2025,
 arXiv 2507.18071). Notation: N sequences (prompts x group), T completion positions,
-`mask[i, t] = 1` on the completion tokens of sequence i (EOS included, padding excluded).
+`mask[i, t] = 1` on the tokens the loss is taken over (the policy's completion tokens, EOS included;
+padding, and in multi-turn episodes the environment's tokens, excluded).
 
-Departures from the paper, on purpose:
+Policy objectives by name: `POLICY_LOSSES[name]` is a function with one signature for every objective,
+
+    fn(logprobs [N, T], old_logprobs [N, T], advantages [N] or [N, T], loss_mask [N, T], *,
+       level, clip_low, clip_high, aggregation, max_log_ratio=20.0,
+       num_sequences=None, num_tokens=None, is_weights=None, norm_length=None, **options) -> (loss, metrics)
+
+and metrics always hold the detached clip_fraction_seq, clip_fraction_token, ratio_mean, ratio_min and
+ratio_max. Registered here: 'clip' (the clipped surrogate of GSPO / GSPO-token / GRPO, `policy_loss`),
+'cispo' (MiniMax-M1), 'sapo' (soft adaptive gate) and 'gmpo' (geometric-mean ratio); docs/objectives.md
+lists them with their equations. `POLICY_LOSS_SPECS[name]` says which importance levels each accepts,
+the clip it recommends at each, its default aggregation and its options. Adding an objective is one
+function with that signature plus `@register_policy_loss(name, clip={level: (eps_low, eps_high)})`.
+
+Departures from the papers, on purpose:
 * log-ratios are clamped to [-max_log_ratio, max_log_ratio] before `exp`, so one
   outlier token cannot overflow to inf and poison the gradient with NaN;
 * the normalised advantage divides by the group's *sample* std (unbiased, as the
@@ -17,27 +31,22 @@ Departures from the paper, on purpose:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 IMPORTANCE_LEVELS = ("sequence", "sequence_token", "token")
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# The per-sequence levels (GSPO Eq. 5 / 14, GMPO) are a mean over sequences by definition.
+SEQUENCE_AGGREGATIONS = ("seq-mean-token-mean",)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
-# (eps_low, eps_high) recommended per level: GSPO paper §5.1 for the sequence levels,
-# the usual PPO/GRPO 0.2 for token level.
-_RECOMMENDED_CLIP = {"sequence": (3e-4, 4e-4), "sequence_token": (3e-4, 4e-4), "token": (0.2, 0.2)}
 
-
-def recommended_clip_range(level: str) -> tuple[float, float]:
-    _check_level(level)
-    return _RECOMMENDED_CLIP[level]
-
-
-def _check_level(level: str) -> None:
-    if level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"importance sampling level {level!r} is not one of {list(IMPORTANCE_LEVELS)}")
+def recommended_clip_range(level: str, objective: str = "clip") -> tuple[float, float]:
+    """(eps_low, eps_high) the objective's paper (or verl) uses at this importance level."""
+    check_objective_level(objective, level)
+    return POLICY_LOSS_SPECS[objective].clip[level]
 
 
 # ----------------------------------------------------------------------------------
@@ -96,12 +105,19 @@ def aggregate(
     mode: str,
     num_sequences: Optional[float] = None,
     num_tokens: Optional[float] = None,
+    norm_length: Optional[float] = None,
 ) -> torch.Tensor:
     """Reduce per-token losses to a scalar (verl's mode names).
 
-    seq-mean-token-mean: (1/N) sum_i (1/|y_i|) sum_t l_it   (GRPO paper; GSPO Eq. 5/14)
-    token-mean:          (1/sum_i |y_i|) sum_i sum_t l_it    (DAPO)
-    seq-mean-token-sum:  (1/N) sum_i sum_t l_it              (the seed's token-level loss)
+    seq-mean-token-mean:     (1/N) sum_i (1/|y_i|) sum_t l_it   (GRPO paper; GSPO Eq. 5/14)
+    token-mean:              (1/sum_i |y_i|) sum_i sum_t l_it    (DAPO)
+    seq-mean-token-sum:      (1/N) sum_i sum_t l_it              (the seed's token-level loss)
+    seq-mean-token-sum-norm: (1/(N L)) sum_i sum_t l_it, L = norm_length a constant (Dr. GRPO,
+                             arXiv 2503.20783: its objective is (1/G) sum_i sum_t, no 1/|y_i|; its code and
+                             TRL's 'dr_grpo' divide by N * max completion length). verl's agg_loss of that name
+                             returns sum_i sum_t l_it / L per micro-batch, without 1/N (its actor then scales
+                             by 1/gradient_accumulation): ours is verl's divided by N, so that the loss does
+                             not grow with the batch and slices add up to the whole.
     `num_sequences` / `num_tokens` replace N / sum|y_i| when this batch is a slice of a
     larger one, so that slices' losses add up to the whole batch's loss.
     """
@@ -114,7 +130,170 @@ def aggregate(
     if mode == "token-mean":
         n_tok = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
         return masked_sum(token_losses, mask) / n_tok
+    if mode == "seq-mean-token-sum-norm":
+        if norm_length is None or not norm_length > 0:
+            raise ValueError(
+                f"loss aggregation 'seq-mean-token-sum-norm' needs norm_length > 0, a constant token count "
+                f"(Dr. GRPO: the maximum completion length), got {norm_length!r}"
+            )
+        return masked_sum(token_losses, mask) / (n_seq * norm_length)  # Dr. GRPO: sum_i sum_t l_it / (N L)
     raise ValueError(f"loss aggregation {mode!r} is not one of {list(AGGREGATIONS)}")
+
+
+# ----------------------------------------------------------------------------------
+# The registry of policy objectives
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """What the registry knows about an objective besides its function.
+
+    clip: {level: (eps_low, eps_high)}: the importance levels it accepts (the first is its default) and the clip
+        its paper (or verl) recommends at each; default_aggregation: the token level's aggregation when none is
+        given (the per-sequence levels have only 'seq-mean-token-mean'); options: {name: default} of the
+        keyword arguments only this objective takes (GSPOConfig has a field of the same name for each)."""
+
+    clip: dict
+    default_aggregation: str
+    options: dict
+    level_rule: str  # why it accepts only those levels, for error messages
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {}
+POLICY_LOSS_SPECS: dict[str, PolicyLossSpec] = {}
+
+
+def register_policy_loss(
+    name: str,
+    *,
+    clip: dict,
+    default_aggregation: str = "seq-mean-token-mean",
+    options: Optional[dict] = None,
+    level_rule: str = "",
+) -> Callable:
+    """Decorator: register `fn` as POLICY_LOSSES[name], with the levels / clip / options it takes (PolicyLossSpec)."""
+    for level in clip:
+        if level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_sampling_level {level!r} is not one of {list(IMPORTANCE_LEVELS)}")
+    if default_aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss_aggregation {default_aggregation!r} is not one of {list(AGGREGATIONS)}")
+
+    def decorator(fn: Callable) -> Callable:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy_loss {name!r} is already registered")
+        POLICY_LOSSES[name] = fn
+        POLICY_LOSS_SPECS[name] = PolicyLossSpec(dict(clip), default_aggregation, dict(options or {}), level_rule)
+        return fn
+
+    return decorator
+
+
+def policy_loss_spec(objective: str) -> PolicyLossSpec:
+    if objective not in POLICY_LOSS_SPECS:
+        raise ValueError(f"policy_loss {objective!r} is not one of {list(POLICY_LOSSES)}")
+    return POLICY_LOSS_SPECS[objective]
+
+
+def check_objective_level(objective: str, level: str) -> None:
+    """ValueError naming importance_sampling_level unless `objective` is defined at `level`."""
+    spec = policy_loss_spec(objective)
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_sampling_level {level!r} is not one of {list(IMPORTANCE_LEVELS)}")
+    if level not in spec.clip:
+        raise ValueError(
+            f"importance_sampling_level {level!r} does not apply to policy_loss {objective!r}: allowed "
+            f"{list(spec.clip)}" + (f" ({spec.level_rule})" if spec.level_rule else "")
+        )
+
+
+def allowed_aggregations(objective: str, level: str) -> tuple[str, ...]:
+    """The loss aggregations `objective` accepts at `level`, its default first."""
+    check_objective_level(objective, level)
+    if level != "token":
+        return SEQUENCE_AGGREGATIONS
+    default = POLICY_LOSS_SPECS[objective].default_aggregation
+    return (default,) + tuple(a for a in AGGREGATIONS if a != default)
+
+
+def resolve_aggregation(objective: str, level: str, aggregation: Optional[str]) -> str:
+    """The aggregation in force (None: the objective's default); ValueError naming loss_aggregation otherwise."""
+    allowed = allowed_aggregations(objective, level)
+    if aggregation is None:
+        return allowed[0]
+    if level != "token" and aggregation not in allowed:
+        raise ValueError(
+            f"importance_sampling_level {level!r} is defined per sequence (mean over sequences: GSPO Eq. 5 / "
+            f"Eq. 14, GMPO); loss_aggregation must be None or 'seq-mean-token-mean', got {aggregation!r}"
+        )
+    if aggregation not in allowed:
+        raise ValueError(f"loss aggregation {aggregation!r} is not one of {list(allowed)}")
+    return aggregation
+
+
+class _Call(NamedTuple):
+    level: str
+    aggregation: str
+    clip_low: float
+    clip_high: float
+    options: dict
+
+
+def _prepare(objective, logprobs, old_logprobs, advantages, mask, level, clip_low, clip_high, aggregation, options):
+    """Check one call of a registered objective; fill in its defaults (level, clip, aggregation, options)."""
+    spec = policy_loss_spec(objective)
+    level = next(iter(spec.clip)) if level is None else level
+    check_objective_level(objective, level)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise TypeError(
+            f"policy_loss {objective!r} got unknown option(s) {unknown}; its options are {sorted(spec.options)}"
+        )
+    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError(
+            "logprobs, old_logprobs and mask must share one [N, T] shape, got "
+            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(
+            f"advantages must be [N]={tuple(logprobs.shape[:1])} or [N, T]={tuple(logprobs.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+    if level == "sequence" and advantages.dim() == 2:
+        raise ValueError(
+            f"policy_loss {objective!r} at level 'sequence' (one term per sequence: GSPO Eq. 5, GMPO) takes one "
+            "advantage per sequence [N]; for per-token advantages use level 'sequence_token' (Eq. 13) or 'token'"
+        )
+    mode = resolve_aggregation(objective, level, aggregation)
+    low, high = spec.clip[level]
+    return _Call(
+        level,
+        mode,
+        low if clip_low is None else float(clip_low),
+        high if clip_high is None else float(clip_high),
+        {**spec.options, **options},
+    )
+
+
+def _metrics(
+    clipped: torch.Tensor,  # [N, T] bool: where the objective's clip binds
+    mask: torch.Tensor,  # [N, T] float
+    seq_ratio: torch.Tensor,  # [N] one importance ratio per sequence, for the log
+) -> dict:
+    """clip_fraction_seq: mean over sequences of the fraction of a sequence's tokens clipped (for a sequence-level
+    objective a 0/1 flag per sequence); clip_fraction_token: clipped tokens / all tokens (GSPO's Fig. 2 count);
+    the ratio's mean / min / max over sequences. All detached."""
+    clipped = clipped.to(mask.dtype)
+    seq_ratio = seq_ratio.detach()
+    return {
+        "clip_fraction_seq": masked_mean(clipped, mask, dim=1).mean().detach(),
+        "clip_fraction_token": masked_mean(clipped, mask).detach(),
+        "ratio_mean": seq_ratio.mean(),
+        "ratio_min": seq_ratio.min(),
+        "ratio_max": seq_ratio.max(),
+    }
+
+
+def _token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # [N, T]
+    return advantages if advantages.dim() == 2 else advantages[:, None].expand_as(like)
 
 
 # ----------------------------------------------------------------------------------
@@ -138,74 +317,53 @@ def clipped_surrogate(
     """Per-element loss -min(r A, clip(r, 1-eps_low, 1+eps_high) A) and where the clip is active."""
     surr = ratio * advantages
     surr_clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    # The clip binds (and the gradient vanishes) only on the side the advantage pushes towards.
-    clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
-    return -torch.min(surr, surr_clipped), clipped
+    return -torch.min(surr, surr_clipped), _clip_binds(ratio, advantages, 1 - clip_low, 1 + clip_high)
 
 
-def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, *, level, aggregation) -> str:
-    _check_level(level)
-    if logprobs.dim() != 2 or old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
-        raise ValueError(
-            "logprobs, old_logprobs and mask must share one [N, T] shape, got "
-            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
-        )
-    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(
-            f"advantages must be [N]={tuple(logprobs.shape[:1])} or [N, T]={tuple(logprobs.shape)}, "
-            f"got {tuple(advantages.shape)}"
-        )
-    if level == "sequence" and advantages.dim() == 2:
-        raise ValueError(
-            "level 'sequence' (GSPO, Eq. 5) takes one advantage per sequence [N]; "
-            "use level 'sequence_token' (Eq. 13) for per-token advantages"
-        )
-    if level == "token":
-        aggregation = aggregation or "seq-mean-token-mean"
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss aggregation {aggregation!r} is not one of {list(AGGREGATIONS)}")
-        return aggregation
-    if aggregation not in (None, "seq-mean-token-mean"):
-        raise ValueError(
-            f"level {level!r} is defined per sequence (Eq. 5 / Eq. 14: mean over sequences); "
-            f"aggregation must be None or 'seq-mean-token-mean', got {aggregation!r}"
-        )
-    return "seq-mean-token-mean"
+def _clip_binds(x, advantages, low, high):
+    """The clip binds (and the gradient vanishes) only on the side the advantage pushes towards."""
+    return ((x > high) & (advantages > 0)) | ((x < low) & (advantages < 0))
 
 
+@register_policy_loss("clip", clip={"sequence": (3e-4, 4e-4), "sequence_token": (3e-4, 4e-4), "token": (0.2, 0.2)})
 def policy_loss(
     logprobs: torch.Tensor,  # [N, T] log pi_theta(y_t | x, y_<t), requires grad
     old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
     advantages: torch.Tensor,  # [N] per sequence, or [N, T] per token
-    mask: torch.Tensor,  # [N, T] 1 on completion tokens
+    loss_mask: torch.Tensor,  # [N, T] 1 on the tokens the loss is taken over
     *,
-    level: str = "sequence",
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
-    aggregation: Optional[str] = None,
+    level: Optional[str] = None,  # None: 'sequence'
+    clip_low: Optional[float] = None,  # None: recommended_clip_range(level)
+    clip_high: Optional[float] = None,
+    aggregation: Optional[str] = None,  # None: 'seq-mean-token-mean'
     max_log_ratio: float = 20.0,
     num_sequences: Optional[float] = None,
     num_tokens: Optional[float] = None,
     is_weights: Optional[torch.Tensor] = None,  # [N, T] engine-mismatch weights (engine_is_weights), no grad
+    norm_length: Optional[float] = None,  # seq-mean-token-sum-norm's constant L
+    **options,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped policy-gradient loss for GSPO ('sequence'), GSPO-token or GRPO ('token'). `is_weights` scale
-    each token's surrogate (sequence level: each sequence's, by their mean); denominators are unchanged.
+    """'clip': the clipped surrogate for GSPO ('sequence', Eq. 5-7), GSPO-token ('sequence_token', Eq. 13-14)
+    or GRPO ('token'). Paper clip (GSPO §5.1): 3e-4 / 4e-4 at the sequence levels; 0.2 at token level.
+    `is_weights` scale each token's surrogate (sequence level: each sequence's, by their mean); denominators
+    are unchanged. verl: 'gspo' (our 'sequence_token'; it clamps the log-ratio at 10, we at max_log_ratio) and
+    'vanilla' (token level, plus dual-clip at ratio 3 for A < 0, which we do not have).
 
-    Returns (loss, metrics); metrics are detached: clip_fraction_seq (mean over sequences
-    of the fraction of a sequence's tokens clipped; for GSPO a 0/1 flag per sequence),
-    clip_fraction_token (clipped tokens / all tokens, the paper's Fig. 2 count), and
-    the importance ratio's mean / min / max over sequences.
+    Returns (loss, metrics); metrics are detached: clip_fraction_seq, clip_fraction_token and the importance
+    ratio's mean / min / max over sequences (token level: each sequence's mean token ratio).
     """
-    mode = _check_loss_inputs(logprobs, old_logprobs, advantages, mask, level=level, aggregation=aggregation)
-    mask = mask.to(logprobs.dtype)
+    call = _prepare(
+        "clip", logprobs, old_logprobs, advantages, loss_mask, level, clip_low, clip_high, aggregation, options
+    )
+    level, mode, clip_low, clip_high = call.level, call.aggregation, call.clip_low, call.clip_high
+    mask = loss_mask.to(logprobs.dtype)
     old_logprobs = old_logprobs.detach()
     if level == "token":
         log_ratio = (logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio)
         ratio = torch.exp(log_ratio)  # [N, T] r_it = pi_theta / pi_old per token
-        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
-        token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+        token_loss, clipped = clipped_surrogate(ratio, _token_advantages(advantages, ratio), clip_low, clip_high)
         token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
-        loss = aggregate(token_loss, mask, mode, num_sequences, num_tokens)
+        loss = aggregate(token_loss, mask, mode, num_sequences, num_tokens, norm_length)
         seq_ratio = masked_mean(ratio.detach(), mask, dim=1)
     else:
         log_s = sequence_log_ratio(logprobs, old_logprobs, mask).clamp(-max_log_ratio, max_log_ratio)  # Eq. 7
@@ -214,25 +372,183 @@ def policy_loss(
             seq_loss, seq_clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)  # Eq. 5
             if is_weights is not None:
                 seq_loss = seq_loss * masked_mean(is_weights.detach(), mask, dim=1)
+            seq_loss = seq_loss * (mask.sum(dim=1) > 0)  # a sequence with no loss tokens adds nothing (not -A_i)
             loss = seq_loss.sum() / (num_sequences if num_sequences is not None else seq_loss.shape[0])
             clipped = seq_clipped[:, None].expand_as(mask)
         else:
             # Eq. 13: s_it = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)] -> value s_i, gradient per token
             ratio = torch.exp(log_s.detach()[:, None] + logprobs - logprobs.detach())  # [N, T]
-            adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(ratio)
-            token_loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+            token_loss, clipped = clipped_surrogate(ratio, _token_advantages(advantages, ratio), clip_low, clip_high)
             token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
             loss = aggregate(token_loss, mask, "seq-mean-token-mean", num_sequences)  # Eq. 14
         seq_ratio = torch.exp(log_s.detach())
-    clipped = clipped.to(mask.dtype)
-    metrics = {
-        "clip_fraction_seq": masked_mean(clipped, mask, dim=1).mean().detach(),
-        "clip_fraction_token": masked_mean(clipped, mask).detach(),
-        "ratio_mean": seq_ratio.mean(),
-        "ratio_min": seq_ratio.min(),
-        "ratio_max": seq_ratio.max(),
-    }
-    return loss, metrics
+    return loss, _metrics(clipped, mask, seq_ratio)
+
+
+# ----------------------------------------------------------------------------------
+# CISPO, SAPO, GMPO: other objectives users ask for by name (DESIGN §2c)
+# ----------------------------------------------------------------------------------
+@register_policy_loss(
+    "cispo",
+    clip={"token": (1.0, 0.2)},
+    default_aggregation="token-mean",
+    level_rule="CISPO clips each token's importance-sampling weight, MiniMax-M1 Eq. 4: use 'token'",
+)
+def cispo_loss(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta, requires grad
+    old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
+    advantages: torch.Tensor,  # [N] or [N, T]
+    loss_mask: torch.Tensor,  # [N, T]
+    *,
+    level: Optional[str] = None,  # only 'token'
+    clip_low: Optional[float] = None,  # None: 1.0, a floor of 0 (no lower bound)
+    clip_high: Optional[float] = None,  # None: 0.2
+    aggregation: Optional[str] = None,  # None: 'token-mean' (Eq. 4 divides by all tokens of the group)
+    max_log_ratio: float = 20.0,
+    num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+    is_weights: Optional[torch.Tensor] = None,  # [N, T], no grad: scales each token's loss
+    norm_length: Optional[float] = None,
+    **options,
+) -> tuple[torch.Tensor, dict]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585 §3.1): l_it = -sg(clip(r_it, 1-eps_low, 1+eps_high)) * A_it * log pi_theta.
+
+    The clip caps the importance-sampling *weight* and is under a stop-gradient, so no token loses its gradient
+    (PPO's clip zeroes it): d l_it / d log pi = -r̂_it A_it on every token. The paper sets no lower bound
+    ("eps_low large") and tunes eps_high; default here 1.0 / 0.2 (a floor of 0 is no floor: ratios are > 0;
+    verl's example run sets clip_ratio_low=10, clip_ratio_high=0.2, the same weights). Default aggregation
+    'token-mean', as Eq. 4 (1 / sum_i |o_i|) and verl's default loss_agg_mode. Matches verl
+    `compute_policy_loss_cispo` term by term (both clamp the log-ratio at 20); its clip fraction, like ours,
+    counts tokens whose weight was capped on either side, whatever the advantage's sign.
+    """
+    call = _prepare(
+        "cispo", logprobs, old_logprobs, advantages, loss_mask, level, clip_low, clip_high, aggregation, options
+    )
+    mask = loss_mask.to(logprobs.dtype)
+    log_ratio = (logprobs.detach() - old_logprobs.detach()).clamp(-max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)  # [N, T] r_it, no gradient
+    low, high = 1 - call.clip_low, 1 + call.clip_high
+    weight = ratio.clamp(low, high)  # [N, T] r̂_it = clip(r_it, 1 - eps_low, 1 + eps_high), under sg
+    token_loss = -weight * _token_advantages(advantages, ratio) * logprobs  # MiniMax-M1 Eq. 4
+    token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
+    loss = aggregate(token_loss, mask, call.aggregation, num_sequences, num_tokens, norm_length)
+    clipped = (ratio < low) | (ratio > high)
+    return loss, _metrics(clipped, mask, masked_mean(ratio, mask, dim=1))
+
+
+@register_policy_loss(
+    "sapo",
+    clip={"token": (0.2, 0.2)},
+    options={"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05},
+    level_rule="SAPO gates each token's ratio, arXiv 2511.20347: use 'token'",
+)
+def sapo_loss(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta, requires grad
+    old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
+    advantages: torch.Tensor,  # [N] or [N, T]
+    loss_mask: torch.Tensor,  # [N, T]
+    *,
+    level: Optional[str] = None,  # only 'token'
+    clip_low: Optional[float] = None,  # SAPO does not clip: eps only count clip_fraction_* (see below)
+    clip_high: Optional[float] = None,
+    aggregation: Optional[str] = None,  # None: 'seq-mean-token-mean' (the paper's and verl's)
+    max_log_ratio: float = 20.0,
+    num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+    is_weights: Optional[torch.Tensor] = None,  # [N, T], no grad: scales each token's loss
+    norm_length: Optional[float] = None,
+    **options,  # sapo_tau_pos (default 1.0), sapo_tau_neg (default 1.05): verl's tau_pos / tau_neg defaults
+) -> tuple[torch.Tensor, dict]:
+    """SAPO (arXiv 2511.20347 §3): l_it = -f(r_it) A_it with the soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau,
+    tau = sapo_tau_pos where A_it > 0, sapo_tau_neg elsewhere.
+
+    No hard clip: the gate's gradient weight d f / d r = 4 sigma (1 - sigma) is 1 at r = 1 (on-policy SAPO is the
+    plain policy gradient) and decays smoothly as r leaves 1, faster for the larger tau (the paper: tau_neg >
+    tau_pos). Matches verl `compute_policy_loss_sapo` term by term, which hard-codes seq-mean-token-mean whatever
+    loss_agg_mode says; here the aggregation is a choice, defaulting to seq-mean-token-mean (the paper's
+    1/G sum_i 1/|y_i| sum_t). verl reports clip fractions of 0; here clip_fraction_* count the tokens whose
+    ratio is beyond [1 - clip_low, 1 + clip_high] on the side the advantage pushes, where the 'clip' objective's
+    hard clip would have zeroed the gradient and SAPO only attenuates it.
+    """
+    call = _prepare(
+        "sapo", logprobs, old_logprobs, advantages, loss_mask, level, clip_low, clip_high, aggregation, options
+    )
+    tau_pos, tau_neg = (float(call.options[k]) for k in ("sapo_tau_pos", "sapo_tau_neg"))
+    for name, tau in (("sapo_tau_pos", tau_pos), ("sapo_tau_neg", tau_neg)):
+        if not tau > 0:
+            raise ValueError(f"SAPO option {name}={tau!r} must be > 0 (the gate's temperature)")
+    mask = loss_mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)  # [N, T] r_it
+    adv = _token_advantages(advantages, ratio)
+    tau = torch.where(adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))  # [N, T] tau_it
+    gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)  # SAPO §3: f_it(r) = sigma(tau (r - 1)) 4 / tau
+    token_loss = -gate * adv  # SAPO §3: J = (1/G) sum_i (1/|y_i|) sum_t f_it(r_it) A_it
+    token_loss = token_loss if is_weights is None else token_loss * is_weights.detach()
+    loss = aggregate(token_loss, mask, call.aggregation, num_sequences, num_tokens, norm_length)
+    clipped = _clip_binds(ratio.detach(), adv, 1 - call.clip_low, 1 + call.clip_high)
+    return loss, _metrics(clipped, mask, masked_mean(ratio.detach(), mask, dim=1))
+
+
+@register_policy_loss(
+    "gmpo",
+    clip={"sequence": (0.4, 0.4)},
+    level_rule="GMPO is its own sequence-level form, a geometric mean of clipped token ratios: use 'sequence'",
+)
+def gmpo_loss(
+    logprobs: torch.Tensor,  # [N, T] log pi_theta, requires grad
+    old_logprobs: torch.Tensor,  # [N, T] log pi_old, no grad
+    advantages: torch.Tensor,  # [N] one per sequence
+    loss_mask: torch.Tensor,  # [N, T]
+    *,
+    level: Optional[str] = None,  # only 'sequence'
+    clip_low: Optional[float] = None,  # in log space: token log-ratios floor at -clip_low (None: 0.4)
+    clip_high: Optional[float] = None,  # in log space: token log-ratios cap at clip_high (None: 0.4)
+    aggregation: Optional[str] = None,  # only None / 'seq-mean-token-mean' (mean over sequences)
+    max_log_ratio: float = 20.0,
+    num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+    is_weights: Optional[torch.Tensor] = None,  # [N, T], no grad: each sequence's loss times their geometric mean
+    norm_length: Optional[float] = None,
+    **options,
+) -> tuple[torch.Tensor, dict]:
+    """GMPO (arXiv 2507.20673 §3): l_i = -A_i * exp((1/|y_i|) sum_t c_it), the geometric mean of the token ratios
+    after a one-sided clip of each log-ratio lr_it on the side the advantage pushes:
+    c_it = min(lr_it, eps_high) if A_i > 0, max(lr_it, -eps_low) if A_i < 0 (the paper's
+    sgn(A) * prod_t |min(rho_t A, clip(rho_t, e^-eps_low, e^eps_high) A)|^(1/|y|), in log space). A clipped token
+    drops out of the gradient; the others get d l_i / d lp_it = -A_i s_i / |y_i|. Loss: mean over sequences.
+    Clip in log space, (e^-0.4, e^0.4) by default (the paper, and verl's examples/gmpo_trainer).
+
+    verl `compute_policy_loss_geo_mean` computes the same loss (sgn(A) * min(sgn(A) lr, sgn(A) clamp(lr))), with
+    differences: it does not clamp the log-ratio (we clamp at max_log_ratio, so a wild token cannot overflow);
+    it averages [N, T] advantages over tokens (we take [N] only: GMPO's advantage is per sequence); it divides by
+    the micro-batch's row count (we by num_sequences); its clip fraction counts every clamped token with A > 0,
+    also below -eps_low where the min keeps the unclipped value (we count where the clip binds, as `clip`).
+    IS weights enter as a per-sequence geometric mean, as in verl. The ratio metrics are the unclipped
+    exp(mean_t lr_it), GSPO's s_i.
+    """
+    call = _prepare(
+        "gmpo", logprobs, old_logprobs, advantages, loss_mask, level, clip_low, clip_high, aggregation, options
+    )
+    mask = loss_mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-max_log_ratio, max_log_ratio)  # [N, T] lr_it
+    adv = advantages[:, None]  # [N, 1]
+    clipped_lr = torch.where(  # GMPO §3: token clipping in log space, one-sided by sgn(A)
+        adv > 0,
+        log_ratio.clamp(max=call.clip_high),
+        torch.where(adv < 0, log_ratio.clamp(min=-call.clip_low), log_ratio),
+    )
+    ratio = torch.exp(masked_mean(clipped_lr, mask, dim=1))  # [N] (prod_t clipped rho_it)^(1/|y_i|)
+    seq_loss = -advantages * ratio  # GMPO §3: J = (1/G) sum_i A_i (prod_t rho_it)^(1/|y_i|)
+    if is_weights is not None:
+        w = is_weights.detach()
+        log_w = torch.where(mask.bool(), torch.log(w), torch.zeros_like(w))  # a weight of 0 gives -inf -> 0
+        seq_loss = seq_loss * torch.exp(log_w.sum(dim=1) / mask.sum(dim=1).clamp(min=1))
+    seq_loss = seq_loss * (mask.sum(dim=1) > 0)  # a sequence with no loss tokens adds nothing (not -A_i)
+    loss = seq_loss.sum() / (num_sequences if num_sequences is not None else seq_loss.shape[0])
+    clipped = _clip_binds(log_ratio.detach(), adv, -call.clip_low, call.clip_high)
+    seq_ratio = torch.exp(masked_mean(log_ratio.detach(), mask, dim=1))
+    return loss, _metrics(clipped, mask, seq_ratio)
 
 
 # ----------------------------------------------------------------------------------
@@ -344,6 +660,8 @@ class AdaptiveKLController(FixedKLController):
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        if not math.isfinite(current_kl):  # a skipped non-finite update says nothing about the KL
+            return
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
@@ -353,38 +671,43 @@ class AdaptiveKLController(FixedKLController):
 # ----------------------------------------------------------------------------------
 def place_sequence_rewards(
     rewards: torch.Tensor,  # [N] one scalar per completion
-    mask: torch.Tensor,  # [N, T] 1 on completion tokens, EOS included
+    mask: torch.Tensor,  # [N, T] loss mask: 1 on the policy's tokens (may have holes)
 ) -> torch.Tensor:  # [N, T]
-    """The sequence reward on the last completion token (the EOS when there is one), as verl, OpenRLHF and
-    NeMo-RL place it; 0 elsewhere. A completion without tokens gets nothing."""
-    lengths = mask.sum(dim=1).long()  # [N]
+    """The sequence reward on the policy's last token (the EOS when there is one), as verl, OpenRLHF and
+    NeMo-RL place it; 0 elsewhere. A completion without policy tokens gets nothing."""
+    t = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    last = torch.where(mask.bool(), t, -1).amax(dim=1) if mask.shape[1] else mask.new_full((mask.shape[0],), -1)
     out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
-    has = lengths > 0
+    has = last >= 0
     rows = torch.arange(mask.shape[0], device=mask.device)[has]
-    out[rows, lengths[has] - 1] = rewards[has]
+    out[rows, last[has]] = rewards[has]
     return out
 
 
 def gae_advantages(
     token_rewards: torch.Tensor,  # [N, T] r_t
     values: torch.Tensor,  # [N, T] V(s_t), no grad
-    mask: torch.Tensor,  # [N, T] 1 on completion tokens (right-padded)
+    mask: torch.Tensor,  # [N, T] loss mask: 1 on the policy's tokens (right-padded, may have holes)
     gamma: float,
     lam,  # float, or [N] one lambda per sequence (length-adaptive GAE)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (advantages [N, T], returns [N, T]), 0 off the mask
     """GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1},
-    with V = 0 and A = 0 after the last completion token; returns = A + V."""
+    with V = 0 and A = 0 after the last policy token; returns = A + V. t+1 is the next token *on the mask*:
+    tokens the policy did not produce (a tool's output) are skipped, as if the episode went on from there."""
     mask = mask.to(values.dtype)
     values = values.detach() * mask
     lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device).expand(values.shape[0])  # [N]
     advantages = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])  # [N]
+    next_value = torch.zeros_like(values[:, 0])  # [N] V and A of the next *policy* token
     next_adv = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
+        on = mask[:, t].bool()
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # A_t; 0 on padding, so the end restarts
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        adv = delta + gamma * lam * next_adv  # A_t
+        advantages[:, t] = adv * mask[:, t]
+        # Off the mask (padding, or tokens the policy did not produce) the recursion passes through unchanged.
+        next_adv = torch.where(on, adv, next_adv)
+        next_value = torch.where(on, values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 
@@ -433,112 +756,3 @@ def positive_example_nll(
     keep = mask.to(logprobs.dtype) * positive.to(logprobs.dtype)[:, None]
     denom = num_tokens if num_tokens is not None else keep.sum().clamp(min=1)
     return -masked_sum(logprobs, keep) / denom  # Eq. 9
-
-
-# ----------------------------------------------------------------------------------
-# Token log-probs and entropy from logits, one chunk of the vocabulary at a time
-# ----------------------------------------------------------------------------------
-class _LabelLogprob(torch.autograd.Function):
-    """log p(label) with the entropy as a by-product; backward recomputes the softmax from the saved
-    logits (a view: no [C, V] tensor is stored) and writes the gradient in place, without the
-    zero-filled [C, V] buffer that gather's backward allocates. The entropy gets a gradient only
-    when asked (entropy_grad): then H is saved too, one value per row."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, with_entropy: bool, entropy_grad: bool):  # [C, V], [C]
-        with torch.autocast(logits.device.type, enabled=False):  # float32 math even under bf16 autocast
-            logp, lse, entropy = _logsumexp_pass(logits, labels, with_entropy)
-        ctx.save_for_backward(logits, labels, lse, entropy if entropy_grad else None)
-        if entropy is not None and not entropy_grad:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):  # [C], [C] or None
-        logits, labels, lse, entropy = ctx.saved_tensors
-        dtype = _math_dtype(logits)
-        upcast = dtype != logits.dtype  # then logits[rows].to(dtype) is our own copy: work on it in place
-        grad = torch.empty_like(logits)  # [C, V] in the logits' dtype
-        g = grad_logp[:, None].to(dtype)  # [C, 1]
-        gh = grad_entropy[:, None].to(dtype) if entropy is not None and grad_entropy is not None else None
-        for rows in _row_blocks(logits):
-            z = logits[rows].to(dtype)  # [b, V]
-            logp_all = z.sub_(lse[rows]) if upcast else z - lse[rows]  # [b, V] log p_v
-            if gh is None:
-                block = logp_all.exp_().mul_(-g[rows])  # d log p_y / d z_v = 1[v = y] - p_v
-            else:  # d H / d z_v = -p_v (log p_v + H)
-                p = logp_all.exp()
-                block = logp_all.add_(entropy[rows, None]).mul_(gh[rows]).add_(g[rows]).mul_(p).neg_()
-            block.scatter_add_(1, labels[rows, None], g[rows])
-            grad[rows] = block
-        return grad, None, None, None
-
-
-def _logsumexp_pass(logits, labels, with_entropy: bool):
-    """[C, V] -> ([C] log p(label), [C, 1] logsumexp, [C] entropy or None), float32 math or better.
-
-    A block of rows at a time: the float32 temporaries of one block stay in cache and are reused,
-    where whole-chunk [C, V] buffers each cost a pass through memory plus page faults on first touch."""
-    dtype = _math_dtype(logits)
-    upcast = dtype != logits.dtype  # then logits[rows].to(dtype) is our own copy: work on it in place
-    z_label = logits.gather(-1, labels[:, None]).to(dtype)  # [C, 1]
-    lse, entropy = torch.empty_like(z_label), (torch.empty_like(z_label) if with_entropy else None)
-    for rows in _row_blocks(logits):
-        z = logits[rows].to(dtype)  # [b, V]: our copy when upcast, else a view of the caller's logits
-        m = z.amax(dim=-1, keepdim=True)  # [b, 1]
-        centered = z.sub_(m) if upcast else z - m  # [b, V] <= 0
-        e = centered.exp() if with_entropy else centered.exp_()  # [b, V] softmax numerators
-        s = e.sum(dim=-1, keepdim=True)  # [b, 1]
-        lse[rows] = m + s.log()  # logsumexp z
-        if with_entropy:  # H = log s - sum_v e_v (z_v - m) / s: centred, so no cancellation against m
-            dot = e.mul_(centered).sum(dim=-1, keepdim=True)  # [b, 1] (e is not needed after s)
-            entropy[rows] = s.log() - dot / s
-    logp = (z_label - lse).squeeze(-1)  # [C]  log p(label) = z_y - logsumexp z
-    return logp, lse, (entropy.squeeze(-1) if entropy is not None else None)
-
-
-def _math_dtype(logits: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision logits; float32 and float64 (gradcheck) stay as they are."""
-    return torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-
-
-_BLOCK_BYTES = 1 << 20  # float32 bytes per row block on CPU: 8 rows at V = 32768, cache-resident
-
-
-def _row_blocks(logits: torch.Tensor) -> list:
-    """Row slices of [C, V] logits. On CPU, blocks of ~1 MiB of float32 (at least 2 rows): measured
-    4x faster than whole-chunk temporaries at [1024, 32768]. Elsewhere one block: a GPU has the
-    bandwidth, and each block would cost kernel launches."""
-    n, vocab = logits.shape
-    rows = n if logits.device.type != "cpu" else max(2, _BLOCK_BYTES // (4 * max(vocab, 1)))
-    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
-
-
-def label_logprob(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False, entropy_grad: bool = False):
-    """[C, V] logits, [C] labels -> ([C] log p(label) with grad, [C] entropy or None).
-
-    The entropy (with_entropy) has no gradient unless entropy_grad. Low-precision logits are computed
-    in float32. Autograd keeps only the logits (a view) and one or two values per row."""
-    return _LabelLogprob.apply(logits, labels, with_entropy or entropy_grad, entropy_grad)
-
-
-def logprobs_and_entropy(
-    logits: torch.Tensor,  # [N, T, V] logits predicting labels
-    labels: torch.Tensor,  # [N, T] token ids
-    chunk_size: int = 1024,
-    with_entropy: bool = True,
-    entropy_grad: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token log p(label) [N, T] and entropy [N, T] or None, `chunk_size` rows at a time; the entropy
-    has a gradient when entropy_grad. Autograd keeps the logits (views) and one logsumexp (and entropy)
-    per position: backward recomputes each chunk's softmax, never holding [N*T, V] probabilities."""
-    n, t, v = logits.shape
-    flat_logits, flat_labels = logits.reshape(n * t, v), labels.reshape(n * t)
-    lps, ents = [], []
-    # split, not slicing: a slice's backward zero-fills a full-size gradient per chunk.
-    for chunk, lab in zip(flat_logits.split(chunk_size), flat_labels.split(chunk_size)):
-        lp, ent = label_logprob(chunk, lab, with_entropy=with_entropy, entropy_grad=with_entropy and entropy_grad)
-        lps.append(lp)
-        ents.append(ent)
-    logp = torch.cat(lps).view(n, t)
-    return logp, (torch.cat(ents).view(n, t) if with_entropy else None)

@@ -33,9 +33,10 @@ class GroupEstimator:
     def __init__(self, config) -> None:
         self.config = config
 
-    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> dict:
-        rollout.advantages = group_advantages(rollout.rewards, self.config.group_size, self.config.normalize_advantages)
-        return {}
+    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> tuple[dict, dict]:
+        """(the Rollout's new fields, metrics): here only the advantages."""
+        advantages = group_advantages(rollout.rewards, self.config.group_size, self.config.normalize_advantages)
+        return {"advantages": advantages}, {}
 
     def micro_batch(self, part: Rollout, *, num_tokens: float, last: bool, empty: bool) -> dict:
         return {}
@@ -48,9 +49,9 @@ class GroupEstimator:
 
 
 def token_rewards(rollout: Rollout, *, kl_coef: float) -> torch.Tensor:  # [N, T]
-    """The sequence reward on the last completion token, minus kl_coef * (log pi_old - log pi_ref) on every
-    token when the KL is part of the reward (PPO-RLHF, k1 per token; kl_coef 0: reward only)."""
-    mask = rollout.completion_mask
+    """The sequence reward on the policy's last token, minus kl_coef * (log pi_old - log pi_ref) on every
+    policy token when the KL is part of the reward (PPO-RLHF, k1 per token; kl_coef 0: reward only)."""
+    mask = rollout.loss_mask
     rewards = place_sequence_rewards(rollout.rewards, mask)
     if kl_coef and rollout.ref_logprobs is not None:
         rewards = rewards - kl_coef * (rollout.old_logprobs - rollout.ref_logprobs) * mask
@@ -95,14 +96,14 @@ class GAEEstimator:
                 [token_values(self.critic.module, part).cpu() for part in rollout.no_grad_parts(self.config)]
             )
 
-    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> dict:
-        """Fills rollout.values, .returns and per-token .advantages; returns the batch's metrics. `kl_coef`: the
-        KL controller's current coefficient, for kl_in_reward."""
-        cfg, mask = self.config, rollout.completion_mask
+    def estimate(self, rollout: Rollout, accelerator, *, kl_coef: float) -> tuple[dict, dict]:
+        """(the Rollout's new fields: values, returns and per-token advantages; the batch's metrics), over the
+        policy's tokens (the loss mask). `kl_coef`: the KL controller's current coefficient, for kl_in_reward."""
+        cfg, mask = self.config, rollout.loss_mask
         values = self._values(rollout) * mask
         rewards = token_rewards(rollout, kl_coef=kl_coef if cfg.kl_in_reward else 0.0)  # [N, T]
         lam = (
-            length_adaptive_lambda(rollout.lengths, cfg.length_adaptive_alpha)  # VAPO Eq. 5
+            length_adaptive_lambda(rollout.policy_lengths, cfg.length_adaptive_alpha)  # VAPO Eq. 5
             if cfg.gae_lambda == "adaptive"
             else torch.full((len(rollout),), float(cfg.gae_lambda))
         )
@@ -111,9 +112,9 @@ class GAEEstimator:
         raw = _global_moments(advantages, mask, accelerator)
         if cfg.whiten_advantages:
             advantages = (advantages - raw["mean"]) / (raw["std"] + 1e-8) * mask
-        rollout.values, rollout.returns, rollout.advantages = values, returns, advantages
         explained = _global_explained_variance(values, returns, mask, accelerator)
-        return {
+        fields = {"values": values, "returns": returns, "advantages": advantages}
+        return fields, {
             "value_mean": _global_moments(values, mask, accelerator)["mean"],
             "returns_mean": _global_moments(returns, mask, accelerator)["mean"],
             "advantages_mean": raw["mean"],
@@ -124,7 +125,7 @@ class GAEEstimator:
 
     def micro_batch(self, part: Rollout, *, num_tokens: float, last: bool, empty: bool) -> dict:
         """The critic's forward / backward on one micro-batch (every rank runs the same number)."""
-        mask = part.completion_mask
+        mask = part.loss_mask
         with self.critic.no_sync(last):
             with self._precision():
                 values = token_values(self.critic.module, part)
@@ -149,16 +150,6 @@ class GAEEstimator:
 
     def schedule(self, make_scheduler) -> None:
         self.critic.scheduler = make_scheduler(self.critic.optimizer)
-
-
-def positive_token_count(rollout: Rollout, idx: torch.Tensor, config, accelerator) -> float:
-    """VAPO's positive examples in the mini-batch `idx`: their global token count / world size, the NLL's
-    denominator (Eq. 9); 0 when positive_nll_coef is 0 (no NLL term). Collective when the term is on."""
-    if not config.positive_nll_coef:
-        return 0.0
-    positive = (rollout.rewards[idx] >= config.positive_reward_threshold).float()
-    local = (rollout.completion_mask[idx].float() * positive[:, None]).sum()
-    return max(accelerator.reduce(local.to(accelerator.device), "mean").item(), 1e-12)  # > 0: on, perhaps empty
 
 
 def _global_moments(x: torch.Tensor, mask: torch.Tensor, accelerator) -> dict:
@@ -193,7 +184,6 @@ __all__ = [
     "GroupEstimator",
     "build_estimator",
     "load_value_model",
-    "positive_token_count",
     "token_rewards",
     "token_values",
 ]

@@ -336,6 +336,32 @@ def rank_batch(
     return [dataset[int(i)] for i in order[start : start + per_rank]]
 
 
+class PromptStream:
+    """This rank's prompt batches, one after another: batch k is rank_batch(step=k). `position` counts the
+    batches taken so far; a checkpoint keeps it, because dynamic sampling takes more than one per step."""
+
+    def __init__(self, dataset, *, batch_size: int, seed: int, rank: int, world_size: int, position: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.position = rank, world_size, position
+        self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size=batch_size, world_size=world_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        rows = rank_batch(
+            self.dataset,
+            step=self.position,
+            steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.position += 1
+        return rows
+
+
 def as_dataset(data, tokenizer, config):
     """A GSPODataset from a GSPODataset (as is), a file or dataset path, or a list of prompts or rows (None: None)."""
     if data is None or isinstance(data, GSPODataset):

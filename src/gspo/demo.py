@@ -7,7 +7,7 @@ The warm start ends at a dev-accuracy target (gspo.tasks.tiny_model), not a step
 
 The tiny model's warm start imitates a teacher that is off by one on 40% of its answers
 (gspo.tasks.tiny_model, recipe v5); GSPO, rewarded against the true results, removes those
-errors. Measured figures, and the gain without the teacher's errors: README "Offline demo".
+errors. Measured figures, and the gain without the teacher's errors: docs/benchmarks.md.
 The before figure alone moves by several points with the RL seed, because GSPOConfig.seed
 also picks which 256 of the ~2,000 eval problems are drawn.
 """
@@ -21,7 +21,7 @@ from typing import Optional
 
 from gspo.config import GSPOConfig
 
-# Tuned on the 2-core CPU machine (README "Offline demo") for the earlier fixed-600-step model:
+# Tuned on the 2-core CPU machine (docs/benchmarks.md) for the earlier fixed-600-step model:
 # lr 1e-4 (5e-4 and above wrecked it in a few Adam steps), a weak fixed KL, no entropy bonus, one
 # on-policy update per rollout batch (two epochs x two mini-batches gained less in 150 steps).
 # Re-checked on recipe-v4 checkpoints, one run each (noise: a few points): lr 2e-4 or 3e-4 (constant
@@ -131,9 +131,6 @@ def _run(output_dir: str, max_steps: Optional[int], start: float, **overrides) -
     if trainer.accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            f"[gspo demo] summary: {Path(output_dir) / 'summary.json'}; curves: "
-            f"{Path(output_dir) / 'training_curves.png'}",
-            flush=True,
-        )
+        curves = f"; curves: {Path(output_dir) / 'training_curves.png'}" if cfg.plot_curves else ""
+        print(f"[gspo demo] summary: {Path(output_dir) / 'summary.json'}{curves}", flush=True)
     return summary

@@ -1,5 +1,9 @@
 """Greedy evaluation: one function for the trainer, `gspo eval` and the demo model's warm start.
 
+This module takes a rollout engine and a reward scorer and loads nothing, so the demo model (whose warm start
+evaluates through it, and which gspo.models builds on first use) can import it without a cycle. Loading a
+model from a config to evaluate it (`gspo eval`) is gspo.model_eval.evaluate_model.
+
 Each rank decodes its shard (rows rank, rank + world, ...) of the first `max_samples` rows, in
 batches, greedily, with the rollout engine; the reward scorer scores them; per-sample rewards and
 lengths are gathered, so every rank returns the same metrics. The engine's session is opened once
@@ -50,39 +54,6 @@ def evaluate(
         "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
         "eval/num_samples": float(len(rewards)),
     }
-
-
-def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=None) -> dict:
-    """`gspo eval`: load config.policy_model_name (or take `model`), decode `dataset` greedily and score it
-    with the config's rewards. Builds no optimizer and no reference model; under a launcher each
-    process decodes its shard and every process returns the gathered metrics."""
-    from accelerate import PartialState
-
-    from gspo.backends import destroy_process_group_at_exit
-    from gspo.data import as_dataset
-    from gspo.engines import TransformersEngine
-    from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode
-    from gspo.rewards import RewardModelScorer, RewardScorer
-
-    state = PartialState()
-    if state.num_processes > 1:
-        destroy_process_group_at_exit()
-    tokenizer = (
-        tokenizer if tokenizer is not None else load_tokenizer(config.policy_model_name, config.trust_remote_code)
-    )
-    model = (model if model is not None else load_causal_lm(config.policy_model_name, config)).to(state.device).eval()
-    reward_model = (
-        RewardModelScorer(config.reward_model_name, device=state.device, trust_remote_code=config.trust_remote_code)
-        if config.reward_model_name
-        else None
-    )
-    scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model)
-    dataset = as_dataset(dataset, tokenizer, config)
-    mode = mixed_precision_mode(config, deepspeed=False)
-    engine = TransformersEngine(model, tokenizer, precision_context=lambda: autocast(state.device, mode))
-    return evaluate_as_configured(
-        engine, scorer, dataset, config, rank=state.process_index, world_size=state.num_processes
-    )
 
 
 def evaluate_as_configured(engine, scorer, rows, config, *, rank: int = 0, world_size: int = 1) -> dict:

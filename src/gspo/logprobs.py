@@ -3,7 +3,7 @@
 Memory and work are bounded: padding columns that no row of the micro-batch uses are
 trimmed first; logits are computed only for the T completion positions (`logits_to_keep`,
 when the model supports it); log-softmax and entropy run a chunk of positions at a time
-(gspo.core.logprobs_and_entropy); with a chunked `head` mode the output head itself runs a chunk
+(gspo.kernels.logprobs_and_entropy); with a chunked `head` mode the output head itself runs a chunk
 at a time, so memory is one [chunk, V] block whatever the length and vocabulary.
 Log-probs are of softmax(logits / temperature): the distribution rollouts were sampled
 from, so the importance ratio compares like with like.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gspo.core import label_logprob, logprobs_and_entropy
+from gspo.kernels import label_logprob, logprobs_and_entropy
 
 
 class HeadMode(enum.Enum):
@@ -208,3 +208,36 @@ def completion_logprobs(
         )
     pad = (0, full_t - t)
     return F.pad(logp, pad), (F.pad(entropy, pad) if entropy is not None else None)
+
+
+class RolloutLogprobs:
+    """The trainer's log-probs of a Rollout's completion tokens, with the config's temperature and chunking,
+    the back-end's head mode and the precision context bound once; used by the producer (reference and
+    pi_old passes, no grad) and the learner (with grad)."""
+
+    def __init__(self, config, *, backend, precision_context) -> None:
+        self.config, self.backend, self.precision = config, backend, precision_context
+
+    def __call__(self, model, part, *, training: bool):
+        """([n, T] log-probs, [n, T] entropy or None) of a micro-batch `part` (a Rollout)."""
+        cfg = self.config
+        head = self.backend.head_mode(training=training, gradient_checkpointing=cfg.gradient_checkpointing)
+        with self.precision():  # the loss math after it stays float32
+            return completion_logprobs(
+                model,
+                part.prompt_ids,
+                part.prompt_mask,
+                part.completion_ids,
+                part.completion_mask,  # attention over every real token; the loss mask is applied downstream
+                temperature=cfg.temperature,
+                chunk_size=cfg.entropy_chunk_size,
+                with_entropy=training,
+                entropy_grad=training and cfg.entropy_coef != 0,
+                head=head,
+            )
+
+    @torch.no_grad()
+    def no_grad(self, model, rollout) -> torch.Tensor:  # [N, T] on the CPU
+        """A whole rollout, in micro-batches the size of a training micro-batch."""
+        parts = rollout.no_grad_parts(self.config)
+        return torch.cat([self(model, part, training=False)[0].cpu() for part in parts])

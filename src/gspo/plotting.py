@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
 
-from gspo.tracking import METRICS_FILE, read_metrics  # noqa: E402
+from gspo.metrics_file import METRICS_FILE, read_metrics  # noqa: E402
 
 PLOT_FILE = "training_curves.png"
 

@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from gspo.answers import completion_text, extract_answer
+
 ERROR_POLICIES = ("raise", "penalty")
 RESERVED_KWARGS = ("prompts", "completions", "completion_ids")
 REWARD_MODEL_KEY = "reward_model"
@@ -53,23 +55,18 @@ class RewardFunction:
 # ----------------------------------------------------------------------------------
 # Built-in reward functions
 # ----------------------------------------------------------------------------------
-def completion_text(completion: Any) -> str:
-    """Text of a completion: a string, a message dict, or the last message of a chat."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)) and completion:
-        return completion_text(completion[-1])
-    return "" if completion is None else str(completion)
-
-
 def exact_answer(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
-    """Arithmetic demo reward: 1.0 when the first word of the completion equals `answer`."""
-    # Imported on call: the task module is only needed for the demo.
-    from gspo.tasks.arithmetic import exact_answer_reward
-
-    return exact_answer_reward(prompts=prompts, completions=completions, answer=answer, **kwargs)
+    """1.0 when the answer a completion commits to (gspo.answers.extract_answer: its first word, cut at an
+    end marker such as "<eos>") equals the stripped `answer` column, else 0.0: "81", " 81<eos>", "81 and
+    more" match 81; "810" and "-81" do not. Needs an `answer` column (the demo's arithmetic task has one)."""
+    completions = list(completions or [])
+    answers = list(answer or [])
+    if len(answers) != len(completions):
+        raise ValueError(
+            f"exact_answer needs one answer per completion (an 'answer' column in the dataset): "
+            f"{len(answers)} answers for {len(completions)} completions"
+        )
+    return [1.0 if extract_answer(c) == str(ref).strip() else 0.0 for c, ref in zip(completions, answers)]
 
 
 def answer_match(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
@@ -101,20 +98,92 @@ def length_penalty(prompts=None, completions=None, completion_ids=None, **kwargs
     return [-LENGTH_PENALTY_PER_TOKEN * len(ids) for ids in completion_ids]
 
 
+class SoftOverlongPunishment:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), scaled by `penalty` (DAPO: 1):
+
+        R(y) = 0                                            if |y| <= L_max - L_cache
+             = (L_max - L_cache - |y|) / L_cache * penalty  if L_max - L_cache < |y| <= L_max
+             = -penalty                                     if |y| > L_max
+
+    with L_max = GSPOConfig.max_new_tokens, L_cache = overlong_buffer_len, penalty = overlong_penalty, and
+    |y| = len(completion_ids[i]): every completion token the scorer passes, EOS included, padding excluded
+    (Rollout.completion_id_lists). R is 0 up to L_max - L_cache tokens and falls by penalty / L_cache per
+    token after that, to -penalty at L_max: a completion cut off by max_new_tokens has |y| = L_max. It only
+    ever subtracts: add it to a correctness reward (`reward_funcs: [exact_answer, soft_overlong_punishment]`).
+
+    Other readings. TRL's `get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`: Eq. 13 on
+    len(completion_ids) with no factor, i.e. this with penalty = 1. verl's DAPORewardManager
+    (`overlong_buffer.len`, `overlong_buffer.penalty_factor`, added to the task score): min(-(|y| - (L_max -
+    L_cache)) / L_cache * factor, 0) on the response's attention-mask length (EOS included): the same inside the
+    buffer, but past L_max it keeps falling instead of stopping at -factor. A single-turn completion never
+    exceeds L_max in either, so the two agree on every one of them; verl only warns when L_cache > L_max, where
+    this raises.
+    """
+
+    __name__ = "soft_overlong_punishment"
+
+    def __init__(self, max_len: int, buffer_len: int, penalty: float = 1.0) -> None:
+        if not (isinstance(buffer_len, int) and not isinstance(buffer_len, bool) and 1 <= buffer_len < max_len):
+            raise ValueError(
+                f"soft_overlong_punishment: buffer_len (L_cache) must be an int >= 1 and < max_len={max_len} "
+                f"(L_max), got {buffer_len!r}"
+            )
+        if not (isinstance(penalty, numbers.Real) and math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"soft_overlong_punishment: penalty must be a finite number >= 0, got {penalty!r}")
+        self.max_len, self.buffer_len, self.penalty = int(max_len), buffer_len, float(penalty)
+
+    @classmethod
+    def from_config(cls, config) -> "SoftOverlongPunishment":
+        """Bound to GSPOConfig's max_new_tokens (L_max), overlong_buffer_len (L_cache) and overlong_penalty."""
+        if config.overlong_buffer_len is None:
+            from gspo.config import ConfigError
+
+            raise ConfigError(
+                "GSPOConfig.overlong_buffer_len=None is not allowed: the 'soft_overlong_punishment' reward needs "
+                f"L_cache, an int in [1, max_new_tokens={config.max_new_tokens})."
+            )
+        return cls(config.max_new_tokens, config.overlong_buffer_len, config.overlong_penalty)
+
+    def reward(self, length: int) -> float:
+        start = self.max_len - self.buffer_len  # the longest completion that goes unpunished
+        if length <= start:
+            return 0.0
+        if length <= self.max_len:
+            return (start - length) / self.buffer_len * self.penalty
+        return -self.penalty
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is None:
+            raise ValueError("soft_overlong_punishment needs completion_ids")
+        return [self.reward(len(ids)) for ids in completion_ids]
+
+    def __repr__(self) -> str:
+        return f"SoftOverlongPunishment(max_len={self.max_len}, buffer_len={self.buffer_len}, penalty={self.penalty})"
+
+
 BUILTIN_REWARDS: dict[str, Callable] = {
     "exact_answer": exact_answer,
     "answer_match": answer_match,
     "length_penalty": length_penalty,
 }
+# Built-ins that read GSPOConfig fields: name -> factory(config) -> the bound reward function. They resolve by
+# name like BUILTIN_REWARDS, once a config is at hand (RewardScorer.from_config, so the trainer and `gspo eval`).
+CONFIGURED_REWARDS: dict[str, Callable] = {
+    "soft_overlong_punishment": SoftOverlongPunishment.from_config,
+}
+BUILTIN_NAMES = tuple(sorted([*BUILTIN_REWARDS, *CONFIGURED_REWARDS]))
 
 
 # ----------------------------------------------------------------------------------
 # Resolving specs
 # ----------------------------------------------------------------------------------
-def resolve_reward_funcs(specs: Any, weights: Optional[Sequence[float]] = None) -> list[RewardFunction]:
+def resolve_reward_funcs(
+    specs: Any, weights: Optional[Sequence[float]] = None, config: Any = None
+) -> list[RewardFunction]:
     """Turn reward specs into named, weighted RewardFunctions.
 
-    A spec is a callable, a built-in name (BUILTIN_REWARDS), "package.module:function",
+    A spec is a callable, a built-in name (BUILTIN_REWARDS, or CONFIGURED_REWARDS, which are bound to
+    `config` and need one), "package.module:function",
     "path/to/file.py:function", or a dict {"name" or "path": one of those, "weight": w}.
     `weights`, when given, holds one weight per spec; a None entry means "the dict
     spec's own weight, else 1.0". A dict weight and a different non-None entry for the
@@ -134,7 +203,7 @@ def resolve_reward_funcs(specs: Any, weights: Optional[Sequence[float]] = None) 
     for i, spec in enumerate(specs):
         target, dict_weight = _unpack_spec(spec, i)
         weight = _pick_weight(i, dict_weight, None if weights is None else weights[i])
-        name, fn = _resolve_one(target)
+        name, fn = _resolve_one(target, config)
         out.append(RewardFunction(name=name, fn=fn, weight=weight))
     return _dedupe_names(out)
 
@@ -165,7 +234,7 @@ def _pick_weight(i: int, from_dict: Any, from_list: Any) -> float:
     return float(w)
 
 
-def _resolve_one(target: Any) -> tuple[str, Callable]:
+def _resolve_one(target: Any, config: Any = None) -> tuple[str, Callable]:
     """A callable or a spec string -> (name, callable)."""
     if callable(target):
         return getattr(target, "__name__", None) or type(target).__name__, target
@@ -173,9 +242,16 @@ def _resolve_one(target: Any) -> tuple[str, Callable]:
         raise RewardError(f"reward spec {target!r} is a {type(target).__name__}; expected a callable or a string")
     if target in BUILTIN_REWARDS:
         return target, BUILTIN_REWARDS[target]
+    if target in CONFIGURED_REWARDS:
+        if config is None:
+            raise RewardError(
+                f"reward function {target!r} reads GSPOConfig fields: resolve it with a config "
+                "(RewardScorer.from_config(config), or resolve_reward_funcs(..., config=config))"
+            )
+        return target, CONFIGURED_REWARDS[target](config)
     if ":" not in target:
         raise RewardError(
-            f"unknown reward function {target!r}; built-ins are {sorted(BUILTIN_REWARDS)}, "
+            f"unknown reward function {target!r}; built-ins are {list(BUILTIN_NAMES)}, "
             "or use 'package.module:function' or 'path/to/file.py:function'"
         )
     # rsplit: a Windows path ("C:\\r.py:f") has a colon of its own.
@@ -506,7 +582,7 @@ class RewardScorer:
         specs = list(config.reward_funcs) + list(extra_funcs)
         weights = list(config.reward_weights or [None] * len(config.reward_funcs)) + [None] * len(extra_funcs)
         return cls(
-            resolve_reward_funcs(specs, weights),
+            resolve_reward_funcs(specs, weights, config),
             reward_model=reward_model,
             reward_model_weight=config.reward_model_weight,
             error_policy=config.reward_error_policy,

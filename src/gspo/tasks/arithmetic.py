@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
-from gspo.rewards import completion_text
+# The answer parsing and the reward live in the library (gspo.answers, gspo.rewards); the task re-exports them
+# under its own names. The library never imports this module for them.
+from gspo.answers import END_MARKERS, completion_text, extract_answer  # noqa: F401 (re-exported)
+from gspo.rewards import exact_answer as exact_answer_reward  # noqa: F401 (re-exported)
 
 OPERATORS = ("+", "-")
 MAX_OPERAND = 99
@@ -29,9 +32,6 @@ EVAL_FRACTION = 0.10
 # Hash bucket [EVAL_FRACTION, EVAL_FRACTION + DEV_FRACTION) is the dev split
 # (about 1,000 problems): enough for a 512-problem stopping check.
 DEV_FRACTION = 0.05
-# Strings that end a completion: eos/pad spellings in case a caller decodes
-# without skipping special tokens.
-END_MARKERS = ("<eos>", "<|endoftext|>", "<pad>", "</s>", "<bos>")
 SPLITS = ("train", "dev", "eval")
 
 
@@ -108,34 +108,3 @@ def off_by_one_teacher(problems: Sequence[dict], error_rate: float, seed: int) -
         )
     rng = random.Random(f"teacher:{seed}")
     return [{**p, "answer": str(int(p["answer"]) + 1)} if rng.random() < error_rate else dict(p) for p in problems]
-
-
-def extract_answer(completion: Any) -> str:
-    """The answer a completion commits to: text up to the first end marker or
-    whitespace, after stripping leading/trailing whitespace."""
-    text = completion_text(completion).strip()
-    for marker in END_MARKERS:
-        text = text.split(marker, 1)[0]
-    parts = text.split()
-    return parts[0] if parts else ""
-
-
-def exact_answer_reward(
-    prompts: Iterable[Any] | None = None,
-    completions: Iterable[Any] | None = None,
-    answer: Iterable[Any] | None = None,
-    **kwargs: Any,
-) -> list[float]:
-    """1.0 per completion whose extracted answer equals its reference, else 0.0.
-
-    Accepts the trainer's keyword arguments (``prompts``, ``completions``,
-    ``completion_ids``, dataset columns such as ``answer``) and ignores the rest.
-    """
-    completions = list(completions or [])
-    answers = list(answer or [])
-    if len(answers) != len(completions):
-        raise ValueError(
-            f"exact_answer_reward needs one answer per completion: "
-            f"{len(answers)} answers for {len(completions)} completions"
-        )
-    return [1.0 if extract_answer(c) == str(ref).strip() else 0.0 for c, ref in zip(completions, answers)]

@@ -13,7 +13,7 @@ Recipe v5, what the demo's figures rest on:
   probability. The RL reward (exact answer) checks the true result, and the
   demo shows GSPO removing errors that imitation put in: the regime where RL
   from a verifier is known to help. With a correct teacher two pairs gained
-  +14.8 (default seeds, against +27.3) and +34.4 (seed 1): README "Offline demo".
+  +14.8 (default seeds, against +27.3) and +34.4 (seed 1): docs/benchmarks.md.
 * Stopping rule: the warm start stops at the first check, every
   SFT_CHECK_EVERY = 25 steps, where greedy exact-match accuracy (against the
   true results) on 512 fixed problems of the dev split (disjoint from train
@@ -29,7 +29,7 @@ Recipe v5, what the demo's figures rest on:
   1100-2275 for the others; 4 heads took 825-1850 and seed 4 hit the cap.
   The 40% rate then gained more than 35% for the slowest seed (seed 3: +25.8
   against +15.2 points). That exploration is in docs/benchmarks.md; the
-  current per-seed figures in the README.
+  current per-seed figures in docs/benchmarks.md.
 
 The result is cached on disk under a versioned directory name (plus
 `-seed<N>` for a non-default seed), so changing the recipe (bump
