@@ -142,7 +142,10 @@ def test_dynamic_sampling(workdir):
 
 
 def test_vapo_short_answers(workdir):
-    run(["bench/vapo_short_answers.py", "--smoke", "--results-dir", workdir / "vapo"], workdir)
+    run(
+        ["bench/vapo_short_answers.py", "--smoke", "--workdir", workdir / "vapo", "--results-dir", workdir / "vapo"],
+        workdir,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -225,3 +225,15 @@ def test_token_rewards_with_the_kl_in_the_reward_by_hand():
     # [0 - 0.05, 2 + 0.1, 0] = [-0.05, 2.1, 0]
     assert token_rewards(rollout, kl_coef=0.1).flatten().tolist() == pytest.approx([-0.05, 2.1, 0.0])
     assert token_rewards(rollout, kl_coef=0.0).flatten().tolist() == [0.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("alpha, warned", [(0.05, True), (1.0, False)])
+def test_a_length_adaptive_lambda_of_zero_for_every_completion_is_warned(
+    tiny_model_dir, tmp_path, caplog, alpha, warned
+):
+    """alpha * max_new_tokens = 0.05 * 4 <= 1: lambda = 1 - 1/(alpha * l) <= 0 for every l <= 4, clamped to 0;
+    at alpha 1.0 lambda(4) = 0.75, no warning."""
+    cfg = gae_config(tiny_model_dir, tmp_path, gae_lambda="adaptive", length_adaptive_alpha=alpha)
+    with caplog.at_level("WARNING", logger="gspo"):
+        GSPOTrainer(cfg, [length_reward])
+    assert ("is 0 for every completion" in caplog.text) == warned

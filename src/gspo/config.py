@@ -286,7 +286,11 @@ class GSPOConfig:
         own_check=True,
     )
     gae_lambda_value: float = _f(1.0, "The critic's GAE lambda for its return targets (VAPO's decoupled GAE: 1.0).")
-    length_adaptive_alpha: float = _f(0.05, "alpha of the length-adaptive lambda (VAPO: 0.05).")
+    length_adaptive_alpha: float = _f(
+        0.05,
+        "alpha of the length-adaptive lambda (VAPO: 0.05, set for chain-of-thought of hundreds of tokens; lambda is 0 "
+        "for completions shorter than 1/alpha tokens, so short answers want a larger alpha: examples/vapo.yaml).",
+    )
     value_warmup_steps: int = _f(
         0,
         "Critic-only steps at the start (VAPO value pretraining, 50 in the paper): the policy is untouched.",

@@ -12,6 +12,8 @@ EOS included (verl, OpenRLHF, NeMo-RL; TRL's PPO puts it one position later).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gspo.core import (
@@ -23,6 +25,8 @@ from gspo.core import (
 )
 from gspo.logprobs import position_ids
 from gspo.rollout import Rollout
+
+log = logging.getLogger("gspo")
 
 
 class GroupEstimator:
@@ -174,6 +178,14 @@ def build_estimator(config, *, backend, precision_context, optimizer_factory=Non
         return GroupEstimator(config)
     from gspo.models import adamw_factory
 
+    if config.gae_lambda == "adaptive" and config.length_adaptive_alpha * config.max_new_tokens <= 1:
+        log.warning(
+            "gspo: length_adaptive_alpha=%g x max_new_tokens=%d <= 1: the length-adaptive lambda 1 - 1/(alpha * l) is "
+            "0 for every completion, so the policy learns from one-step TD errors of the critic alone; raise "
+            "length_adaptive_alpha for short answers (examples/vapo.yaml)",
+            config.length_adaptive_alpha,
+            config.max_new_tokens,
+        )
     make_optimizer = optimizer_factory or adamw_factory(config, lr=config.value_learning_rate)
     critic = backend.prepare_trained(load_value_model(config), make_optimizer)
     return GAEEstimator(config, critic, precision_context=precision_context)
