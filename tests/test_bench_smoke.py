@@ -148,6 +148,11 @@ def test_vapo_short_answers(workdir):
     )
 
 
+def test_step_ab(workdir):
+    """The A/B of two library versions, here HEAD's src/ against the working tree's, one step each."""
+    run(["bench/step_ab.py", "--base", "HEAD", "--smoke", "--workdir", workdir / "ab"], workdir)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_generation(workdir):
     run(["bench/gpu_generation.py", "--smoke"], workdir)
@@ -168,6 +173,7 @@ SMOKE_RUNS = {
     "gpu_generation.py": test_gpu_generation,
     "dynamic_sampling.py": test_dynamic_sampling,
     "vapo_short_answers.py": test_vapo_short_answers,
+    "step_ab.py": test_step_ab,
 }
 
 

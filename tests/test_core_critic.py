@@ -70,6 +70,26 @@ def test_sequence_reward_sits_on_the_last_completion_token():
     assert placed.tolist() == [[0.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
 
 
+def test_gae_skips_tokens_off_the_loss_mask_by_hand():
+    """A hole (a tool's tokens, attended to, not the policy's) is skipped: the next policy token's V and A carry over
+    it. gamma 1, lambda 0.5; policy tokens t = 0, 1, 3 (t = 2 is the hole, its V and r are ignored):
+    t=3: delta = 1 + 0 - 4 = -3, A = -3; t=1: delta = 0 + V_3 - V_1 = 4 - 2 = 2, A = 2 + 0.5 * -3 = 0.5;
+    t=0: delta = 0 + 2 - 1 = 1, A = 1 + 0.5 * 0.5 = 1.25. Returns A + V = [2.25, 2.5, 0, 1]."""
+    values = torch.tensor([[1.0, 2.0, 9.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0, 1]])
+    rewards = place_sequence_rewards(torch.tensor([1.0]), mask)
+    assert rewards.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    adv, ret = gae_advantages(rewards + torch.tensor([[0.0, 0.0, 7.0, 0.0]]), values, mask, gamma=1.0, lam=0.5)
+    assert adv.tolist() == [[1.25, 0.5, 0.0, -3.0]]
+    assert ret.tolist() == [[2.25, 2.5, 0.0, 1.0]]
+
+
+def test_the_reward_sits_on_the_last_policy_token_not_the_last_attended_one():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]])  # loss masks: a tool's tokens at the end / middle
+    placed = place_sequence_rewards(torch.tensor([2.0, 3.0, 4.0]), mask)
+    assert placed.tolist() == [[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 4.0, 0.0]]
+
+
 def test_length_adaptive_lambda():
     # 1 - 1/(0.05 * 10) = -1 -> 0; 1 - 1/(0.05 * 20) = 0; 1 - 1/(0.05 * 100) = 0.8
     got = length_adaptive_lambda(torch.tensor([10, 20, 100]), alpha=0.05)

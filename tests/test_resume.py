@@ -101,6 +101,12 @@ def assert_same_run(env, variant, params, out):
     assert metrics == ref_metrics
 
 
+def test_the_dynamic_sampling_variant_takes_extra_prompt_batches(env):
+    """So that its exact resume above is about something: some step needed a second generation round."""
+    _, metrics = reference(env, "dynamic-sampling")
+    assert max(m["dynamic_sampling/rounds"] for m in metrics) > 1
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_interrupted_run_resumes_exactly(env, variant):
     """SIGTERM during step 3 (delivered to this process, so the real signal handler runs):
