@@ -618,3 +618,17 @@ def test_a_row_with_an_empty_loss_mask_adds_nothing(name, level, agg):
     close(loss, rest)
     assert torch.equal(grad[3], torch.zeros_like(grad[3]))
     close(grad[keep], g_rest[keep])
+
+
+@pytest.mark.parametrize("name, level, agg", CASES + [("clip", "sequence", None), ("clip", "token", "token-mean")])
+def test_ratio_metrics_leave_out_a_row_with_an_empty_loss_mask(name, level, agg):
+    """A row masked out whole has no ratio: ratio_mean / min / max and clip_fraction_seq are those of the others."""
+    lp, old, adv, mask = holed_batch(8, n=6, t=7, scale=0.3)
+    fn, kw = POLICY_LOSSES[name], dict(level=level, aggregation=agg, norm_length=NORM)
+    emptied = mask.clone()
+    emptied[2] = 0
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    _, m = fn(lp, old, adv, emptied, **kw)
+    _, want = fn(lp[keep], old[keep], adv[keep], mask[keep], **kw)
+    for key in ("ratio_mean", "ratio_min", "ratio_max", "clip_fraction_seq"):
+        close(m[key], want[key])

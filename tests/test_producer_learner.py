@@ -222,3 +222,76 @@ def test_training_step_works_on_a_trainer_that_has_not_trained(tiny_model_dir, a
 def test_dynamic_sampling_config_errors_name_the_field(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="dynamic_sampling_max_rounds=-1"):
         small_config(tiny_model_dir, tmp_path, dynamic_sampling_max_rounds=-1)
+
+
+def test_a_step_whose_completions_are_all_masked_is_a_zero_update_not_a_nan(tiny_model_dir, arithmetic_rows, tmp_path):
+    """mask_truncated_completions with 1-token completions (an untrained model rarely stops at once): a step with no
+    loss token anywhere. Every masked sum is 0; the loss, entropy and KL must be 0 too (not 0/0), and the update
+    is not skipped as non-finite."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        reward_funcs=[],
+        max_new_tokens=1,
+        max_steps=3,
+        mask_truncated_completions=True,
+        kl_coef=0.1,
+    )
+    history = GSPOTrainer(cfg, reward_funcs=[length_reward]).train(arithmetic_rows)
+    empty = [m for m in history if m["truncated_fraction"] == 1.0]
+    assert empty, "need a step with every completion truncated"
+    for m in empty:
+        assert (m["loss"], m["entropy"], m["kl_divergence"]) == (0.0, 0.0, 0.0)
+    assert history[-1]["skipped_updates"] == 0.0
+
+
+def fails(completions, **kwargs):
+    raise ValueError("always")
+
+
+def test_penalized_rewards_are_counted_once_per_round_under_dynamic_sampling(tiny_model_dir, arithmetic_rows, tmp_path):
+    """reward_error_policy='penalty': `fails` is replaced by the penalty on all 2 x 2 = 4 completions of every
+    round; length_reward keeps groups varied. The step's count is 4 per round, however the groups are sliced."""
+    cfg = small_config(
+        tiny_model_dir,
+        tmp_path,
+        reward_funcs=[],
+        max_steps=2,
+        dynamic_sampling=True,
+        dynamic_sampling_max_rounds=3,
+        reward_error_policy="penalty",
+    )
+    history = GSPOTrainer(cfg, reward_funcs=[length_reward, fails]).train(arithmetic_rows)
+    for m in history:
+        assert m["reward_penalized"] == 4 * m["dynamic_sampling/rounds"]
+
+
+class _CountingAccelerator:
+    """Two ranks as seen from one: records the collectives a call makes."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self):
+        self.calls = []
+
+    def reduce(self, tensor, reduction):
+        self.calls.append(("reduce", reduction, tuple(tensor.shape)))
+        return tensor
+
+    def gather(self, tensor):
+        self.calls.append(("gather", tuple(tensor.shape)))
+        return tensor
+
+
+def test_the_engine_check_makes_the_same_collectives_on_a_rank_with_nothing_to_check():
+    """A rank whose share of the first mini-batch is empty recorded no mismatch terms; it must still join the
+    reduce and the gather of the ranks that did, or the collectives misalign (a hang)."""
+    from gspo.engines.mismatch import EngineMonitor
+
+    busy, idle = _CountingAccelerator(), _CountingAccelerator()
+    monitor = EngineMonitor(tolerance=0.1)
+    lp = torch.tensor([[-1.0, -2.0]])
+    monitor.add_mismatch(lp, lp - 0.01, torch.ones(1, 2))
+    monitor.check(busy, step=1)
+    EngineMonitor(tolerance=0.1).check(idle, step=1)
+    assert busy.calls == idle.calls and len(busy.calls) == 2

@@ -16,7 +16,7 @@ from conftest import small_config, vllm_or_skip
 
 vllm = vllm_or_skip()
 
-from gspo.engines import SamplingParams, TransformersEngine  # noqa: E402
+from gspo.engines import RolloutEngine, SamplingParams, TransformersEngine  # noqa: E402
 from gspo.engines.mismatch import EngineMismatchError  # noqa: E402
 from gspo.trainer import GSPOTrainer  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_engine_logprobs_track_the_trainer_after_updates(vllm_model_dir, arithme
     assert moved.max() > 1e-2  # the updates changed the log-probs far beyond the sync's error
 
 
-class _SkippedSync:
+class _SkippedSync(RolloutEngine):
     """The vLLM engine with its weight sync left out after construction: a stale engine."""
 
     def __init__(self, engine):

@@ -247,7 +247,8 @@ class GSPOConfig:
     dynamic_sampling: bool = _f(
         False,
         "Drop groups whose rewards are all equal (zero advantage, no signal) and generate more prompts until the "
-        "step has batch_size groups with signal (DAPO §3.3; verl algorithm.filter_groups).",
+        "step has batch_size groups with signal (DAPO §3.3; verl algorithm.filter_groups). A step then takes more "
+        "than one prompt batch, so num_epochs (which counts steps) passes over the data more often.",
     )
     dynamic_sampling_metric: str = _f(
         "reward",

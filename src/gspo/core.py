@@ -282,9 +282,12 @@ def _metrics(
     objective a 0/1 flag per sequence); clip_fraction_token: clipped tokens / all tokens (GSPO's Fig. 2 count);
     the ratio's mean / min / max over sequences. All detached."""
     clipped = clipped.to(mask.dtype)
-    seq_ratio = seq_ratio.detach()
+    # Over the sequences that have loss tokens: a row masked out whole (mask_truncated_completions) has no ratio.
+    has = mask.sum(dim=1) > 0  # [N]
+    seq_ratio = seq_ratio.detach()[has] if bool(has.any()) else seq_ratio.detach().new_ones(1)
+    per_seq = masked_mean(clipped, mask, dim=1)[has]
     return {
-        "clip_fraction_seq": masked_mean(clipped, mask, dim=1).mean().detach(),
+        "clip_fraction_seq": (per_seq.mean() if per_seq.numel() else per_seq.new_zeros(())).detach(),
         "clip_fraction_token": masked_mean(clipped, mask).detach(),
         "ratio_mean": seq_ratio.mean(),
         "ratio_min": seq_ratio.min(),

@@ -151,6 +151,9 @@ class Learner:
         update, where the engine's log-probs are checked against the trainer's before anything changed."""
         cfg, acc = self.config, self.accelerator
         n_tok = acc.reduce(rollout.loss_mask[idx].sum().float().to(acc.device), "mean").item()
+        # No loss token anywhere (every completion masked: mask_truncated_completions): every masked sum is 0,
+        # and a denominator of 1 keeps that 0 instead of 0/0 = NaN (which would count as a non-finite update).
+        n_tok = n_tok if n_tok > 0 else 1.0
         n_pos = positive_token_count(rollout, idx, cfg, acc)
         counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=n_pos)  # the mini-batch's global denominators / world size
         train_policy = step >= cfg.value_warmup_steps  # VAPO's value pretraining: the critic alone first
@@ -177,7 +180,7 @@ class Learner:
         if not train_policy:
             return dict(critic)
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
-        if first:
+        if first and rollout.engine_logprobs is not None:  # the same on every rank: the engine reports them or not
             self.engine_monitor.check(acc, step + 1)  # a stale engine stops the run before this update
         sums["grad_norm"] = self._optimizer_step(loss_sum, step)
         return {**sums, **critic}

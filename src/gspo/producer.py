@@ -82,7 +82,7 @@ class RolloutProducer:
     def produce(self, rows: list, *, more=None) -> Rollout:
         """One finished Rollout from this rank's prompt rows; dynamic sampling draws further batches from `more`
         (an iterator of prompt batches; None: the same rows again)."""
-        cfg, clock = self.config, _Clock()
+        cfg, clock, start = self.config, _Clock(), time.perf_counter()
         rollout = self._sample(rows, more if more is not None else itertools.repeat(rows), clock)
         if cfg.mask_truncated_completions:  # DAPO §3.4: no gradient from a cut-off answer
             rollout = rollout.with_(
@@ -100,7 +100,11 @@ class RolloutProducer:
                 rollout = rollout.with_(old_logprobs=self.logprobs.no_grad(self.policy.module, rollout))
         with clock.phase("advantages"):
             fields, metrics = self.estimator.estimate(rollout, self.accelerator, kl_coef=self.kl_ctl.value)
-        info = {"timings": clock.seconds, "metrics": {**rollout.info.get("metrics", {}), **metrics}}
+        info = {
+            "timings": clock.seconds,
+            "metrics": {**rollout.info.get("metrics", {}), **metrics},
+            "wall_s": time.perf_counter() - start,  # all of it, the untimed work and waits between phases too
+        }
         return rollout.with_(**fields, info=info)
 
     def _generate_scored(self, rows: list, clock: _Clock) -> Rollout:
@@ -119,7 +123,7 @@ class RolloutProducer:
         if not cfg.dynamic_sampling:
             return rollout
         target = len(rows)  # groups this rank needs: batch_size / world
-        kept, dropped, rounds = [], [], 1
+        kept, dropped, rounds, penalized = [], [], 1, rollout.num_penalized
         while True:
             spread = ~zero_std_groups(self._filter_values(rollout), cfg.group_size)  # [groups]
             idx = spread.nonzero().flatten().tolist()
@@ -131,7 +135,7 @@ class RolloutProducer:
             if cfg.dynamic_sampling_max_rounds and rounds >= cfg.dynamic_sampling_max_rounds:
                 break
             rollout = self._generate_scored(next(more), clock)
-            rounds += 1
+            rounds, penalized = rounds + 1, penalized + rollout.num_penalized
         filled = max(0, target - len(kept))
         batch = concat_rollouts(kept[:target] + dropped[:filled], self.pad_id)
         counts = torch.tensor(
@@ -153,6 +157,7 @@ class RolloutProducer:
                 int(filled_n),
             )
         return batch.with_(
+            num_penalized=penalized,  # every reward replaced by the penalty while producing this step
             info={
                 "metrics": {
                     "dynamic_sampling/rounds": float(rounds),
@@ -161,7 +166,7 @@ class RolloutProducer:
                     "dynamic_sampling/filled_groups": filled_n,
                     "dynamic_sampling/zero_std_fraction": dropped_n / max(total_n, 1.0),
                 }
-            }
+            },
         )
 
     def _filter_values(self, rollout: Rollout) -> torch.Tensor:  # [N]

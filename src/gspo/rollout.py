@@ -98,7 +98,9 @@ class Rollout:
         return replace(self, prompts=[], completions=[], extra={}, reward_per_func={}, **picked)
 
     def select_groups(self, groups: list) -> "Rollout":
-        """Whole groups `groups` (indices into [N / G]), with their texts, extras and per-function rewards."""
+        """Whole groups `groups` (indices into [N / G]), with their texts, extras and per-function rewards.
+        `num_penalized` is a count over the whole rollout, not per row: the slice carries 0 (the producer counts
+        each round's penalties itself)."""
         rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
         index = torch.tensor(rows, dtype=torch.long)
         take = lambda xs: [xs[i] for i in rows]  # noqa: E731
@@ -108,6 +110,7 @@ class Rollout:
             completions=take(self.completions) if self.completions else [],
             extra={k: take(v) for k, v in self.extra.items()},
             reward_per_func={k: torch.as_tensor(v)[index] for k, v in self.reward_per_func.items()},
+            num_penalized=0,
         )
 
 

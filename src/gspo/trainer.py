@@ -227,6 +227,7 @@ class GSPOTrainer:
         cfg = self.config
         start = time.perf_counter()
         timings = dict(rollout.info.get("timings", {}))
+        self.engine.release_memory()  # e.g. vLLM's sleep mode: the update needs the memory
         with timed(timings, "update"):
             try:
                 stats = self.learner.learn(rollout, step=self.step)
@@ -248,7 +249,7 @@ class GSPOTrainer:
         metrics.update(rollout.info.get("metrics", {}))
         if stats.policy_trained:  # after the metrics: kl_coef there is the one this step used
             self.kl_ctl.update(stats.kl_divergence, cfg.batch_size * cfg.group_size)
-        metrics["step_time_s"] = sum(rollout.info.get("timings", {}).values()) + time.perf_counter() - start
+        metrics["step_time_s"] = rollout.info.get("wall_s", 0.0) + time.perf_counter() - start
         return metrics
 
     def _checkpoint_mid_step(self):

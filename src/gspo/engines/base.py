@@ -44,6 +44,10 @@ class RolloutEngine:
     def close(self) -> None:
         """Release what the engine holds (a vLLM engine's memory and process-wide state)."""
 
+    def release_memory(self) -> None:
+        """Called before the policy update: an engine may free its memory (its weights too) until the next
+        `sync_weights`. Never between two `generate` calls of a step (dynamic sampling's rounds, evaluation)."""
+
     def sync_weights(self, model) -> None:
         """Called after every optimizer update with the trained model: an engine holding its own copy
         of the weights must load them before it generates again."""

@@ -53,13 +53,15 @@ class EngineMonitor:
         )
 
     def check(self, accelerator, step: int) -> None:
-        """Before the step's first optimizer update (every rank): reduce, record, stop on a broken engine."""
-        if not self._terms:
-            return
-        terms = torch.stack(self._terms).double()  # [micro-batches, 5]
+        """Before the step's first optimizer update, on every rank whenever the rollout has engine log-probs, also
+        a rank whose share of that mini-batch is empty (it adds zeros: the collectives must match): reduce,
+        record, stop on a broken engine."""
+        width = len(ENGINE_MISMATCH_TERMS)
+        terms = torch.stack(self._terms).double() if self._terms else torch.zeros((0, width), dtype=torch.float64)
         self._terms = []
         sums = accelerator.reduce(terms.sum(dim=0).to(accelerator.device), "sum").cpu()
-        biggest = _reduce_max(accelerator, terms[:, ENGINE_MISMATCH_TERMS.index("abs_diff_max")].max())
+        column = terms[:, ENGINE_MISMATCH_TERMS.index("abs_diff_max")]
+        biggest = _reduce_max(accelerator, column.max() if len(column) else torch.tensor(float("-inf")))
         t = dict(zip(ENGINE_MISMATCH_TERMS, sums.tolist()))
         self._metrics = {
             "engine/logprob_abs_diff_mean": t["abs_diff_sum"] / max(t["tokens"], 1.0),

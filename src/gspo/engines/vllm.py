@@ -121,10 +121,15 @@ class VLLMEngine(RolloutEngine):
         )
         if sampling.do_sample:
             rollout = rollout.with_(engine_logprobs=engine_logprobs * rollout.completion_mask)
-        if self.sleep_mode:  # the update needs the memory; weights and KV cache come back at the next sync
+        return rollout
+
+    def release_memory(self) -> None:
+        """Sleep mode: the update needs the memory; weights and KV cache come back at the next sync. Not at the
+        end of `generate`: level 2 discards the weights, and a step may generate again before any sync
+        (dynamic sampling's further rounds, evaluation in several batches)."""
+        if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
-        return rollout
 
     def _sampling_params(self, num_prompts: int, group_size: int, sampling: SamplingParams) -> list:
         common = dict(n=group_size, max_tokens=sampling.max_new_tokens, stop_token_ids=list(self.eos), detokenize=False)
@@ -179,9 +184,11 @@ class VLLMEngine(RolloutEngine):
         _LIVE.discard(self)
 
     def _wake(self) -> None:
-        if self.asleep:  # generate called without a sync in between (evaluation): the weights are current
-            self.llm.wake_up()
-            self.asleep = False
+        if self.asleep:  # level 2 discarded the weights: generating now would sample from garbage
+            raise RuntimeError(
+                "the vLLM engine was put to sleep (release_memory) and not given weights since (sync_weights): "
+                "it would generate from discarded weights"
+            )
 
 
 def close_all() -> None:
