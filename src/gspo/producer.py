@@ -21,7 +21,6 @@ policy-gradient signal) so that its size, and every loss denominator, means what
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -32,23 +31,9 @@ from gspo.config import ConfigError
 from gspo.core import zero_std_groups
 from gspo.models import reference_context
 from gspo.rollout import Rollout, concat_rollouts
+from gspo.tracking import timed
 
 log = logging.getLogger("gspo")
-
-
-class _Clock:
-    """Wall seconds per phase, added up over a step's rounds (after the GPU's queued work, when there is one)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class RolloutProducer:
@@ -82,44 +67,44 @@ class RolloutProducer:
     def produce(self, rows: list, *, more=None) -> Rollout:
         """One finished Rollout from this rank's prompt rows; dynamic sampling draws further batches from `more`
         (an iterator of prompt batches; None: the same rows again)."""
-        cfg, clock, start = self.config, _Clock(), time.perf_counter()
-        rollout = self._sample(rows, more if more is not None else itertools.repeat(rows), clock)
+        cfg, timings, start = self.config, {}, time.perf_counter()
+        rollout = self._sample(rows, more if more is not None else itertools.repeat(rows), timings)
         if cfg.mask_truncated_completions:  # DAPO §3.4: no gradient from a cut-off answer
             rollout = rollout.with_(
                 loss_mask=rollout.loss_mask * (~rollout.truncated).to(rollout.loss_mask.dtype)[:, None]
             )
         if cfg.uses_reference_model:
-            with clock.phase("reference"), reference_context(self.policy.unwrapped(), self.ref_model):
+            with timed(timings, "reference"), reference_context(self.policy.unwrapped(), self.ref_model):
                 rollout = rollout.with_(
                     ref_logprobs=self.logprobs.no_grad(self.ref_model or self.policy.module, rollout)
                 )
         if cfg.pi_old_source == "engine":  # GSPO paper §5.4: the sampler's own likelihoods are pi_old
             rollout = rollout.with_(old_logprobs=rollout.engine_logprobs)
         elif cfg.pi_old_source == "no_grad_pass":  # updated weights, or a KL reward, need pi_old up front
-            with clock.phase("old_logprobs"):
+            with timed(timings, "old_logprobs"):
                 rollout = rollout.with_(old_logprobs=self.logprobs.no_grad(self.policy.module, rollout))
-        with clock.phase("advantages"):
+        with timed(timings, "advantages"):
             fields, metrics = self.estimator.estimate(rollout, self.accelerator, kl_coef=self.kl_ctl.value)
         info = {
-            "timings": clock.seconds,
+            "timings": timings,
             "metrics": {**rollout.info.get("metrics", {}), **metrics},
             "wall_s": time.perf_counter() - start,  # all of it, the untimed work and waits between phases too
         }
         return rollout.with_(**fields, info=info)
 
-    def _generate_scored(self, rows: list, clock: _Clock) -> Rollout:
-        with clock.phase("generation"):
+    def _generate_scored(self, rows: list, timings: dict) -> Rollout:
+        with timed(timings, "generation"):
             rollout = self.engine.generate(rows, group_size=self.config.group_size, sampling=self.sampling)
-        with clock.phase("reward"):
+        with timed(timings, "reward"):
             result = self.scorer(rollout)
         return rollout.with_(
             rewards=result.total.float(), reward_per_func=result.per_func, num_penalized=result.num_penalized
         )
 
-    def _sample(self, rows: list, more, clock: _Clock) -> Rollout:
+    def _sample(self, rows: list, more, timings: dict) -> Rollout:
         """Generate and score; under dynamic sampling, keep the groups with spread and refill (see module doc)."""
         cfg, acc = self.config, self.accelerator
-        rollout = self._generate_scored(rows, clock)
+        rollout = self._generate_scored(rows, timings)
         if not cfg.dynamic_sampling:
             return rollout
         target = len(rows)  # groups this rank needs: batch_size / world
@@ -128,13 +113,13 @@ class RolloutProducer:
             spread = ~zero_std_groups(self._filter_values(rollout), cfg.group_size)  # [groups]
             idx = spread.nonzero().flatten().tolist()
             kept += [rollout.select_groups([g]) for g in idx]
-            dropped += [rollout.select_groups([g]) for g in range(rollout.num_groups) if g not in set(idx)]
+            dropped += [rollout.select_groups([g]) for g in (~spread).nonzero().flatten().tolist()]
             short = torch.tensor(float(len(kept) < target), device=acc.device)
             if acc.reduce(short, "sum").item() == 0:  # every rank has its share
                 break
             if cfg.dynamic_sampling_max_rounds and rounds >= cfg.dynamic_sampling_max_rounds:
                 break
-            rollout = self._generate_scored(next(more), clock)
+            rollout = self._generate_scored(next(more), timings)
             rounds, penalized = rounds + 1, penalized + rollout.num_penalized
         filled = max(0, target - len(kept))
         batch = concat_rollouts(kept[:target] + dropped[:filled], self.pad_id)

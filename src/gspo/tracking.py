@@ -353,14 +353,15 @@ def write_run_summary(config, *, steps: int, history: list) -> None:
 
 @contextlib.contextmanager
 def timed(timings: dict, name: str):
-    """timings[name] = wall seconds of the block (after the GPU's queued work, when there is a GPU)."""
+    """Add the wall seconds of the block to timings[name] (after the GPU's queued work, when there is a GPU): a
+    phase run several times in a step (dynamic sampling's rounds) adds up."""
     import torch
 
     start = time.perf_counter()
     yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def record_step(metrics: dict, rollout, *, tracker, progress, config, main) -> None:
