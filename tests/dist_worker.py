@@ -36,6 +36,9 @@ Scenarios (comma-separated in --scenarios):
                  examples/accelerate/fsdp.yaml`: the sharding must come from the launch config
   dynamic        dynamic_sampling on a reward whose groups have zero spread for half the prompts, truncated
                  completions masked: ranks refill their own shares and must still take the same steps
+  episodes, fsdp_episodes, zero3_episodes
+                 multi-turn episodes (an environment, the real generate_rollout) where rank 0's episodes end after
+                 1 turn and rank 1's after 3: no rank may wait on another's turns
   lora, fsdp_lora, fsdp_lora_resume
                  LoRA (q/v/gate projections, merged on export) in one process, under FSDP2, and resumed
                  under FSDP2 from its step-2 adapter checkpoint
@@ -215,6 +218,11 @@ SCENARIOS.update(
 SCENARIOS["dynamic"] = dict(
     SCENARIOS["seq_offpolicy"], dynamic_sampling=True, dynamic_sampling_max_rounds=3, mask_truncated_completions=True
 )
+# Multi-turn episodes with the REAL generate_rollout: rank 0's episodes end after 1 turn, rank 1's after 3
+# (UnevenEnv); ranks must not wait on each other's turns (fsdp_episodes: the weights are gathered once).
+SCENARIOS["episodes"] = dict(SCENARIOS["seq_offpolicy"], max_turns=3, max_new_tokens=2, max_episode_tokens=12)
+SCENARIOS["fsdp_episodes"] = dict(SCENARIOS["episodes"], fsdp=True)
+SCENARIOS["zero3_episodes"] = SCENARIOS["episodes"]
 SCENARIOS.update(accelerate_fsdp=SCENARIOS["seq_offpolicy"])  # fsdp=False: sharding comes from the launch config
 SCENARIOS.update(
     resume=SCENARIOS["seq_offpolicy"],
@@ -255,6 +263,32 @@ RESUMES = {
     "zero3_gae_resume": "zero3_gae",
 }
 SAMPLED = ("fsdp_sampled", "zero2_sampled", "zero3_sampled")
+EPISODES = ("episodes", "fsdp_episodes", "zero3_episodes")
+# The episodes' chat template for the arithmetic tokenizer (its characters only): a message's content, then
+# "=" after a user message and <eos> after the model's; prefix-preserving.
+EPISODE_TEMPLATE = (
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ m['content'] + '<eos>' }}"
+    "{%- else %}{{ m['content'] + '=' }}{%- endif %}{%- endfor %}"
+)
+
+
+class UnevenEnv:
+    """Rank 0's episodes end after 1 model turn, rank 1's after 3; the observation is "1", the reward the
+    turn's digit sum / 10. Records each episode's turns in `turns` (this process's)."""
+
+    turns: list = []
+
+    def reset(self, **row):
+        self.left = 1 if os.environ.get("RANK", "0") == "0" else 3
+        self.count = 0
+        return None
+
+    def step(self, text):
+        self.count += 1
+        done = self.count >= self.left
+        if done:
+            UnevenEnv.turns.append(self.count)
+        return (None if done else "1"), done, sum(int(c) for c in text if c.isdigit()) / 10.0
 
 
 def make_config(model_dir: str, output_dir: Path, scenario: str, **overrides):
@@ -288,16 +322,25 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
     from gspo.models import load_tokenizer
     from gspo.trainer import GSPOTrainer
 
-    engine = None if scenario in SAMPLED else DeterministicEngine(load_tokenizer(model_dir))
+    engine = None if scenario in SAMPLED + EPISODES else DeterministicEngine(load_tokenizer(model_dir))
+    out_dir = out / scenario
+    episodes = {}
+    if scenario in EPISODES:  # every character ends a turn, so that a random model's turns end (model_dir-episodes)
+        model_dir = model_dir + "-episodes"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "template.jinja").write_text(EPISODE_TEMPLATE)
+        episodes = dict(environment=UnevenEnv)
 
     def trainer_for(reward_fn=None, **config):
+        if episodes:
+            config["chat_template"] = str(out_dir / "template.jinja")
         return GSPOTrainer(
             make_config(model_dir, out_dir, scenario, **config),
-            reward_funcs=[reward_fn or reward],
+            reward_funcs=[] if episodes else [reward_fn or reward],
             rollout_engine=engine,
+            **episodes,
         )
 
-    out_dir = out / scenario
     reward = fails_on_rank1 if scenario.endswith("fail_rank1") else digit_reward
     reward = half_flat_reward if scenario == "dynamic" else reward
     rows = [{"prompt": p} for p in PROMPTS]
@@ -328,6 +371,7 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
                 "final_kl_coef": trainer.kl_ctl.value,
                 "start_step": history[0]["step"] - 1,
                 "local_tokens": engine.local_tokens if engine is not None else [],
+                "local_turns": UnevenEnv.turns,
                 **shard_info(trainer.policy.unwrapped()),
                 "ref_sharded": trainer.ref_model is not None
                 and (
@@ -410,6 +454,8 @@ def _train_until(make_trainer, reward, rows, stop_after: int) -> None:
 
 
 def build_model_dir(path: Path) -> str:
+    from transformers import AutoModelForCausalLM
+
     from gspo.tasks.tiny_model import build_model, build_tokenizer
 
     torch.manual_seed(0)
@@ -418,6 +464,10 @@ def build_model_dir(path: Path) -> str:
         tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4
     ).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)  # the same weights; every character also ends a turn
+    model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("0123456789+-*= "))
+    model.save_pretrained(f"{path}-episodes", safe_serialization=True)
+    tok.save_pretrained(f"{path}-episodes")
     return str(path)
 
 

@@ -45,6 +45,38 @@ def make_model_dir(path) -> str:
     return str(path)
 
 
+# Multi-turn episodes on the arithmetic tokenizer: its characters only, prefix-preserving.
+EPISODE_TEMPLATE = (
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ m['content'] + '<eos>' }}"
+    "{%- else %}{{ m['content'] + '=' }}{%- endif %}{%- endfor %}"
+)
+
+
+def make_episode_model_dir(path, template_path) -> str:
+    """make_model_dir's model with every character also ending a turn (a random model seldom writes <eos>, and a
+    turn without one ends its episode), and EPISODE_TEMPLATE written to `template_path`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = make_model_dir(Path(path).with_name(Path(path).name + "-base"))
+    model, tok = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("0123456789+-*= "))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    Path(template_path).write_text(EPISODE_TEMPLATE)
+    return str(path)
+
+
+class TwoTurnEnv:
+    """Two model turns: "1" comes back after the first; rewards the digits of each turn."""
+
+    def reset(self, **row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return ("1" if self.turns < 2 else None), self.turns >= 2, float(sum(ch.isdigit() for ch in text))
+
+
 def make_dataset(path, n: int = len(PROMPTS)) -> str:
     """A JSONL of arithmetic prompts with an 'answer' column."""
     rows = [{"prompt": p, "answer": str(eval(p[:-1]))} for p in PROMPTS[:n]]  # noqa: S307 (our own literals)

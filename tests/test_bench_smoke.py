@@ -153,6 +153,18 @@ def test_step_ab(workdir):
     run(["bench/step_ab.py", "--base", "HEAD", "--smoke", "--workdir", workdir / "ab"], workdir)
 
 
+def test_tool_seeds(workdir):
+    """The tool demo from an empty cache: a 2-step warm start, 1 GSPO step."""
+    run(["bench/tool_seeds.py", "--pairs", "1234:42", "--smoke", "--out", workdir / "tool_seeds.json"], workdir)
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_episode_step(workdir, engine):
+    if engine == "vllm":
+        vllm_or_skip()
+    run(["bench/episode_step.py", "--smoke", "--engine", engine], workdir)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_generation(workdir):
     run(["bench/gpu_generation.py", "--smoke"], workdir)
@@ -173,6 +185,8 @@ SMOKE_RUNS = {
     "gpu_generation.py": test_gpu_generation,
     "dynamic_sampling.py": test_dynamic_sampling,
     "vapo_short_answers.py": test_vapo_short_answers,
+    "tool_seeds.py": test_tool_seeds,
+    "episode_step.py": test_episode_step,
     "step_ab.py": test_step_ab,
 }
 

@@ -173,9 +173,23 @@ def test_demo_calls_run_demo(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or {})
     code, _, _ = run_cli(["demo", "--output_dir", "somewhere", "--max_steps", "3"], capsys)
-    assert code == 0 and calls == [{"output_dir": "somewhere", "max_steps": 3, "rollout_engine": "hf"}]
+    assert code == 0 and calls == [
+        {"output_dir": "somewhere", "max_steps": 3, "task": "arithmetic", "rollout_engine": "hf"}
+    ]
     code, _, _ = run_cli(["demo", "--rollout_engine", "vllm"], capsys)
-    assert code == 0 and calls[-1] == {"output_dir": "outputs/demo", "max_steps": None, "rollout_engine": "vllm"}
+    assert code == 0 and calls[-1] == {
+        "output_dir": "outputs/demo",
+        "max_steps": None,
+        "task": "arithmetic",
+        "rollout_engine": "vllm",
+    }
+    code, _, _ = run_cli(["demo", "--task", "tools"], capsys)
+    assert code == 0 and calls[-1] == {
+        "output_dir": "outputs/demo-tools",
+        "max_steps": None,
+        "task": "tools",
+        "rollout_engine": "hf",
+    }
 
 
 def test_plot_calls_plot_run(monkeypatch, capsys, tmp_path):

@@ -80,7 +80,9 @@ def runs(tmp_path_factory):
     )
     results = []
     for stage in STAGES:  # one 2-process launch at a time: two cores
-        scenarios = [f"{stage}_{s}" for s in list(TWINS) + EXTRA] + (["zero3_rm"] if stage == "zero3" else [])
+        scenarios = [f"{stage}_{s}" for s in list(TWINS) + EXTRA] + (
+            ["zero3_rm", "zero3_episodes"] if stage == "zero3" else []
+        )
         results.append(_finish(_launch(stage, model_dir, root / "two", scenarios, reward_model), 900))
     results.append(_finish(one, 600))
     for rc, out in results:
@@ -233,6 +235,16 @@ def test_zero3_reward_model_is_whole_and_scores_like_one_process(runs):
     assert [m["raw_reward_mean"] for m in h2] == pytest.approx([m["raw_reward_mean"] for m in h1], abs=1e-6)
     assert len({round(m["raw_reward_mean"], 6) for m in h1}) > 1  # the rewards are not constant
     assert _max_diff(_params(runs["one"], "rm", 0), _params(runs["two"], "zero3_rm", 0)) < PARAM_ATOL
+
+
+def test_zero3_ranks_whose_episodes_take_different_turns_finish_together(runs):
+    """Multi-turn episodes under ZeRO-3 with real generation: rank 0's episodes end after 1 model turn, rank 1's
+    after 3 (tests/dist_worker.py UnevenEnv); both ranks finished every step and hold the same weights."""
+    r0, r1 = _rank(runs["two"], "zero3_episodes", 0), _rank(runs["two"], "zero3_episodes", 1)
+    assert r0["local_turns"] == [1] * 24 and r1["local_turns"] == [3] * 24  # 8 episodes per rank and step, 3 steps
+    assert [m["step"] for m in r0["history"]] == [1, 2, 3] and r0["zero_stage"] == 3
+    assert all(m["episode/turns_max"] == 3 and m["episode/turns_mean"] == 2 for m in r0["history"])
+    assert _max_diff(_params(runs["two"], "zero3_episodes", 0), _params(runs["two"], "zero3_episodes", 1)) == 0
 
 
 def test_error_on_one_rank_stops_a_zero3_run(runs):

@@ -52,6 +52,7 @@ FSDP = {
     "fsdp_ckpt": "seq_offpolicy",
 }
 BF16 = {"bf16_offpolicy": "bf16_offpolicy", "fsdp_bf16": "bf16_offpolicy"}  # DDP / FSDP2 under bf16 autocast
+EPISODES = ["episodes", "fsdp_episodes"]  # multi-turn, rank 0's episodes 1 turn long and rank 1's 3
 FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume", "fsdp_gae_resume"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
@@ -142,7 +143,7 @@ def runs(tmp_path_factory):
             "--out",
             str(root / "two"),
             "--scenarios",
-            ",".join(EQUIV + ["resume", "dynamic"] + list(FSDP) + FSDP_EXTRA + list(BF16)),
+            ",".join(EQUIV + ["resume", "dynamic"] + list(FSDP) + FSDP_EXTRA + list(BF16) + EPISODES),
         ],
         env=_env(port),
         stdout=subprocess.PIPE,
@@ -297,6 +298,21 @@ def test_adaptive_kl_coef_is_global(runs, scenario):
     assert traj(r0) == traj(r1)  # bitwise: the controller sees the reduced KL on every rank
     assert traj(r0) == pytest.approx(traj(one), rel=1e-6)
     assert len(set(traj(one))) == len(traj(one))  # the coefficient really moved every step
+
+
+@pytest.mark.parametrize("scenario", EPISODES)
+def test_ranks_whose_episodes_take_different_turns_finish_together(runs, scenario):
+    """Real generation, an environment that ends rank 0's episodes after 1 model turn and rank 1's after 3: every
+    step finished on both ranks (no rank waited on the other's turns), and they trained the same weights."""
+    r0, r1 = _rank(runs["two"], scenario, 0), _rank(runs["two"], scenario, 1)
+    # 4 prompts x 4 completions / 2 ranks = 8 episodes per rank and step, 3 steps
+    assert r0["local_turns"] == [1] * 24 and r1["local_turns"] == [3] * 24
+    for h in (r0["history"], r1["history"]):
+        assert [m["step"] for m in h] == [1, 2, 3]
+        assert all(m["episode/turns_max"] == 3 and m["episode/turns_mean"] == 2 for m in h)  # half 1, half 3
+    p0, p1 = _params(runs["two"], scenario, 0), _params(runs["two"], scenario, 1)
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert r0["sharded"] == (scenario == "fsdp_episodes")
 
 
 def test_every_rank_resumes_from_the_same_checkpoint(runs):

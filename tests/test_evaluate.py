@@ -79,9 +79,13 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
         abs=1e-12,
     )
 
-    # a gather that adds rank 0's values (rows 0, 2, 4: rewards 1, 0.5, 0.25; lengths 4, 2, 1)
+    # a gather that adds rank 0's (reward, length, turns, tool calls) (rows 0, 2, 4: rewards 1, 0.5, 0.25; lengths
+    # 4, 2, 1; single turns); one call for all of them
     def fake_gather(xs):
-        return ([1.0, 0.5, 0.25] if isinstance(xs[0], float) else [4, 2, 1]) + xs
+        gathered.append(len(xs))
+        return [(1.0, 4, None, None), (0.5, 2, None, None), (0.25, 1, None, None)] + xs
+
+    gathered = []
 
     both = evaluate(
         FixedEngine(lengths),
@@ -100,6 +104,7 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
         {"eval/reward_mean": 0.5, "eval/accuracy": 4 / 6, "eval/completion_length_mean": 2.0, "eval/num_samples": 6.0},
         abs=1e-12,
     )
+    assert gathered == [3]  # this rank's three samples, in one gather
 
 
 def test_scorer_is_bound_once_and_weighs_functions():

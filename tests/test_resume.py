@@ -49,7 +49,16 @@ VARIANTS = {
     "lora-adaptive-kl": LORA,
     # extra generation rounds take extra prompt batches: the checkpoint must count them
     "dynamic-sampling": dict(dynamic_sampling=True, dynamic_sampling_max_rounds=3),
+    # multi-turn episodes (an environment, real sampling): the episode model and template come from `env`
+    "episodes": dict(environment="fault_worker:TwoTurnEnv", max_turns=3, max_episode_tokens=10),
 }
+
+
+def settings(env, variant: str) -> dict:
+    extra = {}
+    if variant == "episodes":
+        extra = dict(policy_model_name=env["episode_model"], chat_template=env["template"])
+    return {**VARIANTS.get(variant, {}), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,8 @@ def env(tmp_path_factory):
             "root": root,
             "model": fw.make_model_dir(root / "model"),
             "data": fw.make_dataset(root / "data.jsonl"),
+            "episode_model": fw.make_episode_model_dir(root / "episode-model", root / "template.jinja"),
+            "template": str(root / "template.jinja"),
             "refs": {},
         }
     finally:
@@ -83,7 +94,7 @@ def reference(env, variant: str):
     """An uninterrupted run to STEPS for `variant`, computed once: (params, comparable metrics)."""
     if variant not in env["refs"]:
         out = env["root"] / f"ref-{variant}"
-        trainer = _run(env, out, **VARIANTS.get(variant, {}))
+        trainer = _run(env, out, **settings(env, variant))
         env["refs"][variant] = (_final_params(trainer), fw.comparable(fw.read_metrics(out)))
     return env["refs"][variant]
 
@@ -107,6 +118,12 @@ def test_the_dynamic_sampling_variant_takes_extra_prompt_batches(env):
     assert max(m["dynamic_sampling/rounds"] for m in metrics) > 1
 
 
+def test_the_episodes_variant_takes_several_turns(env):
+    """So that its exact resume below is about multi-turn episodes: most took their two turns."""
+    _, metrics = reference(env, "episodes")
+    assert all(m["episode/turns_mean"] > 1.5 for m in metrics) and "reward/environment_mean" in metrics[0]
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_interrupted_run_resumes_exactly(env, variant):
     """SIGTERM during step 3 (delivered to this process, so the real signal handler runs):
@@ -120,7 +137,7 @@ def test_interrupted_run_resumes_exactly(env, variant):
             os.kill(os.getpid(), signal.SIGTERM)
         return fw.digit_reward(completions, **kw)
 
-    cfg = fw.make_config(out, env["model"], max_steps=STEPS, save_steps=2, **VARIANTS[variant])
+    cfg = fw.make_config(out, env["model"], max_steps=STEPS, save_steps=2, **settings(env, variant))
     trainer = GSPOTrainer(cfg, reward_funcs=[digit_reward])
     with pytest.raises(TrainingInterrupted) as info:
         trainer.train(env["data"])
@@ -132,7 +149,7 @@ def test_interrupted_run_resumes_exactly(env, variant):
     # the handler was restored: a later SIGTERM would not be swallowed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
-    resumed = _run(env, out, resume="latest", save_steps=2, **VARIANTS[variant])
+    resumed = _run(env, out, resume="latest", save_steps=2, **settings(env, variant))
     assert resumed.step == STEPS
     assert_same_run(env, variant, _final_params(resumed), out)
 

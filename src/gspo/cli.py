@@ -2,7 +2,7 @@
 
     gspo train  [--config run.yaml] [--<field> <value> ...]
     gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
-    gspo demo   [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
+    gspo demo   [--task arithmetic|tools] [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
     gspo compare [--config YAML] [--algorithms gspo,grpo,ppo,vapo] [--seeds 0,1,2] [--max_steps N]
     gspo plot   RUN_DIR [--out PNG]
     gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
@@ -215,7 +215,15 @@ def _add_demo(sub) -> None:
         help="Offline demo: GSPO on the built-in arithmetic task with the tiny model.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--output_dir", default="outputs/demo", metavar="DIR", help="Default: outputs/demo.")
+    p.add_argument(
+        "--task",
+        choices=("arithmetic", "tools"),
+        default="arithmetic",
+        help="arithmetic (default), or tools: multi-turn episodes where the model learns to call a calculator.",
+    )
+    p.add_argument(
+        "--output_dir", default=None, metavar="DIR", help="Default: outputs/demo (outputs/demo-tools for --task tools)."
+    )
     p.add_argument(
         "--max_steps", type=int, default=None, metavar="N", help="Training steps (default: the demo's tuned value)."
     )
@@ -271,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------
 def _require_reward(cfg: GSPOConfig, command: str) -> None:
     """Fail before any model is loaded when the run could not score a completion."""
-    if not cfg.reward_funcs and not cfg.reward_model_name:
+    if not cfg.reward_funcs and not cfg.reward_model_name and cfg.environment is None:
         raise ConfigError(
             f"gspo {command} needs a reward: pass --reward_funcs NAME[,NAME] "
             "(e.g. exact_answer, or path/to/file.py:function) or --reward_model_name"
@@ -325,7 +333,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gspo.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, rollout_engine=args.rollout_engine)
+    output_dir = args.output_dir or ("outputs/demo" if args.task == "arithmetic" else f"outputs/demo-{args.task}")
+    run_demo(output_dir=output_dir, max_steps=args.max_steps, task=args.task, rollout_engine=args.rollout_engine)
     return 0
 
 

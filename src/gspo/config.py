@@ -36,6 +36,7 @@ from gspo.core import (
 )
 
 BUILTIN_MODEL_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-arithmetic", "builtin:tiny-tools")  # built locally on first use (gspo.tasks)
 ROLLOUT_ENGINES = ("hf", "vllm")
 ENGINE_IS_CORRECTIONS = ("none", "token_truncate", "sequence_truncate", "sequence_mask")
 
@@ -55,8 +56,8 @@ class GSPOConfig:
     # --- models ---------------------------------------------------------------------
     policy_model_name: str = _f(
         "builtin:tiny-arithmetic",
-        "Policy model: a Hugging Face hub id, a local directory, or 'builtin:tiny-arithmetic' (the offline demo "
-        "model, built locally on first use).",
+        "Policy model: a Hugging Face hub id, a local directory, or 'builtin:tiny-arithmetic' / 'builtin:tiny-tools' "
+        "(the offline demo models, built locally on first use).",
     )
     reward_model_name: Optional[str] = _f(
         None,
@@ -265,6 +266,53 @@ class GSPOConfig:
         "Completions that hit max_new_tokens without EOS get an all-zero loss mask: no gradient from a cut-off "
         "answer (DAPO §3.4 overlong filtering). They still count in the batch and its metrics.",
     )
+    # --- multi-turn episodes: tools or an environment (gspo.episodes, docs/multi_turn.md) ---
+    tools: list = _f(
+        [],
+        "Tools the model may call in multi-turn episodes: 'module:function' or 'path/to/file.py:function' "
+        "references to typed Python functions with docstrings (their JSON schemas reach the model through the chat "
+        "template). Python callers may pass callables to GSPOTrainer(tools=[...]). Empty with no environment: "
+        "single-turn completions.",
+    )
+    environment: Optional[str] = _f(
+        None,
+        "A multi-turn environment class by reference ('module:Class' or 'path/to/file.py:Class'), one instance per "
+        "episode: reset(**row) -> first messages or None, step(text) -> (observation, done, reward), close(). "
+        "Python callers may pass the class to GSPOTrainer(environment=...).",
+    )
+    tool_call_parser: str = _f(
+        "hermes",
+        'How tool calls are read from the model\'s text: \'hermes\' (<tool_call>{"name": ..., "arguments": '
+        "{...}}</tool_call>, the Qwen / Hermes format) or a reference 'module:function' to a function "
+        "text -> list[gspo.episodes.ToolCall].",
+    )
+    max_turns: int = _f(4, "Most model turns in one episode; an episode that wants more is cut and truncated.")
+    max_episode_tokens: Optional[int] = _f(
+        None,
+        "Most completion tokens in one episode, the environment's tokens included (never past the model's "
+        "positions); max_new_tokens bounds each model turn. None: max_new_tokens * max_turns.",
+    )
+    max_tool_response_tokens: int = _f(
+        256, "A longer tool result (or environment observation) is cut to this many tokens and marked as cut."
+    )
+    tool_timeout_s: float = _f(
+        10.0, "A tool call that runs longer is abandoned; the model reads an error message, and it is counted."
+    )
+    environment_reward_weight: float = _f(
+        1.0, "Weight of the environment's reward (the sum of its step rewards) in the total reward."
+    )
+    environment_error_policy: str = _f(
+        "raise",
+        "What an environment whose reset/step raises (or breaks its contract) does: 'raise' (stop, naming the "
+        "environment and the row) or 'penalty' (end that episode with reward_penalty_value, counted in "
+        "reward_penalized).",
+        choices=("raise", "penalty"),
+    )
+    chat_template: Optional[str] = _f(
+        None,
+        "A Jinja chat template file used instead of the tokenizer's own (e.g. a prefix-preserving one for "
+        "multi-turn episodes); saved with the tokenizer in checkpoints.",
+    )
     # --- advantage estimator: group (GSPO / GRPO) or a critic with GAE (PPO / VAPO) ------
     advantage_estimator: str = _f(
         "group",
@@ -448,6 +496,16 @@ class GSPOConfig:
         return kwargs
 
     @property
+    def multi_turn(self) -> bool:
+        """Episodes with tools or an environment from the config (tools passed in code count too: the trainer)."""
+        return bool(self.tools) or self.environment is not None
+
+    @property
+    def episode_tokens(self) -> int:
+        """Most completion tokens of one episode: max_episode_tokens, or max_new_tokens * max_turns."""
+        return self.max_episode_tokens if self.max_episode_tokens is not None else self.max_new_tokens * self.max_turns
+
+    @property
     def pi_old_source(self) -> str:
         """Where pi_old comes from, decided once: 'engine' (the rollout engine's log-probs, GSPO §5.4),
         'no_grad_pass' (the producer's pass before any update: several mini-batches change the weights before
@@ -547,7 +605,8 @@ def _check_types(cfg: GSPOConfig) -> None:
 # fmt: off
 _POSITIVE_FIELDS = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs", "gspo_epochs",
                     "max_new_tokens", "max_prompt_length", "kl_horizon", "entropy_chunk_size", "eval_batch_size",
-                    "eval_max_samples", "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha")
+                    "eval_max_samples", "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha",
+                    "max_turns", "max_tool_response_tokens")
 _NON_NEGATIVE_INT_FIELDS = ("dynamic_sampling_max_rounds",)
 _NON_NEGATIVE_FIELDS = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef", "eval_steps",
                         "save_steps", "log_completions_steps", "top_k", "lora_dropout")
@@ -661,6 +720,7 @@ def _check_combinations(cfg: GSPOConfig) -> None:
         )
     _check_engine(cfg)
     _check_overlong(cfg)
+    _check_episodes(cfg)
     unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
     if unknown:
         raise _err("report_to", cfg.report_to, "entries must be among 'jsonl', 'tensorboard', 'wandb'")
@@ -695,6 +755,27 @@ def _check_overlong(cfg: GSPOConfig) -> None:
             "reward_funcs has 'soft_overlong_punishment', which needs L_cache: set overlong_buffer_len to an int in "
             f"[1, max_new_tokens={cfg.max_new_tokens})",
         )
+
+
+def _check_episodes(cfg: GSPOConfig) -> None:
+    if cfg.tools and cfg.environment is not None:
+        raise _err(
+            "environment",
+            cfg.environment,
+            f"an episode is defined by tools or by an environment, not both (tools={cfg.tools}); an environment can "
+            "call tools itself in step()",
+        )
+    for i, ref in enumerate(cfg.tools):
+        if not callable(ref) and not (isinstance(ref, str) and ":" in ref):
+            raise _err("tools", cfg.tools, f"entry {i} ({ref!r}) must be 'module:function' or 'path/file.py:function'")
+    if cfg.environment is not None and ":" not in cfg.environment:
+        raise _err("environment", cfg.environment, "must be 'module:Class' or 'path/to/file.py:Class'")
+    if cfg.max_episode_tokens is not None and cfg.max_episode_tokens < 1:
+        raise _err("max_episode_tokens", cfg.max_episode_tokens, "must be >= 1, or None for max_new_tokens * max_turns")
+    if not cfg.tool_timeout_s > 0:
+        raise _err("tool_timeout_s", cfg.tool_timeout_s, "must be > 0")
+    if cfg.chat_template is not None and not os.path.isfile(os.path.expanduser(cfg.chat_template)):
+        raise _err("chat_template", cfg.chat_template, "must be a Jinja template file that exists")
 
 
 def _check_engine(cfg: GSPOConfig) -> None:
@@ -768,8 +849,10 @@ def _check_paths(cfg: GSPOConfig) -> None:
             continue
         if _looks_local(v) and not os.path.isdir(os.path.expanduser(v)):
             raise _err(name, v, "this local model directory does not exist")
-    if cfg.policy_model_name.startswith(BUILTIN_MODEL_PREFIX) and cfg.policy_model_name != "builtin:tiny-arithmetic":
-        raise _err("policy_model_name", cfg.policy_model_name, "the only built-in model is 'builtin:tiny-arithmetic'")
+    if cfg.policy_model_name.startswith(BUILTIN_MODEL_PREFIX) and cfg.policy_model_name not in BUILTIN_MODELS:
+        raise _err(
+            "policy_model_name", cfg.policy_model_name, f"must be one of the built-in models {list(BUILTIN_MODELS)}"
+        )
     for name in ("dataset_path", "eval_dataset_path"):
         v = getattr(cfg, name)
         if v is not None and not v.startswith(BUILTIN_MODEL_PREFIX) and not os.path.exists(os.path.expanduser(v)):

@@ -34,9 +34,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 BUILTIN_DATASETS = {
-    # name -> (number of problems, split). The eval set is smaller: it is decoded greedily.
-    "builtin:arithmetic": (2000, "train"),
-    "builtin:arithmetic-eval": (256, "eval"),
+    # name -> (task module, number of problems, split). The eval sets are smaller: they are decoded greedily.
+    "builtin:arithmetic": ("gspo.tasks.arithmetic", 2000, "train"),
+    "builtin:arithmetic-eval": ("gspo.tasks.arithmetic", 256, "eval"),
+    "builtin:tools": ("gspo.tasks.tool_use", 2000, "train"),  # two-digit products, for the calculator tool
+    "builtin:tools-eval": ("gspo.tasks.tool_use", 256, "eval"),
 }
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 TRUNCATION_POLICIES = ("error", "left")
@@ -58,11 +60,10 @@ def load_rows(path: str, prompt_column: str = "prompt", *, seed: int = 42) -> li
     """
     path = str(path)
     if path in BUILTIN_DATASETS:
-        # Imported here: the task module is only needed for the demo.
-        from gspo.tasks.arithmetic import make_problems
+        import importlib  # the task modules are only needed for the demos
 
-        n, split = BUILTIN_DATASETS[path]
-        rows = make_problems(n=n, seed=seed, split=split)
+        module, n, split = BUILTIN_DATASETS[path]
+        rows = importlib.import_module(module).make_problems(n=n, seed=seed, split=split)
     elif path.startswith("builtin:"):
         raise DataError(f"unknown built-in dataset {path!r}; built-ins are {sorted(BUILTIN_DATASETS)}")
     elif os.path.isdir(path):
@@ -194,9 +195,15 @@ class GSPODataset(torch.utils.data.Dataset):
         texts, is_chat = zip(*(self._format(i, row[prompt_column]) for i, row in enumerate(rows)))
         ids = _tokenize(tokenizer, list(texts), list(is_chat))
         texts, ids = self._limit_length(list(texts), ids, list(is_chat), max_prompt_length, truncation)
+        # a chat prompt keeps its messages: multi-turn episodes render them again, with the tools
         self._items = [
-            {"prompt": t, "prompt_ids": p, **{c: row.get(c) for c in self.extra_columns}}
-            for t, p, row in zip(texts, ids, rows)
+            {
+                "prompt": t,
+                "prompt_ids": p,
+                **({"prompt_messages": list(row[prompt_column])} if chat else {}),
+                **{c: row.get(c) for c in self.extra_columns},
+            }
+            for t, p, chat, row in zip(texts, ids, is_chat, rows)
         ]
 
     def __len__(self) -> int:
@@ -292,8 +299,9 @@ def _extra_columns(rows: list[dict], prompt_column: str) -> list[str]:
         for key in row:
             if key != prompt_column:
                 seen.setdefault(key, None)
-    if "prompt_ids" in seen or ("prompt" in seen and prompt_column != "prompt"):
-        clash = "prompt_ids" if "prompt_ids" in seen else "prompt"
+    taken = [k for k in ("prompt_ids", "prompt_messages") if k in seen]
+    if taken or ("prompt" in seen and prompt_column != "prompt"):
+        clash = taken[0] if taken else "prompt"
         raise DataError(f"extra column {clash!r} clashes with the item key the dataset fills in; rename it")
     return list(seen)
 

@@ -55,8 +55,34 @@ DEMO_SETTINGS = dict(
 )
 
 
-def demo_config(output_dir: str = "outputs/demo", max_steps: Optional[int] = None, **overrides) -> GSPOConfig:
-    settings = {**DEMO_SETTINGS, "output_dir": output_dir, **overrides}
+# `gspo demo --task tools`: multi-turn episodes with a calculator tool (gspo.tasks.tool_use). Two-digit products,
+# which the tiny model gets almost all wrong by itself and the calculator solves; the warm start calls the tool on
+# 30% of its problems. The reward is exact_answer on the episode's last turn.
+TOOLS_DEMO_SETTINGS = dict(
+    DEMO_SETTINGS,
+    policy_model_name="builtin:tiny-tools",
+    dataset_path="builtin:tools",
+    eval_dataset_path="builtin:tools-eval",
+    tools=["gspo.tasks.tool_use:calculator"],
+    max_new_tokens=64,  # per model turn; a tool call is 59 tokens
+    max_prompt_length=32,
+    max_turns=3,
+    max_tool_response_tokens=16,
+    learning_rate=2e-4,
+    max_steps=60,
+    eval_steps=20,
+    eval_max_samples=128,
+    log_completions_steps=0,
+)
+DEMO_TASKS = {"arithmetic": DEMO_SETTINGS, "tools": TOOLS_DEMO_SETTINGS}
+
+
+def demo_config(
+    output_dir: str = "outputs/demo", max_steps: Optional[int] = None, task: str = "arithmetic", **overrides
+) -> GSPOConfig:
+    if task not in DEMO_TASKS:
+        raise ValueError(f"unknown demo task {task!r}; tasks: {sorted(DEMO_TASKS)}")
+    settings = {**DEMO_TASKS[task], "output_dir": output_dir, **overrides}
     if max_steps is not None:
         settings["max_steps"] = max_steps
     return GSPOConfig(**settings)
@@ -70,12 +96,19 @@ def _warm_start_record(model_name: str) -> Optional[dict]:
     return read_warm_start_info(resolve_model_path(model_name))
 
 
+def _tool_rate(brief: dict) -> str:
+    return f"; tool called in {brief['tool_call_fraction']:.1%} of episodes" if "tool_call_fraction" in brief else ""
+
+
 def _brief(metrics: dict) -> dict:
     return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
-def run_demo(output_dir: str = "outputs/demo", max_steps: Optional[int] = None, **overrides) -> dict:
-    """Evaluate, train with GSPO, evaluate again; return and write the summary."""
+def run_demo(
+    output_dir: str = "outputs/demo", max_steps: Optional[int] = None, task: str = "arithmetic", **overrides
+) -> dict:
+    """Evaluate, train with GSPO, evaluate again; return and write the summary. `task`: 'arithmetic' (the
+    default) or 'tools' (multi-turn episodes with a calculator; the summary adds the tool-call rates)."""
     import torch
 
     start = time.perf_counter()
@@ -84,18 +117,24 @@ def run_demo(output_dir: str = "outputs/demo", max_steps: Optional[int] = None, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(output_dir, max_steps, start, **overrides)
+        return _run(output_dir, max_steps, start, task, **overrides)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(output_dir: str, max_steps: Optional[int], start: float, **overrides) -> dict:
+def _run(output_dir: str, max_steps: Optional[int], start: float, task: str, **overrides) -> dict:
     from gspo.trainer import GSPOTrainer
 
-    cfg = demo_config(output_dir, max_steps, **overrides)
+    cfg = demo_config(output_dir, max_steps, task, **overrides)
     trainer = GSPOTrainer(cfg)
     warm = _warm_start_record(cfg.policy_model_name)
-    if warm is not None:
+    if warm is not None and task == "tools":
+        print(
+            f"[gspo demo] model: warm start of {warm['steps']} steps (seed {warm['seed']}) on a teacher that calls the "
+            f"calculator on {warm['tool_rate']:.0%} of its problems",
+            flush=True,
+        )
+    elif warm is not None:
         dev = "unchecked" if warm["dev_accuracy"] is None else f"{warm['dev_accuracy']:.3f}"
         teacher = warm.get("teacher_error_rate", 0.0)
         print(
@@ -106,7 +145,7 @@ def _run(output_dir: str, max_steps: Optional[int], start: float, **overrides) -
     before = _brief(trainer.evaluate())
     print(
         f"[gspo demo] held-out greedy accuracy before GSPO: {before['accuracy']:.3f} "
-        f"({int(before['num_samples'])} problems)",
+        f"({int(before['num_samples'])} problems){_tool_rate(before)}",
         flush=True,
     )
     history = trainer.train()
@@ -115,7 +154,7 @@ def _run(output_dir: str, max_steps: Optional[int], start: float, **overrides) -
     after = _brief(last) if "eval/accuracy" in last else _brief(trainer.evaluate())
     print(
         f"[gspo demo] held-out greedy accuracy after {trainer.step} GSPO steps: {after['accuracy']:.3f} "
-        f"(before: {before['accuracy']:.3f})",
+        f"(before: {before['accuracy']:.3f}){_tool_rate(after)}",
         flush=True,
     )
     summary = {
@@ -128,6 +167,9 @@ def _run(output_dir: str, max_steps: Optional[int], start: float, **overrides) -
         "final_train_metrics": history[-1] if history else {},
         "config": cfg.to_dict(),
     }
+    if "tool_call_fraction" in before:  # episodes with a tool call, greedy, on the held-out problems
+        summary["tool_call_rate_before"] = before["tool_call_fraction"]
+        summary["tool_call_rate_after"] = after["tool_call_fraction"]
     if trainer.accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -39,21 +39,29 @@ def evaluate(
     n = len(rows) if max_samples is None else min(len(rows), max_samples)
     shard = list(range(rank, n, world_size))
     batches = [[rows[i] for i in shard[start : start + batch_size]] for start in range(0, len(shard), batch_size)]
-    rewards, lengths = [], []
+    samples = []  # (reward, length, model turns, tool calls) per sample; turns and calls None for single turns
     with torch.no_grad(), engine.session():
         for batch in batches:
             rollout = engine.generate(batch, group_size=1, sampling=SamplingParams.greedy(max_new_tokens))
-            rewards += scorer(rollout).total.tolist()
-            lengths += rollout.lengths.tolist()
-    if gather is not None:
-        rewards, lengths = gather(rewards), gather(lengths)
-    total = torch.tensor(rewards, dtype=torch.float64)
-    return {
-        "eval/reward_mean": total.mean().item() if len(rewards) else float("nan"),
-        "eval/accuracy": (total >= accuracy_threshold).double().mean().item() if len(rewards) else float("nan"),
+            stats = rollout.episode_stats
+            turns = stats["turns"].tolist() if stats else [None] * len(rollout)
+            calls = stats["tool_calls"].tolist() if stats else [None] * len(rollout)
+            samples += list(zip(scorer(rollout).total.tolist(), rollout.lengths.tolist(), turns, calls))
+    if gather is not None:  # one collective, whatever this rank's number of batches
+        samples = gather(samples)
+    total = torch.tensor([s[0] for s in samples], dtype=torch.float64)
+    lengths = [s[1] for s in samples]
+    metrics = {
+        "eval/reward_mean": total.mean().item() if len(samples) else float("nan"),
+        "eval/accuracy": (total >= accuracy_threshold).double().mean().item() if len(samples) else float("nan"),
         "eval/completion_length_mean": float(sum(lengths)) / max(len(lengths), 1),
-        "eval/num_samples": float(len(rewards)),
+        "eval/num_samples": float(len(samples)),
     }
+    episodes = [s for s in samples if s[2] is not None]  # multi-turn episodes
+    if episodes:
+        metrics["eval/turns_mean"] = sum(s[2] for s in episodes) / len(episodes)
+        metrics["eval/tool_call_fraction"] = sum(s[3] > 0 for s in episodes) / len(episodes)  # calling a tool
+    return metrics
 
 
 def evaluate_as_configured(engine, scorer, rows, config, *, rank: int = 0, world_size: int = 1) -> dict:

@@ -11,9 +11,11 @@ from accelerate import PartialState
 from gspo.backends import destroy_process_group_at_exit
 from gspo.data import as_dataset
 from gspo.engines import TransformersEngine
+from gspo.episodes import episode_engine, read_chat_template, resolve_episode
 from gspo.evaluate import evaluate_as_configured
 from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode
 from gspo.rewards import RewardModelScorer, RewardScorer
+from gspo.rollout import eos_ids
 
 
 def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=None) -> dict:
@@ -32,10 +34,16 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
         if config.reward_model_name
         else None
     )
-    scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model)
+    if config.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
+    tools, environment = resolve_episode(config)  # multi-turn episodes, as in training
+    scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model, environment=environment is not None)
     dataset = as_dataset(dataset, tokenizer, config)
     mode = mixed_precision_mode(config, deepspeed=False)
     engine = TransformersEngine(model, tokenizer, precision_context=lambda: autocast(state.device, mode))
+    engine = episode_engine(
+        config, engine, tokenizer, model, tools=tools, environment=environment, eos=eos_ids(model, tokenizer)
+    )
     return evaluate_as_configured(
         engine, scorer, dataset, config, rank=state.process_index, world_size=state.num_processes
     )

@@ -1,7 +1,7 @@
 """Loading the policy, reference and tokenizer; LoRA wrapping; dropout off.
 
 `policy_model_name` is a hub id or a local directory (loaded with `from_pretrained`), or
-'builtin:tiny-arithmetic', the offline demo model built locally on first use.
+'builtin:tiny-arithmetic' / 'builtin:tiny-tools', the offline demo models built locally on first use.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name: str) -> str:
+    """A built-in model's directory (built on first use), else `name` as it is."""
+    if name == "builtin:tiny-tools":
+        from gspo.tasks.tool_use import ensure_tool_model
+
+        return str(ensure_tool_model())
     if name.startswith(BUILTIN_MODEL_PREFIX):
         from gspo.tasks.tiny_model import ensure_tiny_model
 

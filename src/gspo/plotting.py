@@ -182,6 +182,17 @@ _PANELS = [
         ("policy_loss",),
         lambda ax, rows: _panel_lines(ax, rows, [("policy_loss", "policy loss", "tab:pink")], "loss"),
     ),
+    (  # only for multi-turn episodes (tools or an environment)
+        "Turns and tool use",
+        ("episode/turns_mean", "tools/calls_per_episode"),
+        lambda ax, rows: _panel_with_twin(
+            ax,
+            rows,
+            ("episode/turns_mean", "model turns per episode", "tab:blue"),
+            ("tools/episodes_with_calls", "episodes with a tool call", "tab:green"),
+            "turns",
+        ),
+    ),
     (  # only with a critic (advantage_estimator='gae')
         "Critic",
         ("value_loss", "explained_variance"),
@@ -197,7 +208,8 @@ _PANELS = [
 
 
 def panel_titles(rows: list[dict]) -> list[str]:
-    """The panels a run's metrics give (a 'Critic' panel only when a critic logged its values)."""
+    """The panels a run's metrics give (a 'Critic' panel only when a critic logged its values, 'Turns and tool
+    use' only for multi-turn episodes)."""
     return [title for title, keys, _ in _PANELS if any(_series(rows, k)[0] for k in keys)]
 
 

@@ -8,6 +8,10 @@ and returns N real numbers (list, tuple, 1-D tensor or 1-D ndarray). Dataset col
 other than the prompt arrive as keyword arguments, already repeated per completion,
 so functions should accept `**kwargs` for the columns they do not use.
 
+Multi-turn episodes (gspo.episodes): `completions` are the model's last turns, `completion_ids` the whole
+episode's ids, and `messages=[N conversations]` (lists of {"role", "content"} dicts) arrives as well; an
+environment's own reward is one more term, "environment", weighted by environment_reward_weight.
+
 Nothing is broadcast or guessed: a wrong count, a non-number, NaN or inf, or an
 exception is an error naming the function and the sample (`error_policy="raise"`),
 or, with `error_policy="penalty"`, that sample gets `penalty_value` and is counted.
@@ -15,12 +19,8 @@ or, with `error_policy="penalty"`, that sample gets `penalty_value` and is count
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from gspo.answers import completion_text, extract_answer
+from gspo.references import resolve_reference
 
 ERROR_POLICIES = ("raise", "penalty")
 RESERVED_KWARGS = ("prompts", "completions", "completion_ids")
 REWARD_MODEL_KEY = "reward_model"
+ENVIRONMENT_KEY = "environment"  # a multi-turn environment's reward: reward/environment_mean
 # Scale of the built-in length penalty: -1 per 1000 completion tokens, small next to
 # a 0/1 correctness reward so it only breaks ties between equally correct answers.
 LENGTH_PENALTY_PER_TOKEN = 1e-3
@@ -254,38 +256,7 @@ def _resolve_one(target: Any, config: Any = None) -> tuple[str, Callable]:
             f"unknown reward function {target!r}; built-ins are {list(BUILTIN_NAMES)}, "
             "or use 'package.module:function' or 'path/to/file.py:function'"
         )
-    # rsplit: a Windows path ("C:\\r.py:f") has a colon of its own.
-    where, attr = target.rsplit(":", 1)
-    module = _load_file(where) if where.endswith(".py") or os.sep in where or "/" in where else _import(where)
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardError(f"reward spec {target!r}: {where!r} has no callable {attr!r}; callables there: {available}")
-    return attr, fn
-
-
-def _import(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as e:
-        raise RewardError(f"cannot import reward module {module_name!r}: {e}") from e
-
-
-def _load_file(path: str):
-    """Execute a .py file as a fresh module (a unique name, so two files never collide)."""
-    if not os.path.isfile(path):
-        raise RewardError(f"reward file {path!r} does not exist")
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"gspo_reward_{stem}_{digest}", path)
-    if spec is None or spec.loader is None:
-        raise RewardError(f"cannot load reward file {path!r} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise RewardError(f"reward file {path!r} raised {type(e).__name__} while loading: {e}") from e
-    return module
+    return target.rsplit(":", 1)[1], resolve_reference(target, what="reward", error=RewardError, kind="callable")
 
 
 def _dedupe_names(funcs: list[RewardFunction]) -> list[RewardFunction]:
@@ -566,10 +537,12 @@ class RewardScorer:
         reward_model_weight: float = 1.0,
         error_policy: str = "raise",
         penalty_value: float = 0.0,
+        environment_weight: Optional[float] = None,
     ) -> None:
-        if not funcs and reward_model is None:
+        """`environment_weight`: the weight of a multi-turn environment's reward (None: episodes have none)."""
+        if not funcs and reward_model is None and environment_weight is None:
             raise RewardError("no reward functions and no reward model: nothing to compute a reward from")
-        self.funcs, self.reward_model = list(funcs), reward_model
+        self.funcs, self.reward_model, self.environment_weight = list(funcs), reward_model, environment_weight
         self.reward_model_weight, self.error_policy, self.penalty_value = (
             float(reward_model_weight),
             error_policy,
@@ -577,8 +550,11 @@ class RewardScorer:
         )
 
     @classmethod
-    def from_config(cls, config, extra_funcs: Sequence = (), reward_model: Any = None) -> "RewardScorer":
-        """GSPOConfig's reward_funcs / reward_weights plus callables passed in code (weight 1.0)."""
+    def from_config(
+        cls, config, extra_funcs: Sequence = (), reward_model: Any = None, *, environment: bool = False
+    ) -> "RewardScorer":
+        """GSPOConfig's reward_funcs / reward_weights plus callables passed in code (weight 1.0); with
+        `environment`, the episodes' environment reward at environment_reward_weight."""
         specs = list(config.reward_funcs) + list(extra_funcs)
         weights = list(config.reward_weights or [None] * len(config.reward_funcs)) + [None] * len(extra_funcs)
         return cls(
@@ -587,23 +563,54 @@ class RewardScorer:
             reward_model_weight=config.reward_model_weight,
             error_policy=config.reward_error_policy,
             penalty_value=config.reward_penalty_value,
+            environment_weight=config.environment_reward_weight if environment else None,
         )
 
     def __call__(self, rollout) -> RewardResult:
-        return compute_rewards(
-            self.funcs,
-            rollout.prompts,
-            rollout.completions,
-            rollout.completion_id_lists,
-            extra=rollout.extra,
-            reward_model=self.reward_model,
-            reward_model_weight=self.reward_model_weight,
-            error_policy=self.error_policy,
-            penalty_value=self.penalty_value,
+        extra = dict(rollout.extra)
+        if rollout.messages:  # multi-turn episodes: the whole conversation reaches the reward functions
+            if "messages" in extra:
+                raise RewardError(
+                    "dataset column 'messages' clashes with the episodes' conversations passed to reward functions "
+                    "as messages=; rename the column"
+                )
+            extra["messages"] = rollout.messages
+        if self.funcs or self.reward_model is not None:
+            result = compute_rewards(
+                self.funcs,
+                rollout.prompts,
+                rollout.completions,
+                rollout.completion_id_lists,
+                extra=extra,
+                reward_model=self.reward_model,
+                reward_model_weight=self.reward_model_weight,
+                error_policy=self.error_policy,
+                penalty_value=self.penalty_value,
+            )
+        else:
+            result = RewardResult(torch.zeros(len(rollout)), {}, 0)
+        if self.environment_weight is None:
+            return result
+        return self._with_environment(result, rollout)
+
+    def _with_environment(self, result: RewardResult, rollout) -> RewardResult:
+        """The environment's reward (the sum of its step rewards; the penalty where it failed) as one more term."""
+        if rollout.environment_rewards is None:
+            raise RewardError("the scorer expects episodes with an environment reward, and this rollout has none")
+        if ENVIRONMENT_KEY in result.per_func:
+            raise RewardError(f"a reward function named {ENVIRONMENT_KEY!r} clashes with the environment's reward")
+        env = rollout.environment_rewards.float()
+        errors = int(rollout.episode_stats["environment_errors"].sum()) if rollout.episode_stats else 0
+        return RewardResult(
+            total=(result.total.double() + self.environment_weight * env.double()).float(),
+            per_func={**result.per_func, ENVIRONMENT_KEY: env},
+            num_penalized=result.num_penalized + errors,
         )
 
 
-def build_scorer(config, reward_funcs, reward_model, *, device, whole_models) -> "RewardScorer":
+def build_scorer(
+    config, reward_funcs, reward_model, *, device, whole_models, environment: bool = False
+) -> "RewardScorer":
     """The trainer's scorer: config.reward_funcs + `reward_funcs` + the reward model (loaded from
     config.reward_model_name when not given, whole on every rank inside `whole_models()`, even under ZeRO-3)."""
     if reward_model is None and config.reward_model_name:
@@ -611,11 +618,11 @@ def build_scorer(config, reward_funcs, reward_model, *, device, whole_models) ->
             reward_model = RewardModelScorer(
                 config.reward_model_name, device=device, trust_remote_code=config.trust_remote_code
             )
-    if not config.reward_funcs and not reward_funcs and reward_model is None:
+    if not config.reward_funcs and not reward_funcs and reward_model is None and not environment:
         from gspo.config import ConfigError
 
         raise ConfigError(
             "GSPOTrainer has no reward: set GSPOConfig.reward_model_name, GSPOConfig.reward_funcs, "
-            "or pass reward_funcs=[...]"
+            "or pass reward_funcs=[...] (or an environment whose steps return rewards)"
         )
-    return RewardScorer.from_config(config, list(reward_funcs or []), reward_model)
+    return RewardScorer.from_config(config, list(reward_funcs or []), reward_model, environment=environment)

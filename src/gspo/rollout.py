@@ -44,6 +44,9 @@ class Rollout:
     old_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_old, when the producer computed it
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_ref
     engine_logprobs: Optional[torch.Tensor] = None  # [N, T] the engine's log-probs of its samples (vLLM)
+    messages: list = field(default_factory=list)  # [N] multi-turn episodes: the whole conversation, as messages
+    environment_rewards: Optional[torch.Tensor] = None  # [N] an environment's summed step rewards (episodes)
+    episode_stats: dict = field(default_factory=dict)  # name -> [N] per-episode counts (turns, tool_calls, ...)
     values: Optional[torch.Tensor] = None  # [N, T] the critic's V_t at rollout time (advantage_estimator='gae')
     returns: Optional[torch.Tensor] = None  # [N, T] the critic's GAE return targets
     info: dict = field(default_factory=dict)  # how it was produced: phase times, dynamic-sampling counts
@@ -89,13 +92,17 @@ class Rollout:
         return [self.select(idx) for idx in torch.arange(len(self)).split(micro)]
 
     def select(self, index: torch.Tensor) -> "Rollout":
-        """Rows `index` of every per-sequence tensor (texts, extras and per-function rewards are left out)."""
+        """Rows `index` of every per-sequence tensor and episode count (texts, messages, extras and per-function
+        rewards are left out)."""
         picked = {
             f.name: getattr(self, f.name)[index]
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return replace(self, prompts=[], completions=[], extra={}, reward_per_func={}, **picked)
+        stats = {k: v[index] for k, v in self.episode_stats.items()}
+        return replace(
+            self, prompts=[], completions=[], messages=[], extra={}, reward_per_func={}, episode_stats=stats, **picked
+        )
 
     def select_groups(self, groups: list) -> "Rollout":
         """Whole groups `groups` (indices into [N / G]), with their texts, extras and per-function rewards.
@@ -108,6 +115,7 @@ class Rollout:
             self.select(index),
             prompts=take(self.prompts) if self.prompts else [],
             completions=take(self.completions) if self.completions else [],
+            messages=take(self.messages) if self.messages else [],
             extra={k: take(v) for k, v in self.extra.items()},
             reward_per_func={k: torch.as_tensor(v)[index] for k, v in self.reward_per_func.items()},
             num_penalized=0,
@@ -142,6 +150,11 @@ def concat_rollouts(parts: list, pad_id: int) -> Rollout:
             k: torch.cat([torch.as_tensor(r.reward_per_func[k]) for r in parts]) for k in first.reward_per_func
         },
         num_penalized=sum(r.num_penalized for r in parts),
+        messages=[m for r in parts for m in r.messages],
+        environment_rewards=(
+            torch.cat([r.environment_rewards for r in parts]) if first.environment_rewards is not None else None
+        ),
+        episode_stats={k: torch.cat([r.episode_stats[k] for r in parts]) for k in first.episode_stats},
         engine_logprobs=cat("engine_logprobs", right, 0.0) if has_engine else None,
     )
 
@@ -184,7 +197,6 @@ def assemble_rollout(
     completion_mask, no_eos = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     repeat = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
-    extra_keys = [k for k in rows[0] if k not in ("prompt", "prompt_ids")]
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
         prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
@@ -194,5 +206,14 @@ def assemble_rollout(
         group_size=group_size,
         prompts=repeat([r["prompt"] for r in rows]),
         completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        extra={k: repeat([r.get(k) for r in rows]) for k in extra_keys},
+        extra=row_extras(rows, repeat=group_size),
     )
+
+
+ROW_KEYS = ("prompt", "prompt_ids", "prompt_messages")  # what a dataset row holds besides its extra columns
+
+
+def row_extras(rows: list, *, repeat: int) -> dict:
+    """The rows' extra columns (every key but ROW_KEYS), each value repeated `repeat` times (one per completion)."""
+    keys = [k for k in rows[0] if k not in ROW_KEYS]
+    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}

@@ -260,10 +260,22 @@ def _clip_text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def first_turn(conversation: list) -> int:
+    """Index of an episode's first assistant message (what came before it is the prompt)."""
+    return next((i for i, m in enumerate(conversation) if m.get("role") == "assistant"), len(conversation))
+
+
 def print_samples(
-    step: int, prompts: list[str], completions: list[str], rewards: list[float], max_rows: int = 4, max_chars: int = 160
+    step: int,
+    prompts: list[str],
+    completions: list[str],
+    rewards: list[float],
+    max_rows: int = 4,
+    max_chars: int = 160,
+    messages: Optional[list] = None,
 ) -> None:
-    """Print a table of the first `max_rows` prompts/completions with their rewards.
+    """Print a table of the first `max_rows` prompts/completions with their rewards; multi-turn episodes
+    (`messages`) as their turns, one line per message with its role.
 
     Cells are rich `Text` objects, not markup strings, so a completion containing
     "[bold]" or "[/]" is shown literally instead of being interpreted (or crashing rich).
@@ -276,10 +288,13 @@ def print_samples(
     table.add_column("prompt", overflow="fold", ratio=2)
     table.add_column("completion", overflow="fold", ratio=3)
     table.add_column("reward", justify="right", no_wrap=True)
-    for prompt, completion, reward in list(zip(prompts, completions, rewards))[:max_rows]:
-        table.add_row(
-            Text(_clip_text(prompt, max_chars)), Text(_clip_text(completion, max_chars)), Text(_fmt_num(reward, ".3f"))
-        )
+    for i, (prompt, completion, reward) in enumerate(list(zip(prompts, completions, rewards))[:max_rows]):
+        if messages:  # an episode: its turns after the prompt, one line each, with their roles
+            turns = messages[i][first_turn(messages[i]) :]
+            completion = "\n".join(f"{m['role']}: {_clip_text(m.get('content'), max_chars)}" for m in turns)
+        else:
+            completion = _clip_text(completion, max_chars)
+        table.add_row(Text(_clip_text(prompt, max_chars)), Text(completion), Text(_fmt_num(reward, ".3f")))
     Console().print(table)
 
 
@@ -322,10 +337,29 @@ def step_metrics(
     }
     for name, values in rollout.reward_per_func.items():
         metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
+    if rollout.episode_stats:  # multi-turn episodes
+        metrics.update(episode_metrics(rollout, gather))
     metrics.update(update)  # the learner's stats: already the same on every rank
     metrics.update({f"time/{k}_s": v for k, v in timings.items()})
     metrics["tokens_per_s"] = lengths.sum().item() / max(sum(timings.values()), 1e-9)
     return metrics
+
+
+def episode_metrics(rollout, gather) -> dict:
+    """Turns, tokens and tool use of a batch of multi-turn episodes (gather: every rank's rows)."""
+    stats = {k: gather(v) for k, v in rollout.episode_stats.items()}
+    model_tokens, all_tokens = gather(rollout.policy_lengths), gather(rollout.lengths)
+    calls = stats["tool_calls"].sum().item()
+    return {
+        "episode/turns_mean": stats["turns"].mean().item(),
+        "episode/turns_max": stats["turns"].max().item(),
+        "episode/model_tokens_mean": model_tokens.mean().item(),
+        "episode/env_tokens_mean": (all_tokens - model_tokens).mean().item(),
+        "episode/truncated_fraction": gather(rollout.truncated).mean().item(),
+        "tools/calls_per_episode": stats["tool_calls"].mean().item(),
+        "tools/failure_fraction": stats["tool_failures"].sum().item() / calls if calls else 0.0,
+        "tools/episodes_with_calls": (stats["tool_calls"] > 0).float().mean().item(),
+    }
 
 
 def write_run_summary(config, *, steps: int, history: list) -> None:
@@ -371,4 +405,4 @@ def record_step(metrics: dict, rollout, *, tracker, progress, config, main) -> N
     tracker.log(step, metrics)
     progress.update(step, metrics)
     if main.is_main_process and config.log_completions_steps and step % config.log_completions_steps == 0:
-        print_samples(step, rollout.prompts, rollout.completions, rollout.rewards.tolist())
+        print_samples(step, rollout.prompts, rollout.completions, rollout.rewards.tolist(), messages=rollout.messages)

@@ -39,6 +39,7 @@ from gspo.critic import build_estimator
 from gspo.data import PromptStream, as_dataset
 from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
+from gspo.episodes import episode_engine, read_chat_template, resolve_episode
 from gspo.evaluate import evaluate_as_configured
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter
 from gspo.learner import Learner
@@ -46,7 +47,7 @@ from gspo.logprobs import RolloutLogprobs
 from gspo.models import adamw_factory, autocast, load_causal_lm, load_policy, load_tokenizer, mixed_precision_mode
 from gspo.producer import RolloutProducer
 from gspo.rewards import build_scorer
-from gspo.rollout import Rollout
+from gspo.rollout import Rollout, eos_ids
 from gspo.run_checkpoints import RunCheckpoints
 from gspo.tracking import MetricsLogger, Progress, record_step, step_metrics, timed, write_run_summary
 
@@ -68,11 +69,15 @@ class GSPOTrainer:
         reward_scorer=None,
         optimizer_factory=None,
         value_optimizer_factory=None,
+        tools=None,
+        environment=None,
     ):
         """The seed's arguments, then the seams: `rollout_engine` (default: transformers `generate`),
         `reward_scorer` (default: bound to config.reward_funcs + reward_funcs + the reward model) and
         `optimizer_factory` (parameters -> optimizer; default AdamW from the config), and the critic's
-        `value_optimizer_factory` (default AdamW at value_learning_rate; advantage_estimator='gae')."""
+        `value_optimizer_factory` (default AdamW at value_learning_rate; advantage_estimator='gae').
+        Multi-turn episodes: `tools` (Python functions, added to config.tools) or `environment` (a class, instead
+        of config.environment); the engine then runs episodes (gspo.episodes)."""
         self.config = cfg = config
         self.accelerator = make_accelerator()
         self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
@@ -81,12 +86,17 @@ class GSPOTrainer:
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
         )
+        if cfg.chat_template is not None:  # before any prompt is rendered; saved with the tokenizer
+            self.tokenizer.chat_template = read_chat_template(cfg.chat_template)
+        tools, environment = resolve_episode(cfg, tools, environment)
         policy = load_policy(cfg, model)
         # LoRA's reference is the base model with adapters off: no second copy
         if cfg.uses_reference_model and not cfg.use_lora and ref_model is None:
             ref_model = load_causal_lm(cfg.policy_model_name, cfg)
         device, whole = self.accelerator.device, self.backend.whole_models
-        self.scorer = reward_scorer or build_scorer(cfg, reward_funcs, reward_model, device=device, whole_models=whole)
+        self.scorer = reward_scorer or build_scorer(
+            cfg, reward_funcs, reward_model, device=device, whole_models=whole, environment=environment is not None
+        )
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
@@ -95,13 +105,24 @@ class GSPOTrainer:
         self.estimator = build_estimator(
             cfg, backend=self.backend, precision_context=self._autocast, optimizer_factory=value_optimizer_factory
         )
-        self.engine = rollout_engine or build_engine(
+        engine = rollout_engine or build_engine(
             cfg,
             policy=self.policy,
             tokenizer=self.tokenizer,
             backend=self.backend,
             precision_context=self._autocast,
             world_size=self.accelerator.num_processes,
+            completion_tokens=cfg.episode_tokens if tools or environment is not None else cfg.max_new_tokens,
+        )
+        # single-turn completions, or episodes with tools / an environment: chosen once, the loop never asks
+        self.engine = episode_engine(
+            cfg,
+            engine,
+            self.tokenizer,
+            self.policy.unwrapped(),
+            tools=tools,
+            environment=environment,
+            eos=eos_ids(self.policy.unwrapped(), self.tokenizer),
         )
         self.eval_dataset = eval_dataset
         self._init_run_state()

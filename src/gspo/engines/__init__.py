@@ -19,12 +19,17 @@ from gspo.engines.hf import TransformersEngine, generate_rollout
 __all__ = ["RolloutEngine", "SamplingParams", "TransformersEngine", "build_engine", "generate_rollout"]
 
 
-def build_engine(config, *, policy, tokenizer, backend, precision_context, world_size: int) -> RolloutEngine:
-    """The engine GSPOConfig.rollout_engine names, for the back-end's trained `policy`, holding its weights."""
+def build_engine(
+    config, *, policy, tokenizer, backend, precision_context, world_size: int, completion_tokens: int | None = None
+) -> RolloutEngine:
+    """The engine GSPOConfig.rollout_engine names, for the back-end's trained `policy`, holding its weights.
+    `completion_tokens`: the longest completion it must hold (a multi-turn episode's; default max_new_tokens)."""
     if config.rollout_engine == "vllm":
         from gspo.engines.vllm import VLLMEngine
 
-        engine = VLLMEngine(policy.unwrapped(), tokenizer, config=config, world_size=world_size)
+        engine = VLLMEngine(
+            policy.unwrapped(), tokenizer, config=config, world_size=world_size, completion_tokens=completion_tokens
+        )
         engine.sync_weights(policy)  # created from the policy's own weights, never from disk
         return engine
     return TransformersEngine(

@@ -43,7 +43,7 @@ def _prepare_environment(config, on_gpu: bool) -> None:
 
 
 class VLLMEngine(RolloutEngine):
-    def __init__(self, model, tokenizer, *, config, world_size: int = 1) -> None:
+    def __init__(self, model, tokenizer, *, config, world_size: int = 1, completion_tokens: int | None = None) -> None:
         """`model`: the unwrapped policy (transformers or peft), used for its config and EOS ids only; the
         weights arrive with the first `sync_weights`."""
         on_gpu = torch.cuda.is_available()
@@ -68,7 +68,7 @@ class VLLMEngine(RolloutEngine):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.tied_head = bool(getattr(base.config, "tie_word_embeddings", False))
         max_len = config.vllm_max_model_len or min(
-            config.max_prompt_length + config.max_new_tokens,
+            config.max_prompt_length + (completion_tokens or config.max_new_tokens),
             getattr(base.config, "max_position_embeddings", None) or math.inf,
         )
         self._config_dir = tempfile.TemporaryDirectory(prefix="gspo-vllm-")
@@ -87,6 +87,7 @@ class VLLMEngine(RolloutEngine):
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=not on_gpu,
+            enable_prefix_caching=True,  # an episode's turns share their context; reset after each weight sync
         )
         self._vllm = vllm
         self.world_size = world_size
@@ -121,7 +122,9 @@ class VLLMEngine(RolloutEngine):
         )
         if sampling.do_sample:
             rollout = rollout.with_(engine_logprobs=engine_logprobs * rollout.completion_mask)
-        return rollout
+        # prefix-cache reuse (a multi-turn episode's next turn shares its whole context with the last one)
+        cached = sum(getattr(out, "num_cached_tokens", None) or 0 for out in outputs)
+        return rollout.with_(info={"prompt_tokens": sum(len(r["prompt_ids"]) for r in rows), "cached_tokens": cached})
 
     def release_memory(self) -> None:
         """Sleep mode: the update needs the memory; weights and KV cache come back at the next sync. Not at the

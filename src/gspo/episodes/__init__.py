@@ -1,0 +1,75 @@
+"""Multi-turn episodes: tools or an environment, token-exact (docs/multi_turn.md).
+
+    GSPOTrainer(config, tools=[calculator])            # the model calls Python functions
+    GSPOTrainer(config, environment=GuessTheNumber)    # an environment answers each turn
+
+`episode_engine` wraps the run's rollout engine in a MultiTurnEngine when the config or the caller names tools
+or an environment; the producer, the learner and evaluation then see ordinary Rollouts, whose loss mask covers
+the model's own tokens only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gspo.episodes.engine import MultiTurnEngine
+from gspo.episodes.kinds import EnvironmentEpisodes, EpisodeError, Reply, ToolEpisodes, episode_kind
+from gspo.episodes.template import TemplateError, TurnTemplate
+from gspo.episodes.tools import TOOL_CALL_PARSERS, ToolBox, ToolCall, parse_hermes
+
+__all__ = [
+    "EnvironmentEpisodes",
+    "EpisodeError",
+    "MultiTurnEngine",
+    "Reply",
+    "TOOL_CALL_PARSERS",
+    "TemplateError",
+    "ToolBox",
+    "ToolCall",
+    "ToolEpisodes",
+    "TurnTemplate",
+    "episode_engine",
+    "parse_hermes",
+    "resolve_episode",
+]
+
+
+def resolve_episode(config, tools=None, environment=None) -> tuple[list, object]:
+    """(tool callables, environment class or None): the config's references plus what the caller passed."""
+    from gspo.config import ConfigError
+    from gspo.references import resolve_reference
+
+    def load(ref, what):
+        return ref if callable(ref) else resolve_reference(ref, what=what, error=ConfigError)
+
+    tool_list = [load(t, "tool") for t in list(config.tools) + list(tools or [])]
+    env = environment if environment is not None else config.environment
+    env = load(env, "environment") if env is not None else None
+    if tool_list and env is not None:
+        raise ConfigError("GSPOTrainer: an episode is defined by tools or by an environment, not both")
+    return tool_list, env
+
+
+def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos):
+    """`engine` itself for single-turn runs; else a MultiTurnEngine around it, its template checked once."""
+    kind = episode_kind(config, tools=tools, environment=environment)
+    if kind is None:
+        return engine
+    template = TurnTemplate(tokenizer, tools=kind.toolbox.schemas if tools else None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return MultiTurnEngine(
+        engine,
+        tokenizer,
+        kind,
+        template,
+        max_turns=config.max_turns,
+        max_episode_tokens=config.episode_tokens,
+        max_response_tokens=config.max_tool_response_tokens,
+        max_positions=getattr(base.config, "max_position_embeddings", None),
+        max_prompt_length=config.max_prompt_length,
+        eos=eos,
+    )
+
+
+def read_chat_template(path) -> str:
+    return Path(path).expanduser().read_text()
