@@ -325,11 +325,12 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
     engine = None if scenario in SAMPLED + EPISODES else DeterministicEngine(load_tokenizer(model_dir))
     out_dir = out / scenario
     episodes = {}
-    if scenario in EPISODES:  # every character ends a turn, so that a random model's turns end (model_dir-episodes)
+    if scenario in EPISODES:  # every token ends a turn, so that a random model's turns end (model_dir-episodes)
         model_dir = model_dir + "-episodes"
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "template.jinja").write_text(EPISODE_TEMPLATE)
         episodes = dict(environment=UnevenEnv)
+        UnevenEnv.turns = []  # this scenario's episodes only (scenarios run one after another in a process)
 
     def trainer_for(reward_fn=None, **config):
         if episodes:
@@ -464,8 +465,10 @@ def build_model_dir(path: Path) -> str:
         tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4
     ).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)  # the same weights; every character also ends a turn
-    model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("0123456789+-*= "))
+    model = AutoModelForCausalLM.from_pretrained(path)  # the same weights; every token ends a turn (never cut)
+    model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(
+        list("0123456789+-*= ") + ["<bos>", "<unk>"]
+    )
     model.save_pretrained(f"{path}-episodes", safe_serialization=True)
     tok.save_pretrained(f"{path}-episodes")
     return str(path)
