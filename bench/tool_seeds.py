@@ -6,7 +6,7 @@ seed=<RL seed>)`). Prints per pair the held-out greedy accuracy and the share of
 calculator, before and after GSPO, the gains and the wall time; then the median and the minimum gain. Writes
 bench/results/tool_seeds.json.
 
-    .venv/bin/python bench/tool_seeds.py                         # the five default pairs, one after another
+    .venv/bin/python bench/tool_seeds.py --jobs 2                # the five default pairs, two at a time
     .venv/bin/python bench/tool_seeds.py --pairs 1234:42 1:1     # chosen pairs
     .venv/bin/python bench/tool_seeds.py --pairs 1234:42 --smoke --out /tmp/x.json   # seconds: does it run (tests)
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 DEFAULT_PAIRS = ((1234, 42), (1, 1), (2, 7), (3, 13), (4, 3))
@@ -69,12 +71,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", nargs="+", default=[f"{w}:{r}" for w, r in DEFAULT_PAIRS])
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="pairs run at once, each in its own process (one thread)")
     args = parser.parse_args(argv)
     pairs = [tuple(int(x) for x in p.split(":")) for p in args.pairs]
     rows = []
     print("warm  rl   accuracy before -> after (gain)    tool calls before -> after   wall")
-    for warm, rl in pairs:
-        row = run_pair(warm, rl, smoke=args.smoke)
+    # spawn: each pair in a fresh interpreter, as from an empty cache; results keep the pairs' order
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
+        results = list(pool.map(run_pair, *zip(*pairs), [args.smoke] * len(pairs)))
+    for (warm, rl), row in zip(pairs, results):
         rows.append(row)
         print(
             f"{warm:<5} {rl:<4} {row['accuracy_before']:.3f} -> {row['accuracy_after']:.3f} "
