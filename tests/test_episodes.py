@@ -562,3 +562,35 @@ def test_lora_trains_on_sampled_multi_turn_episodes(tmp_path):
         n for n, p in trainer.policy.unwrapped().named_parameters() if "lora_B" in n and not torch.equal(p, lora[n])
     ]
     assert moved  # the adapters trained (B starts at 0: it moves first)
+
+
+def test_a_rank_whose_episodes_ended_keeps_generating_while_another_rank_has_turns():
+    """turn_sync stands for the other rank: it still has unfinished episodes during the first 3 turns. This rank's
+    episodes end after 1 turn; it generates placeholders (its first prompt) for turns 2 and 3, then stops with the
+    other rank, and its Rollout holds only its own episodes."""
+    tok = tools_tokenizer()
+    calls = []
+
+    def other_rank_active_for_3_turns(active: bool) -> bool:
+        calls.append(active)
+        return active or len(calls) <= 3
+
+    inner = ScriptedEngine(tok, lambda k, ctx: "ok")
+    kind = EnvironmentEpisodes(CountdownEnv)
+    engine = MultiTurnEngine(
+        inner,
+        tok,
+        kind,
+        TurnTemplate(tok),
+        max_turns=4,
+        max_episode_tokens=100,
+        max_response_tokens=8,
+        max_positions=128,
+        eos=[tok.eos_token_id],
+        turn_sync=other_rank_active_for_3_turns,
+    )
+    r = engine.generate([user_row("a", turns=1), user_row("b", turns=1)], group_size=1, sampling=SAMPLE)
+    prompt_a = enc(tok, "<user>a<assistant>")
+    assert calls == [True, False, False, False]  # asked before each turn; the 4th answer is "nobody": stop
+    assert inner.contexts == [[prompt_a, enc(tok, "<user>b<assistant>")], [prompt_a], [prompt_a]]
+    assert r.episode_stats["turns"].tolist() == [1.0, 1.0] and r.lengths.tolist() == [3, 3]  # "ok" + <eos>

@@ -150,3 +150,21 @@ def test_evaluate_model_matches_an_independent_greedy_decode(tiny_model_dir, tmp
     assert metrics["eval/completion_length_mean"] == pytest.approx(sum(lengths) / 5, abs=1e-12)
     assert metrics["eval/reward_mean"] == pytest.approx(sum(rewards) / 5, abs=1e-6)
     assert metrics["eval/accuracy"] == pytest.approx(sum(r >= cfg.accuracy_threshold for r in rewards) / 5, abs=1e-12)
+
+
+def test_every_rank_decodes_as_many_batches_as_rank_0():
+    """5 rows, 2 ranks, batches of 2: rank 0 holds [0, 2], [4] and rank 1 only [1, 3]; rank 1 decodes a placeholder
+    batch (row 0) as its second, so that under ZeRO-3 (a collective in each forward) no rank waits, and drops it."""
+    lengths = [4, 0, 2, 3, 1]
+    scorer = RewardScorer([RewardFunction("quarter_length", quarter_length)])
+    engine = FixedEngine(lengths)
+    metrics = evaluate(
+        engine, scorer, rows(5), max_new_tokens=8, batch_size=2, accuracy_threshold=0.5, rank=1, world_size=2
+    )
+    assert engine.calls == [[1, 3], [0]]
+    # rows 1 and 3 only: rewards 0/4 and 3/4 -> mean 3/8; lengths 0, 3 -> 1.5
+    assert metrics["eval/num_samples"] == 2.0 and metrics["eval/reward_mean"] == pytest.approx(3 / 8, abs=1e-12)
+    assert metrics["eval/completion_length_mean"] == 1.5
+    engine = FixedEngine(lengths)
+    evaluate(engine, scorer, rows(5), max_new_tokens=8, batch_size=2, accuracy_threshold=0.5, rank=0, world_size=2)
+    assert engine.calls == [[0, 2], [4]]  # rank 0: no placeholder

@@ -13,6 +13,7 @@ is a collective.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,6 +40,10 @@ def evaluate(
     n = len(rows) if max_samples is None else min(len(rows), max_samples)
     shard = list(range(rank, n, world_size))
     batches = [[rows[i] for i in shard[start : start + batch_size]] for start in range(0, len(shard), batch_size)]
+    # every rank decodes as many batches as rank 0, whose shard is the largest: under ZeRO-3 a forward can be a
+    # collective, so a rank with fewer rows decodes a placeholder batch (its result dropped) rather than none
+    most = math.ceil(math.ceil(n / world_size) / batch_size) if n else 0
+    placeholders = most - len(batches) if n else 0
     samples = []  # (reward, length, model turns, tool calls) per sample; turns and calls None for single turns
     with torch.no_grad(), engine.session():
         for batch in batches:
@@ -47,6 +52,8 @@ def evaluate(
             turns = stats["turns"].tolist() if stats else [None] * len(rollout)
             calls = stats["tool_calls"].tolist() if stats else [None] * len(rollout)
             samples += list(zip(scorer(rollout).total.tolist(), rollout.lengths.tolist(), turns, calls))
+        for _ in range(placeholders):
+            engine.generate([rows[0]], group_size=1, sampling=SamplingParams.greedy(max_new_tokens))
     if gather is not None:  # one collective, whatever this rank's number of batches
         samples = gather(samples)
     total = torch.tensor([s[0] for s in samples], dtype=torch.float64)

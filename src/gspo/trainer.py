@@ -123,6 +123,7 @@ class GSPOTrainer:
             tools=tools,
             environment=environment,
             eos=eos_ids(self.policy.unwrapped(), self.tokenizer),
+            accelerator=self.accelerator,
         )
         self.eval_dataset = eval_dataset
         self._init_run_state()

@@ -285,7 +285,10 @@ class DeepSpeedBackend(Backend):
         self.config, self.stage = config, stage(accelerator)
         self.trained = 0  # models prepared for training so far
         self.one_head_call = self.stage == 3
-        self.synced_gpus = False if self.stage == 3 else None  # ZeRO-3 generation gathers first
+        # ZeRO-3: generation gathers the weights first, but DeepSpeed's forward hook on the model stays, and while it
+        # records its module trace (the first steps) each forward runs a collective check: every rank must run every
+        # generation step (transformers' synced_gpus), and as many generate calls (gspo.evaluate, gspo.episodes).
+        self.synced_gpus = True if self.stage == 3 else None
 
     def prepare_trained(self, model, make_optimizer: Callable) -> TrainedModel:
         configure(self.accelerator, self.config)  # GSPOConfig's geometry and clipping into the launch's config

@@ -50,8 +50,9 @@ def resolve_episode(config, tools=None, environment=None) -> tuple[list, object]
     return tool_list, env
 
 
-def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos):
-    """`engine` itself for single-turn runs; else a MultiTurnEngine around it, its template checked once."""
+def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos, accelerator=None):
+    """`engine` itself for single-turn runs; else a MultiTurnEngine around it, its template checked once. With an
+    `accelerator` of several processes, ranks run their turn loops to the longest (MultiTurnEngine.turn_sync)."""
     kind = episode_kind(config, tools=tools, environment=environment)
     if kind is None:
         return engine
@@ -68,7 +69,17 @@ def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos)
         max_positions=getattr(base.config, "max_position_embeddings", None),
         max_prompt_length=config.max_prompt_length,
         eos=eos,
+        turn_sync=_any_rank(accelerator) if accelerator is not None and accelerator.num_processes > 1 else None,
     )
+
+
+def _any_rank(accelerator):
+    import torch
+
+    def any_rank(flag: bool) -> bool:
+        return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item() > 0
+
+    return any_rank
 
 
 def read_chat_template(path) -> str:

@@ -18,15 +18,16 @@ Limits: max_turns model turns; max_episode_tokens completion tokens in all (inse
 the model's positions; a turn is at most max_new_tokens. An episode cut by a limit is truncated (and
 mask_truncated_completions applies to it); a turn that ends without end-of-turn ends its episode, truncated.
 
-Ranks: the session makes the inner engine's weights whole once (a sharded back-end's collective), and each
-`generate` inside it is local to the rank, so ranks whose episodes take different numbers of turns never
-wait on each other.
+Ranks: the session makes the inner engine's weights whole once (a sharded back-end's collective). With several
+processes every rank runs as many turns as the rank with the longest episodes (`turn_sync`; a rank whose
+episodes ended generates for a placeholder and drops it): under ZeRO-3 each forward, generation's included, can
+be a collective, so ranks whose episodes take different numbers of turns must still run the same forwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -69,11 +70,16 @@ class MultiTurnEngine(RolloutEngine):
         max_positions: Optional[int],
         max_prompt_length: Optional[int] = None,
         eos: list,
+        turn_sync: Optional[Callable[[bool], bool]] = None,
     ) -> None:
+        """`turn_sync(this rank has unfinished episodes) -> any rank has`: with several processes, every rank runs
+        as many turns as the rank with the longest episodes (a rank whose episodes ended generates for a
+        placeholder context and drops it), so that a back-end whose forwards are collectives (ZeRO-3) never waits
+        on a rank that stopped generating."""
         self.engine, self.tokenizer, self.kind, self.template = engine, tokenizer, kind, template
         self.max_turns, self.max_episode_tokens = max_turns, max_episode_tokens
         self.max_response_tokens, self.max_positions = max_response_tokens, max_positions
-        self.max_prompt_length, self.eos = max_prompt_length, list(eos)
+        self.max_prompt_length, self.eos, self.turn_sync = max_prompt_length, list(eos), turn_sync
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self._context_tokens = self._cached_tokens = 0  # a generate's context tokens, and those the cache held
         template.check_prefix_preserving(kind.observation_role)
@@ -102,6 +108,11 @@ class MultiTurnEngine(RolloutEngine):
                 self._context_tokens = self._cached_tokens = 0
                 for turn in range(self.max_turns):
                     active = [e for e in episodes if not e.done]
+                    if self.turn_sync is not None and not self.turn_sync(bool(active)):
+                        break  # no rank has an unfinished episode
+                    if not active and self.turn_sync is not None:
+                        self._placeholder_turn(episodes[0], sampling)  # another rank still generates
+                        continue
                     if not active:
                         break
                     logprobs &= self._model_turn(active, sampling)
@@ -165,6 +176,10 @@ class MultiTurnEngine(RolloutEngine):
         self._context_tokens += out.info.get("prompt_tokens", 0)
         self._cached_tokens += out.info.get("cached_tokens", 0)
         return out.engine_logprobs is not None
+
+    def _placeholder_turn(self, e: Episode, sampling: SamplingParams) -> None:
+        """A generate whose result is dropped, on a rank with no unfinished episode while another rank has some."""
+        self.engine.generate([{"prompt": e.prompt_text, "prompt_ids": e.prompt_ids}], group_size=1, sampling=sampling)
 
     def _environment_turn(self, e: Episode, *, last_turn: bool) -> None:
         reply = self.kind.step(e.state, e.last_text)
