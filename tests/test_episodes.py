@@ -594,3 +594,19 @@ def test_a_rank_whose_episodes_ended_keeps_generating_while_another_rank_has_tur
     assert calls == [True, False, False, False]  # asked before each turn; the 4th answer is "nobody": stop
     assert inner.contexts == [[prompt_a, enc(tok, "<user>b<assistant>")], [prompt_a], [prompt_a]]
     assert r.episode_stats["turns"].tolist() == [1.0, 1.0] and r.lengths.tolist() == [3, 3]  # "ok" + <eos>
+
+
+def test_dynamic_samplings_slices_and_concatenation_keep_the_episodes():
+    from gspo.rollout import concat_rollouts
+
+    tok = tools_tokenizer()
+    engine, _ = env_engine(tok, lambda k, ctx: "ok")
+    r = engine.generate([user_row("a", turns=2), user_row("b", turns=1)], group_size=2, sampling=SAMPLE)
+    second = r.select_groups([1])
+    assert second.messages == r.messages[2:] and second.environment_rewards.tolist() == [1.0, 1.0]
+    assert second.episode_stats["turns"].tolist() == [1.0, 1.0]
+    both = concat_rollouts([second, r.select_groups([0])], tok.pad_token_id)
+    assert both.messages == r.messages[2:] + r.messages[:2]
+    assert both.environment_rewards.tolist() == [1.0, 1.0, 1.5, 1.5]  # turns=2: 0.5 + 1.0
+    assert both.episode_stats["turns"].tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert torch.equal(both.loss_mask[2:], r.loss_mask[:2])  # the wider group sets the width
