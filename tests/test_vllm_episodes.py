@@ -100,6 +100,7 @@ def vllm_trainer(model_dir, tmp_path, **overrides):
 
 
 ROWS = [user_row("hello"), user_row("ab"), user_row("xyz"), user_row("q")]
+LONG_ROWS = [user_row("a prompt of some forty characters, say " + w) for w in ("one", "two")]  # > one 32-token block
 
 
 def test_greedy_episodes_equal_the_hf_engine(vllm_tools_dir, tmp_path):
@@ -118,9 +119,9 @@ def test_greedy_episodes_equal_the_hf_engine(vllm_tools_dir, tmp_path):
 
 
 def test_sampled_episodes_carry_the_engines_logprobs_on_model_tokens_and_reuse_the_cache(vllm_tools_dir, tmp_path):
-    trainer = vllm_trainer(vllm_tools_dir, tmp_path, temperature=0.9)
+    trainer = vllm_trainer(vllm_tools_dir, tmp_path, temperature=0.9, vllm_block_size=32)  # CPU default: 128
     tok, eos = trainer.tokenizer, trainer.policy.unwrapped().generation_config.eos_token_id
-    rollout = episodes(trainer.engine, tok, eos).generate(ROWS, group_size=2, sampling=trainer.sampling)
+    rollout = episodes(trainer.engine, tok, eos).generate(LONG_ROWS, group_size=2, sampling=trainer.sampling)
     assert rollout.episode_stats["turns"].max().item() > 1
     inserted = rollout.completion_mask.bool() & ~rollout.loss_mask.bool()
     assert inserted.any() and rollout.engine_logprobs[inserted].abs().max() == 0  # nothing sampled there
@@ -128,5 +129,7 @@ def test_sampled_episodes_carry_the_engines_logprobs_on_model_tokens_and_reuse_t
         ours = trainer.logprobs.no_grad(trainer.policy.module, rollout)
     model = rollout.loss_mask.bool()
     assert (ours - rollout.engine_logprobs)[model].abs().max() < 1e-4  # the same tokens, the same likelihoods
-    # turns after the first find their context (prompt + earlier turns) in vLLM's prefix cache
-    assert rollout.info["metrics"]["episode/prefix_cache_hit_fraction"] > 0.3
+    # turns after the first find their context (prompt + earlier turns) in vLLM's prefix cache, block by block
+    hit = rollout.info["metrics"]["episode/prefix_cache_hit_fraction"]
+    print(f"prefix cache hit fraction {hit:.3f}")
+    assert hit > 0.2

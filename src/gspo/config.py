@@ -391,6 +391,11 @@ class GSPOConfig:
         "back, the trained ones are pushed, then the KV cache (CUDA only; an error on CPU).",
     )
     vllm_cpu_kv_cache_gb: float = _f(1.0, "CPU only: GiB of KV cache for the vLLM engine (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_block_size: Optional[int] = _f(
+        None,
+        "Tokens per vLLM KV-cache block (None: vLLM's default, 16 on GPU, 128 on CPU). The prefix cache reuses whole "
+        "blocks only: a multi-turn episode's next turn finds its context cached block by block.",
+    )
     # --- LoRA -----------------------------------------------------------------------
     use_lora: bool = _f(
         False,
@@ -809,6 +814,8 @@ def _check_engine(cfg: GSPOConfig) -> None:
         raise _err("vllm_max_model_len", cfg.vllm_max_model_len, f"must exceed max_new_tokens={cfg.max_new_tokens}")
     if not cfg.vllm_cpu_kv_cache_gb > 0:
         raise _err("vllm_cpu_kv_cache_gb", cfg.vllm_cpu_kv_cache_gb, "must be > 0")
+    if cfg.vllm_block_size is not None and cfg.vllm_block_size < 1:
+        raise _err("vllm_block_size", cfg.vllm_block_size, "must be >= 1, or None for vLLM's default")
 
 
 def _check_critic(cfg: GSPOConfig) -> None:

@@ -88,6 +88,7 @@ class VLLMEngine(RolloutEngine):
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=not on_gpu,
             enable_prefix_caching=True,  # an episode's turns share their context; reset after each weight sync
+            **({"block_size": config.vllm_block_size} if config.vllm_block_size is not None else {}),
         )
         self._vllm = vllm
         self.world_size = world_size
