@@ -86,6 +86,8 @@ def test_a_tool_episode_token_by_token():
         "tool_calls": [1.0],
         "tool_failures": [0.0],
         "environment_errors": [0.0],
+        "model_tokens": [63.0],  # 59 + 4
+        "inserted_tokens": [5.0],
     }
     assert r.messages[0] == [
         {"role": "user", "content": "12*34="},
@@ -263,6 +265,18 @@ def test_max_episode_tokens_cuts_inside_a_turn_and_counts_inserted_tokens():
     assert bool(r.truncated[0]) and len(inner.contexts) == 1 and r.lengths.tolist() == [59]
 
 
+def test_an_episode_goes_on_while_one_model_token_fits():
+    tok = tools_tokenizer()
+    # after turn 1 and the tool's tokens: 59 + 5 = 64. A limit of 65 leaves one token for the answer (cut there,
+    # truncated); a limit of 64 leaves none, and the tool's tokens are not inserted
+    engine, inner = tool_engine(tok, call_then_answer, max_episode_tokens=65)
+    r = engine.generate([user_row("12*34=")], group_size=1, sampling=SAMPLE)
+    assert len(inner.contexts) == 2 and r.lengths.tolist() == [65] and bool(r.truncated[0])
+    engine, inner = tool_engine(tok, call_then_answer, max_episode_tokens=64)
+    r = engine.generate([user_row("12*34=")], group_size=1, sampling=SAMPLE)
+    assert len(inner.contexts) == 1 and r.lengths.tolist() == [59] and bool(r.truncated[0])
+
+
 def test_positions_bound_the_episode():
     tok = tools_tokenizer()
     prompt = len(enc(tok, "<tools>calculator<user>12*34=<assistant>"))  # 19
@@ -350,6 +364,52 @@ def test_an_environment_that_raises_names_itself_and_the_row_or_gives_the_penalt
     r = engine.generate([user_row("row-7")], group_size=2, sampling=SAMPLE)
     assert r.environment_rewards.tolist() == [-1.0, -1.0]
     assert r.episode_stats["environment_errors"].tolist() == [1.0, 1.0]
+
+
+class FailsOnSecondStep:
+    def reset(self, **row):
+        self.steps = 0
+
+    def step(self, text):
+        self.steps += 1
+        if self.steps == 2:
+            raise RuntimeError("lost its state")
+        return "go on", False, 0.5
+
+
+def test_a_failed_step_leaves_the_penalty_alone_as_the_environments_reward():
+    tok = tools_tokenizer()
+    engine, _ = env_engine(tok, lambda k, ctx: "a", env=FailsOnSecondStep, policy="penalty")
+    r = engine.generate([user_row("p")], group_size=1, sampling=SAMPLE)
+    # the first step's 0.5 is dropped: the episode's environment reward is the penalty (-1), not 0.5 - 1
+    assert r.environment_rewards.tolist() == [-1.0] and r.episode_stats["turns"].tolist() == [2.0]
+
+
+class ClosingFails:
+    closed = 0
+
+    def reset(self, **row):
+        return [{"role": "user"}] if row.get("prompt") == "broken" else None  # no "content": the template raises
+
+    def step(self, text):
+        return None, True, 0.0
+
+    def close(self):
+        type(self).closed += 1
+        raise OSError("close failed")
+
+
+def test_every_environment_is_closed_whatever_raises():
+    tok = tools_tokenizer()
+    engine, _ = env_engine(tok, lambda k, ctx: "a", env=ClosingFails)
+    ClosingFails.closed = 0
+    with pytest.raises(OSError, match="close failed"):  # no other error: the first close error is raised
+        engine.generate([user_row("p")], group_size=3, sampling=SAMPLE)
+    assert ClosingFails.closed == 3  # each close ran although the first raised
+    ClosingFails.closed = 0
+    with pytest.raises(Exception) as info:  # the template's error on the third episode's first messages
+        engine.generate([user_row("p"), user_row("broken")], group_size=2, sampling=SAMPLE)
+    assert not isinstance(info.value, OSError) and ClosingFails.closed == 3  # 2 started + the broken one
 
 
 class BadStepEnv:
@@ -488,6 +548,8 @@ def test_truncated_episodes_leave_the_loss_under_mask_truncated_completions(tool
     metrics, rollout = trainer.training_step(rows)
     assert rollout.truncated.all() and rollout.loss_mask.sum().item() == 0
     assert metrics["episode/truncated_fraction"] == 1.0
+    # the episode metrics count the tokens as sampled ("2*2": a 57-token call), not the loss mask left after masking
+    assert metrics["episode/model_tokens_mean"] == 57.0 and metrics["episode/env_tokens_mean"] == 0.0
 
 
 def test_a_chat_template_file_fixes_a_template_that_is_not_prefix_preserving(tmp_path):
@@ -610,3 +672,28 @@ def test_dynamic_samplings_slices_and_concatenation_keep_the_episodes():
     assert both.environment_rewards.tolist() == [1.0, 1.0, 1.5, 1.5]  # turns=2: 0.5 + 1.0
     assert both.episode_stats["turns"].tolist() == [1.0, 1.0, 2.0, 2.0]
     assert torch.equal(both.loss_mask[2:], r.loss_mask[:2])  # the wider group sets the width
+
+
+def test_soft_overlong_punishment_is_refused_for_episodes(tools_model_dir, tmp_path):
+    from gspo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="soft_overlong_punishment.*one model turn"):
+        episode_config(
+            tools_model_dir,
+            tmp_path,
+            tools=["gspo.tasks.tool_use:calculator"],
+            reward_funcs=["exact_answer", "soft_overlong_punishment"],
+            overlong_buffer_len=8,
+        )
+
+
+def test_a_tokenizer_that_hides_tool_call_markers_is_refused(tools_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from gspo.config import ConfigError
+    from gspo.trainer import GSPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tools_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})  # decoded turns lose them
+    with pytest.raises(ConfigError, match="cannot read calls with this tokenizer"):
+        GSPOTrainer(episode_config(tools_model_dir, tmp_path), tools=[calculator], tokenizer=tok)

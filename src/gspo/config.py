@@ -303,9 +303,9 @@ class GSPOConfig:
     )
     environment_error_policy: str = _f(
         "raise",
-        "What an environment whose reset/step raises (or breaks its contract) does: 'raise' (stop, naming the "
-        "environment and the row) or 'penalty' (end that episode with reward_penalty_value, counted in "
-        "reward_penalized).",
+        "What an environment whose step() raises (or breaks its contract) does: 'raise' (stop, naming the "
+        "environment and the row) or 'penalty' (end that episode; its environment reward is reward_penalty_value, "
+        "counted in reward_penalized). A constructor or reset() that fails always raises.",
         choices=("raise", "penalty"),
     )
     chat_template: Optional[str] = _f(
@@ -779,6 +779,13 @@ def _check_episodes(cfg: GSPOConfig) -> None:
         raise _err("max_episode_tokens", cfg.max_episode_tokens, "must be >= 1, or None for max_new_tokens * max_turns")
     if not cfg.tool_timeout_s > 0:
         raise _err("tool_timeout_s", cfg.tool_timeout_s, "must be > 0")
+    if cfg.multi_turn and "soft_overlong_punishment" in _reward_names(cfg):
+        raise _err(
+            "reward_funcs",
+            cfg.reward_funcs,
+            "'soft_overlong_punishment' measures a completion against max_new_tokens, which bounds one model turn of a "
+            "multi-turn episode (tools / environment) and not the episode: leave it out of episode runs",
+        )
     if cfg.chat_template is not None and not os.path.isfile(os.path.expanduser(cfg.chat_template)):
         raise _err("chat_template", cfg.chat_template, "must be a Jinja template file that exists")
 

@@ -348,13 +348,12 @@ def step_metrics(
 def episode_metrics(rollout, gather) -> dict:
     """Turns, tokens and tool use of a batch of multi-turn episodes (gather: every rank's rows)."""
     stats = {k: gather(v) for k, v in rollout.episode_stats.items()}
-    model_tokens, all_tokens = gather(rollout.policy_lengths), gather(rollout.lengths)
     calls = stats["tool_calls"].sum().item()
-    return {
+    return {  # token counts as sampled and inserted (the loss mask may have dropped a truncated episode since)
         "episode/turns_mean": stats["turns"].mean().item(),
         "episode/turns_max": stats["turns"].max().item(),
-        "episode/model_tokens_mean": model_tokens.mean().item(),
-        "episode/env_tokens_mean": (all_tokens - model_tokens).mean().item(),
+        "episode/model_tokens_mean": stats["model_tokens"].mean().item(),
+        "episode/env_tokens_mean": stats["inserted_tokens"].mean().item(),
         "episode/truncated_fraction": gather(rollout.truncated).mean().item(),
         "tools/calls_per_episode": stats["tool_calls"].mean().item(),
         "tools/failure_fraction": stats["tool_failures"].sum().item() / calls if calls else 0.0,

@@ -32,6 +32,8 @@ class SamplingParams:
 class RolloutEngine:
     """The interface every rollout engine implements."""
 
+    max_length = None  # the longest prompt + completion the engine can hold, when it has its own limit (vLLM)
+
     def session(self):
         """Context for several `generate` calls with the weights made ready once (whole, cast).
         `generate` outside a session opens one itself."""

@@ -71,6 +71,7 @@ class VLLMEngine(RolloutEngine):
             config.max_prompt_length + (completion_tokens or config.max_new_tokens),
             getattr(base.config, "max_position_embeddings", None) or math.inf,
         )
+        self.max_length = int(max_len)  # multi-turn episodes stop short of it (gspo.episodes)
         self._config_dir = tempfile.TemporaryDirectory(prefix="gspo-vllm-")
         base.config.save_pretrained(self._config_dir.name)  # architecture only: weights come from the policy
         self.llm = vllm.LLM(

@@ -57,7 +57,10 @@ def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos,
     if kind is None:
         return engine
     template = TurnTemplate(tokenizer, tools=kind.toolbox.schemas if tools else None)
+    if tools and config.tool_call_parser == "hermes":
+        _check_call_survives_decoding(tokenizer)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limits = [getattr(base.config, "max_position_embeddings", None), engine.max_length]  # the model's, the engine's
     return MultiTurnEngine(
         engine,
         tokenizer,
@@ -66,11 +69,26 @@ def episode_engine(config, engine, tokenizer, model, *, tools, environment, eos,
         max_turns=config.max_turns,
         max_episode_tokens=config.episode_tokens,
         max_response_tokens=config.max_tool_response_tokens,
-        max_positions=getattr(base.config, "max_position_embeddings", None),
+        max_positions=min((x for x in limits if x is not None), default=None),
         max_prompt_length=config.max_prompt_length,
         eos=eos,
         turn_sync=_any_rank(accelerator) if accelerator is not None and accelerator.num_processes > 1 else None,
     )
+
+
+def _check_call_survives_decoding(tokenizer) -> None:
+    """A turn is decoded without special tokens before its calls are parsed: a tokenizer that marks <tool_call> as
+    special would hide every call from the parser, silently."""
+    from gspo.config import ConfigError
+
+    probe = '<tool_call>{"name": "probe", "arguments": {}}</tool_call>'
+    text = tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False), skip_special_tokens=True)
+    if [c.name for c in parse_hermes(text)] != ["probe"]:
+        raise ConfigError(
+            f"GSPOConfig.tool_call_parser='hermes' cannot read calls with this tokenizer: {probe!r} decodes to "
+            f"{text!r} (special tokens are left out of decoded turns); use a tokenizer where <tool_call> is an "
+            "ordinary added token, or name your own parser"
+        )
 
 
 def _any_rank(accelerator):

@@ -26,6 +26,7 @@ be a collective, so ranks whose episodes take different numbers of turns must st
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -34,7 +35,8 @@ import torch
 from gspo.engines.base import RolloutEngine, SamplingParams
 from gspo.rollout import Rollout, left_pad, row_extras
 
-STATS = ("turns", "tool_calls", "tool_failures", "environment_errors")
+STATS = ("turns", "tool_calls", "tool_failures", "environment_errors", "model_tokens", "inserted_tokens")
+log = logging.getLogger("gspo")
 
 
 @dataclass
@@ -119,9 +121,10 @@ class MultiTurnEngine(RolloutEngine):
                     for e in active:
                         if not e.done:
                             self._environment_turn(e, last_turn=turn == self.max_turns - 1)
-            finally:
-                for e in episodes:
-                    self.kind.close(e.state)
+            except BaseException:
+                _close_all(self.kind, [e.state for e in episodes], failed=True)
+                raise
+            _close_all(self.kind, [e.state for e in episodes], failed=False)
         rollout = self._assemble(episodes, group_size, with_logprobs=logprobs)
         if not self._context_tokens:
             return rollout
@@ -132,10 +135,16 @@ class MultiTurnEngine(RolloutEngine):
     def _start(self, row: dict) -> Episode:
         columns = {k: v for k, v in row.items() if k not in ("prompt_ids", "prompt_messages")}
         state, first = self.kind.start(columns)
+        try:
+            return self._first_context(row, first, state)
+        except BaseException:
+            _close_all(self.kind, [state], failed=True)  # this episode is not in the batch's list yet
+            raise
+
+    def _first_context(self, row: dict, first, state) -> Episode:
         messages = list(first) if first is not None else list(row.get("prompt_messages") or [_user(row["prompt"])])
         text, ids = self.template.prompt_ids(messages)
         if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
-            self.kind.close(state)
             raise ValueError(
                 f"the episode's first context is {len(ids)} tokens with the tools and the template, longer than "
                 f"max_prompt_length={self.max_prompt_length} (prompt {str(row.get('prompt'))[:80]!r}); raise "
@@ -144,10 +153,9 @@ class MultiTurnEngine(RolloutEngine):
         room = self.max_episode_tokens if self.max_positions is None else self.max_positions - len(ids)
         limit = min(self.max_episode_tokens, room)
         if limit < 1:
-            self.kind.close(state)
             raise ValueError(
-                f"the episode's first context is {len(ids)} tokens, and the model has {self.max_positions} "
-                "positions: no room for a completion"
+                f"the episode's first context is {len(ids)} tokens, and the model (or the engine) has "
+                f"{self.max_positions} positions: no room for a completion"
             )
         return Episode(row=row, messages=messages, prompt_text=text, prompt_ids=ids, limit=limit, state=state)
 
@@ -165,6 +173,7 @@ class MultiTurnEngine(RolloutEngine):
             logp = out.engine_logprobs[i, :n].tolist() if out.engine_logprobs is not None else [0.0] * n
             e.ids += ids
             e.model += [1] * n
+            e.stats["model_tokens"] += n
             e.logprobs += logp
             e.stats["turns"] += 1
             body = ids[:-1] if ended else ids
@@ -183,7 +192,7 @@ class MultiTurnEngine(RolloutEngine):
 
     def _environment_turn(self, e: Episode, *, last_turn: bool) -> None:
         reply = self.kind.step(e.state, e.last_text)
-        e.reward += reply.reward
+        e.reward = reply.reward if reply.error else e.reward + reply.reward  # a failed step: the penalty, alone
         e.stats["tool_calls"] += reply.calls
         e.stats["tool_failures"] += reply.failures
         e.stats["environment_errors"] += int(reply.error)
@@ -200,6 +209,7 @@ class MultiTurnEngine(RolloutEngine):
             return
         e.ids += inserted
         e.model += [0] * len(inserted)
+        e.stats["inserted_tokens"] += len(inserted)
         e.logprobs += [0.0] * len(inserted)
         e.messages += new
 
@@ -245,6 +255,25 @@ class MultiTurnEngine(RolloutEngine):
             episode_stats={k: torch.tensor([float(e.stats[k]) for e in episodes]) for k in STATS},
             engine_logprobs=logprobs * model if with_logprobs else None,
         )
+
+
+def _close_all(kind, states: list, *, failed: bool) -> None:
+    """Close every episode's state, each on its own: one close that raises does not skip the others. After a
+    failure (`failed`) a close error is only logged, so the error that ended the batch is the one raised."""
+    errors = []
+    for state in states:
+        try:
+            kind.close(state)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    if errors and failed:
+        log.warning(
+            "gspo: %d environment close() calls raised while a batch of episodes failed; the first: %r",
+            len(errors),
+            errors[0],
+        )
+    elif errors:
+        raise errors[0]
 
 
 def _user(text: str) -> dict:

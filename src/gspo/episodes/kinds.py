@@ -28,7 +28,7 @@ class Reply:
     reward: float = 0.0
     calls: int = 0  # tool calls the model made this turn
     failures: int = 0  # of which failed (malformed, unknown, raised, timed out)
-    error: bool = False  # the environment failed and the episode was ended with the penalty (policy 'penalty')
+    error: bool = False  # step() failed: the episode ends, its environment reward is `reward` (the penalty) alone
 
 
 class ToolEpisodes:
@@ -62,7 +62,12 @@ class EnvironmentEpisodes:
         self.name = getattr(environment_class, "__name__", repr(environment_class))
 
     def start(self, row: dict):
-        env = self.cls()
+        """A new instance and its first messages. A constructor or reset() that fails always raises (there is no
+        episode to give a penalty to): environment_error_policy covers step()."""
+        try:
+            env = self.cls()
+        except Exception as e:
+            raise EpisodeError(f"environment {self.name}() raised {type(e).__name__}: {e} ({_row(row)})") from e
         try:
             first = env.reset(**row) if hasattr(env, "reset") else None
         except Exception as e:

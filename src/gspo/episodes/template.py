@@ -14,10 +14,11 @@ One more piece: the template closes an assistant turn with its end-of-turn strin
 Qwen). The model sampled the end-of-turn token itself; what the template writes after it (the "\\n") is
 inserted too, ahead of delta.
 
-This needs a template that is prefix-preserving: rendering more messages only appends. Many are (Qwen2.5,
-Llama 3, Hermes); some are not (Qwen3's drops earlier turns' <think> blocks once a new user message
-arrives). `check_prefix_preserving` tries it once at start-up and stops with an error naming the tokenizer
-and the first difference; GSPOConfig.chat_template takes a fixed template (a Jinja file).
+This needs a template that is prefix-preserving: rendering more messages only appends. Not every released one
+is (Qwen3's drops earlier turns' <think> blocks once a new user message arrives; TRL ships fixed templates for
+Qwen3, GPT-OSS and Llama 3). `check_prefix_preserving` tries it once at start-up, `between_turns` at every
+turn, and either stops with an error naming the tokenizer and the first difference; GSPOConfig.chat_template
+takes a fixed template (a Jinja file).
 """
 
 from __future__ import annotations

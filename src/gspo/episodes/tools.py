@@ -79,9 +79,15 @@ def resolve_parser(spec) -> Callable:
         return spec
     if spec in TOOL_CALL_PARSERS:
         return TOOL_CALL_PARSERS[spec]
+    from gspo.config import ConfigError
     from gspo.references import resolve_reference
 
-    return resolve_reference(spec, what="tool_call_parser")
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(
+            f"GSPOConfig.tool_call_parser={spec!r} is not allowed: expected one of {sorted(TOOL_CALL_PARSERS)} or "
+            "'module:function' / 'path/to/file.py:function'"
+        )
+    return resolve_reference(spec, what="tool_call_parser", error=ConfigError)
 
 
 class ToolBox:
