@@ -395,3 +395,24 @@ def test_train_without_dataset_fails_before_loading_a_model(capsys):
 def test_train_without_reward_fails_before_loading_a_model(capsys):
     code, _, err = run_cli(["train", "--dataset_path", "builtin:arithmetic"], capsys)
     assert code == 2 and "--reward_funcs" in err
+
+
+@pytest.mark.parametrize(
+    "flag, ours",
+    [
+        ("--max_completion_length", "max_new_tokens"),  # by spelling alone it would be max_prompt_length
+        ("--num_generations", "group_size"),
+        ("--beta", "kl_coef"),
+    ],
+)
+def test_trl_option_names_are_told_their_gspo_names(flag, ours, capsys, tmp_path):
+    code, _, err = run_cli(["train", flag, "4"], capsys)
+    assert code == 2 and f"TRL's '{flag[2:]}' is {ours} in gspo" in flat(err)
+    (tmp_path / "c.yaml").write_text(f"{flag[2:]}: 4\n")
+    code, _, err = run_cli(["config", "--config", str(tmp_path / "c.yaml")], capsys)
+    assert code == 2 and f"TRL's '{flag[2:]}' is {ours} in gspo" in flat(err)
+
+
+def test_a_misspelt_flag_is_told_the_field(capsys):
+    code, _, err = run_cli(["train", "--group_sise", "4"], capsys)
+    assert code == 2 and "did you mean 'group_size'?" in err

@@ -319,3 +319,15 @@ def test_seed_example_8_2_runs_as_written():
     exec(compile(SEED_8_2, "seed_8_2", "exec"), namespace)
     short = namespace["config"]
     assert (short.group_size, short.gspo_epochs, short.clip_low, short.normalize_advantages) == (3, 3, 0.25, False)
+
+
+def test_kl_coef_0_loads_no_reference_model_even_with_adaptive_kl(tiny_model_dir, arithmetic_rows, tmp_path, caplog):
+    """adaptive_kl multiplies the coefficient: 0 stays 0, so a reference model would only cost a forward pass."""
+    from conftest import small_config
+
+    cfg = small_config(tiny_model_dir, tmp_path, kl_coef=0.0, adaptive_kl=True)
+    with caplog.at_level("WARNING", logger="gspo"):
+        trainer = GSPOTrainer(cfg)
+    assert trainer.ref_model is None and "kl_coef=0 with adaptive_kl=True" in caplog.text
+    metrics, rollout = trainer.training_step([trainer._as_dataset(arithmetic_rows[:2])[i] for i in range(2)])
+    assert rollout.ref_logprobs is None and "time/reference_s" not in metrics and metrics["kl_coef"] == 0.0

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from gspo.config import ConfigError, GSPOConfig
-from gspo.yaml_config import config_fields, config_to_yaml, load_config, parse_cli_value, type_name
+from gspo.yaml_config import config_fields, config_to_yaml, load_config, parse_cli_value, suggest, type_name
 
 PROG = "gspo"
 ERROR_EXIT = 2
@@ -397,7 +397,12 @@ def user_errors() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the `gspo` command; returns the exit status (argparse exits 2 on a bad flag)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message, with what the flag is called here (a TRL name, or a near spelling)
+        flags = [u for u in unknown if u.startswith("--")]
+        hint = suggest(flags[0][2:].split("=")[0]) if flags else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return args.handler(args)
     except user_errors() as e:

@@ -220,8 +220,8 @@ class GSPOConfig:
     entropy_coef: float = _f(0.01, "Weight of the entropy bonus (mean per-token entropy over completion tokens).")
     kl_coef: float = _f(
         0.2,
-        "Initial weight of the KL penalty to the frozen reference model. 0 with adaptive_kl off loads no reference "
-        "model.",
+        "Initial weight of the KL penalty to the frozen reference model. 0 loads no reference model and runs no "
+        "reference pass (adaptive_kl multiplies the coefficient, so 0 stays 0).",
     )
     kl_estimator: str = _f(
         "k3",
@@ -522,7 +522,8 @@ class GSPOConfig:
 
     @property
     def uses_reference_model(self) -> bool:
-        return self.kl_coef > 0 or self.adaptive_kl
+        """A KL term needs the reference policy; kl_coef 0 stays 0 under adaptive_kl (it multiplies), so none."""
+        return self.kl_coef > 0
 
     def clip_summary(self) -> str:
         """The objective, importance level, aggregation and clip epsilons in force, for the start-up log line."""

@@ -176,6 +176,11 @@ class GSPOTrainer:
         self.history: list = []
         if acc.is_main_process:
             log.warning("gspo: %s", cfg.clip_summary())
+            if cfg.adaptive_kl and cfg.kl_coef == 0:
+                log.warning(
+                    "gspo: kl_coef=0 with adaptive_kl=True: the adaptive controller multiplies the coefficient, so it "
+                    "stays 0; no reference model is loaded and no KL is computed (set kl_coef > 0 for a KL penalty)"
+                )
 
     # The wrapped policy, its optimizer and schedule (the back-end's TrainedModel holds them).
     model = property(lambda self: self.policy.module)

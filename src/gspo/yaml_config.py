@@ -76,8 +76,24 @@ def type_name(name: str) -> str:
     return f"{text} | None" if optional else text
 
 
+# TRL GRPOConfig names a user may bring, and what they are called here (a spelling match would mislead:
+# max_completion_length is closest to max_prompt_length)
+TRL_NAMES = {
+    "max_completion_length": "max_new_tokens",
+    "num_generations": "group_size",
+    "beta": "kl_coef",
+    "epsilon": "clip_range_low (or clip_range)",
+    "epsilon_high": "clip_range_high",
+    "num_iterations": "gspo_epochs",
+    "loss_type": "loss_aggregation (and policy_loss for the objective)",
+    "per_device_train_batch_size": "batch_size (prompts per step, all ranks together; TRL counts completions)",
+}
+
+
 def suggest(name: str) -> str:
-    """'; did you mean ...?' for a misspelt field name, or ''."""
+    """'; did you mean ...?' for a misspelt field name or a TRL name, or ''."""
+    if name in TRL_NAMES:
+        return f"; TRL's {name!r} is {TRL_NAMES[name]} in gspo"
     close = difflib.get_close_matches(name, list(config_fields()), n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
