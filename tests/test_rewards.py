@@ -369,3 +369,24 @@ def test_reward_model_without_pad_token_uses_eos(tiny_rm, tmp_path):
     scorer = RewardModelScorer(str(tmp_path))
     assert scorer.tokenizer.pad_token == scorer.tokenizer.eos_token == "<eos>"
     assert len(scorer(PROMPTS, COMPLETIONS)) == 3
+
+
+def test_a_reward_writing_into_a_nested_column_changes_neither_the_dataset_nor_the_callers_rows(
+    tiny_model_dir, tmp_path
+):
+    from conftest import small_config
+
+    from gspo.trainer import GSPOTrainer
+
+    def scribbles(completions, meta, **kwargs):
+        for m in meta:
+            m["seen"] = m.get("seen", 0) + 1  # writes into the row's nested column
+        return [0.0] * len(completions)
+
+    rows = [{"prompt": "1+1=", "meta": {"n": 1}}, {"prompt": "2+2=", "meta": {"n": 2}}]
+    trainer = GSPOTrainer(small_config(tiny_model_dir, tmp_path, reward_funcs=[]), reward_funcs=[scribbles])
+    dataset = trainer._as_dataset(rows)
+    trainer.training_step([dataset[0], dataset[1]])
+    trainer.training_step([dataset[0], dataset[1]])
+    assert [dataset[i]["meta"] for i in range(2)] == [{"n": 1}, {"n": 2}]
+    assert rows == [{"prompt": "1+1=", "meta": {"n": 1}}, {"prompt": "2+2=", "meta": {"n": 2}}]

@@ -25,6 +25,7 @@ Choices, on purpose:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -201,7 +202,7 @@ class GSPODataset(torch.utils.data.Dataset):
                 "prompt": t,
                 "prompt_ids": p,
                 **({"prompt_messages": list(row[prompt_column])} if chat else {}),
-                **{c: row.get(c) for c in self.extra_columns},
+                **{c: copy.deepcopy(row.get(c)) for c in self.extra_columns},  # the caller's rows stay theirs
             }
             for t, p, chat, row in zip(texts, ids, is_chat, rows)
         ]

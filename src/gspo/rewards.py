@@ -19,6 +19,7 @@ or, with `error_policy="penalty"`, that sample gets `penalty_value` and is count
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -567,14 +568,15 @@ class RewardScorer:
         )
 
     def __call__(self, rollout) -> RewardResult:
-        extra = dict(rollout.extra)
+        # copies: a reward function that writes into a column (a nested dict, say) must not change the dataset
+        extra = copy.deepcopy(rollout.extra)
         if rollout.messages:  # multi-turn episodes: the whole conversation reaches the reward functions
             if "messages" in extra:
                 raise RewardError(
                     "dataset column 'messages' clashes with the episodes' conversations passed to reward functions "
                     "as messages=; rename the column"
                 )
-            extra["messages"] = rollout.messages
+            extra["messages"] = copy.deepcopy(rollout.messages)
         if self.funcs or self.reward_model is not None:
             result = compute_rewards(
                 self.funcs,
