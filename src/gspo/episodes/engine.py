@@ -110,13 +110,11 @@ class MultiTurnEngine(RolloutEngine):
                 self._context_tokens = self._cached_tokens = 0
                 for turn in range(self.max_turns):
                     active = [e for e in episodes if not e.done]
-                    if self.turn_sync is not None and not self.turn_sync(bool(active)):
+                    if not (self.turn_sync(bool(active)) if self.turn_sync else active):
                         break  # no rank has an unfinished episode
-                    if not active and self.turn_sync is not None:
+                    if not active:
                         self._placeholder_turn(episodes[0], sampling)  # another rank still generates
                         continue
-                    if not active:
-                        break
                     logprobs &= self._model_turn(active, sampling)
                     for e in active:
                         if not e.done:

@@ -118,28 +118,37 @@ class WarmStartResult:
 
 
 def build_tokenizer():
-    """Character-level tokenizer (one token per character) as a fast HF tokenizer.
+    """Character-level tokenizer (one token per character) as a fast HF tokenizer."""
+    return char_tokenizer(SPECIAL_TOKENS, CHARS, model_max_length=MODEL_KWARGS["max_position_embeddings"])
 
-    WordLevel over single characters keeps ids stable and decoding exact; the
-    Fuse decoder joins characters without inserted spaces.
+
+def char_tokenizer(specials: Sequence[str], chars: str, *, ordinary: Sequence[str] = (), model_max_length: int):
+    """A fast HF tokenizer with one token per character of `chars`, after `specials` (the first four are pad, eos,
+    bos, unk) and `ordinary` multi-character tokens that decoding keeps (the tool task's <tool_call>).
+
+    WordLevel over single characters keeps ids stable and decoding exact; the Fuse decoder joins characters without
+    inserted spaces.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(CHARS))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    pad, eos, bos, unk = specials[:4]
+    vocab = {tok: i for i, tok in enumerate(tuple(specials) + tuple(ordinary) + tuple(chars))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.add_special_tokens(list(specials))
+    if ordinary:
+        core.add_tokens([AddedToken(t, special=False, normalized=False) for t in ordinary])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
-        pad_token=PAD,
-        eos_token=EOS,
-        bos_token=BOS,
-        unk_token=UNK,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token=unk,
         padding_side="left",  # generation appends on the right
         clean_up_tokenization_spaces=False,
-        model_max_length=MODEL_KWARGS["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
 
 

@@ -103,25 +103,9 @@ def called_tool(rollout) -> list:
 
 # ------------------------------------------------------------------ tokenizer and model
 def build_tokenizer():
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from gspo.tasks.tiny_model import char_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CALL_TOKENS + tuple(CHARS))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens(list(SPECIALS))
-    core.add_tokens([AddedToken(t, special=False, normalized=False) for t in CALL_TOKENS])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=MAX_POSITIONS,
-    )
+    tok = char_tokenizer(SPECIALS, CHARS, ordinary=CALL_TOKENS, model_max_length=MAX_POSITIONS)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
