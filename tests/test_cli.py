@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from gspo.cli import main
@@ -349,7 +350,12 @@ def test_train_and_eval_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     cfg = GSPOConfig(
         policy_model_name=str(out_dir), reward_funcs=["exact_answer"], max_new_tokens=4, eval_max_samples=3
     )
-    assert metrics == evaluate_model(cfg, str(prompts_file)) and metrics["eval/num_samples"] == 3.0
+    again = evaluate_model(cfg, str(prompts_file))
+    assert metrics.pop("time/eval_s") > 0 and again.pop("time/eval_s") > 0  # wall time: the only difference
+    assert metrics == again and metrics["eval/num_samples"] == 3.0
+    records = pq.read_table(metrics_path.with_name(metrics_path.stem + ".completions.parquet")).to_pylist()
+    assert len(records) == 3 and [r["reward"] for r in records] == [r["reward/exact_answer"] for r in records]
+    assert sum(r["reward"] for r in records) / 3 == pytest.approx(metrics["eval/accuracy"])
 
 
 @needs_pipeline

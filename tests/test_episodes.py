@@ -3,6 +3,7 @@ environments; limits; the template requirement."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -578,7 +579,8 @@ def test_the_samples_table_shows_an_episode_turn_by_turn(capsys):
         {"role": "tool", "name": "calculator", "content": "408"},
         {"role": "assistant", "content": "408"},
     ]
-    print_samples(3, ["12*34="], ["408"], [1.0], messages=[conversation])
+    row = {"group": 0, "last_user": "12*34=", "completion": "408", "reward": 1.0, "messages": json.dumps(conversation)}
+    print_samples(3, [row])
     out = capsys.readouterr().out
     assert "assistant: call" in out and "tool: 408" in out and "assistant: 408" in out
     assert "user: 12*34=" not in out  # the prompt has its own column

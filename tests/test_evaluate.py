@@ -69,21 +69,27 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
     )
     assert engine.calls == [[1, 3], [5]] and engine.sessions == 1  # one session around every batch
     # rewards 0/4, 3/4, 2/4 -> mean 5/12; >= 0.5: 2 of 3; lengths 0, 3, 2 -> 5/3
+    assert shard.pop("time/eval_s") > 0
     assert shard == pytest.approx(
         {
             "eval/reward_mean": 5 / 12,
-            "eval/accuracy": 2 / 3,
+            "eval/accuracy": 2 / 3,  # quarter_length is no correctness reward: accuracy reads the total
+            "eval/reward/quarter_length_mean": 5 / 12,
             "eval/completion_length_mean": 5 / 3,
+            "eval/truncated_fraction": 0.0,
             "eval/num_samples": 3.0,
         },
         abs=1e-12,
     )
 
-    # a gather that adds rank 0's (reward, length, turns, tool calls) (rows 0, 2, 4: rewards 1, 0.5, 0.25; lengths
-    # 4, 2, 1; single turns); one call for all of them
-    def fake_gather(xs):
-        gathered.append(len(xs))
-        return [(1.0, 4, None, None), (0.5, 2, None, None), (0.25, 1, None, None)] + xs
+    # a gather that adds rank 0's records (rows 0, 2, 4: rewards 1, 0.5, 0.25; lengths 4, 2, 1), one call for all
+    def fake_gather(records):
+        gathered.append(len(records))
+        rank0 = [
+            {"reward": r, "reward/quarter_length": r, "completion_length": n, "truncated": False}
+            for r, n in ((1.0, 4), (0.5, 2), (0.25, 1))
+        ]
+        return rank0 + records
 
     gathered = []
 
@@ -99,9 +105,17 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
         world_size=2,
         gather=fake_gather,
     )
+    both.pop("time/eval_s")
     # all six: rewards 1, .5, .25, 0, .75, .5 -> mean 3/6 = 0.5; >= 0.5: 4 of 6; lengths sum 12 -> 2
     assert both == pytest.approx(
-        {"eval/reward_mean": 0.5, "eval/accuracy": 4 / 6, "eval/completion_length_mean": 2.0, "eval/num_samples": 6.0},
+        {
+            "eval/reward_mean": 0.5,
+            "eval/accuracy": 4 / 6,
+            "eval/reward/quarter_length_mean": 0.5,
+            "eval/completion_length_mean": 2.0,
+            "eval/truncated_fraction": 0.0,
+            "eval/num_samples": 6.0,
+        },
         abs=1e-12,
     )
     assert gathered == [3]  # this rank's three samples, in one gather

@@ -249,7 +249,7 @@ def test_accepted_return_types(out):
         (float("nan"), "non-finite value nan"),
         (float("inf"), "non-finite value inf"),
         ("high", "str 'high'"),
-        (None, "NoneType"),
+        ([1.0], "list"),
     ],
 )
 def test_bad_entry_names_function_and_sample(value, what):
@@ -273,11 +273,108 @@ def test_exception_is_wrapped_and_chained():
     def boom(**kw):
         raise ValueError("bad answer format")
 
-    with pytest.raises(
-        RewardError, match=r"reward function 'boom' raised ValueError: bad answer format \(batch of 3 samples\)"
-    ) as e:
+    with pytest.raises(RewardError, match=r"reward function 'boom' raised ValueError: bad answer format") as e:
         run([rf(boom)])
     assert isinstance(e.value.__cause__, ValueError)
+    assert str(e.value).endswith("(batch of 3 samples)")
+
+
+def test_exception_names_file_line_sample_and_columns():
+    def raises_mid(completions, answer, **kw):
+        out = []
+        for c in completions:
+            if c.startswith("8"):  # COMPLETIONS[1] = "8 maybe": the second sample
+                out.append({}["missing_key"])
+            out.append(1.0)
+        return out
+
+    line = raises_mid.__code__.co_firstlineno + 4  # the line of the dict lookup
+    with pytest.raises(RewardError) as e:
+        run([rf(raises_mid)])
+    msg = str(e.value)
+    assert f"at test_rewards.py:{line} in raises_mid" in msg
+    assert "on sample 1 (prompt: '3+4=')" in msg
+    assert "columns passed: ['answer', 'completion_ids', 'completions', 'prompts']" in msg
+
+
+def test_trl_style_message_indexing_gets_a_hint():
+    def trl_style(completions, **kw):
+        return [1.0 if c[0]["content"] else 0.0 for c in completions]
+
+    with pytest.raises(RewardError, match=r"completions are plain strings here.*messages="):
+        run([rf(trl_style)])
+
+
+class FakeTimeout(BaseException):  # math-verify's TimeoutException derives from BaseException
+    pass
+
+
+def test_base_exceptions_are_penalised_but_exit_and_interrupt_pass():
+    def slow(**kw):
+        raise FakeTimeout("took too long")
+
+    with pytest.warns(UserWarning, match="FakeTimeout"):
+        res = run([rf(slow), rf(ones)], error_policy="penalty", penalty_value=-1.0)
+    assert res.per_func["slow"].tolist() == [-1.0, -1.0, -1.0] and res.num_penalized == 3
+    with pytest.raises(RewardError, match="raised FakeTimeout"):
+        run([rf(slow)])
+    for exc in (SystemExit(3), KeyboardInterrupt()):
+
+        def leaves(exc=exc, **kw):
+            raise exc
+
+        with pytest.raises(type(exc)):
+            run([rf(leaves, "leaves")], error_policy="penalty")
+
+
+# --- None: no opinion ----------------------------------------------------------------
+def test_none_is_left_out_of_the_total_and_the_mean():
+    def picky(completions, **kw):
+        return [1.0, None, 0.0]
+
+    res = run([rf(picky, weight=2.0), rf(ones, weight=0.5)])
+    assert res.per_func["picky"].isnan().tolist() == [False, True, False]
+    assert res.total.tolist() == pytest.approx([2 * 1.0 + 0.5, 0.5, 2 * 0.0 + 0.5])  # None adds nothing
+    assert res.num_penalized == 0
+
+
+def test_a_sample_nobody_scores_is_an_error():
+    def picky(completions, **kw):
+        return [1.0, None, None]
+
+    def shy(completions, **kw):
+        return [None, None, 0.5]
+
+    with pytest.raises(RewardError, match=r"\['picky', 'shy'\] all returned None .* sample 1 \(prompt: '3\+4='\)"):
+        run([rf(picky), rf(shy)])
+    with pytest.warns(UserWarning, match="no reward"):
+        res = run([rf(picky), rf(shy)], error_policy="penalty", penalty_value=-3.0)
+    assert res.total.tolist() == [1.0, -3.0, 0.5] and res.num_penalized == 1
+
+
+# --- reward_kwargs -----------------------------------------------------------------
+def scaled(completions, scale=1.0, offset=0.0, **kwargs):
+    return [scale * len(c) + offset for c in completions]
+
+
+def test_reward_kwargs_reach_the_function():
+    funcs = resolve_reward_funcs([scaled, {"name": "exact_answer", "weight": 2.0}], kwargs={"scaled": {"scale": 0.5}})
+    res = compute_rewards(funcs, PROMPTS, COMPLETIONS, IDS, extra={"answer": ANSWERS})
+    # len("3")=1, len("8 maybe")=7, len("-4<eos>")=7, times 0.5; exact_answer 1, 0, 1 times 2
+    assert res.per_func["scaled"].tolist() == [0.5, 3.5, 3.5]
+    assert res.total.tolist() == [2.5, 3.5, 5.5]
+    dict_spec = resolve_reward_funcs([{"name": "tests.test_rewards:scaled", "kwargs": {"offset": 1.0}}])
+    assert dict_spec[0].kwargs == {"offset": 1.0}
+
+
+def test_reward_kwargs_errors_name_what_is_wrong():
+    with pytest.raises(RewardError, match=r"names 'nope', which is not one of the reward functions \['scaled'\]"):
+        resolve_reward_funcs([scaled], kwargs={"nope": {"scale": 1}})
+    with pytest.raises(RewardError, match=r"give \['scael'\], which scaled does not take.*\['offset', 'scale'\]"):
+        resolve_reward_funcs([scaled], kwargs={"scaled": {"scael": 1}})
+    funcs = resolve_reward_funcs(["exact_answer"], kwargs={"exact_answer": {"answer": ["3"] * 3}})
+    with pytest.raises(RewardError, match=r"give \['answer'\], which are also dataset columns"):
+        compute_rewards(funcs, PROMPTS, COMPLETIONS, IDS, extra={"answer": ANSWERS})
 
 
 def test_missing_kwargs_hint():

@@ -134,12 +134,29 @@ def test_progress_with_tty_uses_rich_bar(monkeypatch, capsys):
     assert progress._bar is None
 
 
+def _row(group, user, completion, reward, **rewards):
+    return {"group": group, "last_user": user, "completion": completion, "reward": reward, **rewards}
+
+
 def test_print_samples_truncates_and_shows_markup_literally(capsys):
     long = "x" * 1000
-    print_samples(7, ["What is [bold]2+2?", long], ["[/] 4", long], [1.0, 0.0], max_rows=4)
+    print_samples(7, [_row(0, "What is [bold]2+2?", "[/] 4", 1.0), _row(1, long, long, 0.0)], max_chars=160)
     out = capsys.readouterr().out
     assert "Samples at step 7" in out and "[bold]" in out and "[/]" in out
-    assert out.count("x") < 400  # both long cells truncated to ~160 chars
+    assert 300 < out.count("x") < 400  # both long cells cut to 159 characters and an ellipsis
+
+
+def test_print_samples_one_row_per_prompt_with_each_reward(capsys):
+    rows = [
+        _row(0, "first question", "alpha", 1.5, **{"reward/acc": 1.0, "reward/fmt": 0.5}),
+        _row(0, "first question", "beta", 0.0, **{"reward/acc": 0.0, "reward/fmt": 0.0}),
+        _row(1, "second question", "gamma", 0.5, **{"reward/acc": 0.0, "reward/fmt": 0.5}),
+    ]
+    print_samples(2, rows, max_rows=4)
+    out = capsys.readouterr().out
+    assert "alpha" in out and "gamma" in out and "beta" not in out  # the group's first completion only
+    assert out.count("first question") == 1
+    assert "acc 1.000" in out and "fmt 0.500" in out and "total 1.500" in out
 
 
 def test_ema_smooths_and_starts_unbiased():

@@ -196,7 +196,7 @@ def test_parse_unknown_field():
 def test_every_field_type_is_supported():
     for name, f in config_fields().items():
         base, _ = field_type(name)
-        assert base in (bool, int, float, str, list), name
+        assert base in (bool, int, float, str, list, dict), name
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if default is not None and not isinstance(default, list):
             text = str(default).lower() if isinstance(default, bool) else str(default)

@@ -1,10 +1,11 @@
-"""The `gspo` command: train, eval, demo, compare, plot, config.
+"""The `gspo` command: train, eval, demo, compare, plot, completions, config.
 
     gspo train  [--config run.yaml] [--<field> <value> ...]
     gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
     gspo demo   [--task arithmetic|tools] [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
     gspo compare [--config YAML] [--algorithms gspo,grpo,ppo,vapo] [--seeds 0,1,2] [--max_steps N]
     gspo plot   RUN_DIR [--out PNG]
+    gspo completions RUN_DIR [--step N] [--worst [K] | --best [K] | --sample K]   # read the completions record
     gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
 
 Every GSPOConfig field is a flag named exactly after it (`--group_size 8`). Flags default
@@ -243,6 +244,24 @@ def _add_plot(sub) -> None:
     p.set_defaults(handler=cmd_plot)
 
 
+def _add_completions(sub) -> None:
+    p = sub.add_parser(
+        "completions",
+        help="Print completions from a run's record (completions/*.parquet) or an eval's records.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("run_dir", help="A run's output_dir, its completions/ directory, or one .parquet records file.")
+    p.add_argument("--step", type=int, default=None, metavar="N", help="The step to read (default: the last one).")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--worst", type=int, nargs="?", const=5, default=None, metavar="K", help="The K lowest rewards.")
+    which.add_argument("--best", type=int, nargs="?", const=5, default=None, metavar="K", help="The K highest rewards.")
+    which.add_argument("--sample", type=int, default=None, metavar="K", help="K rows drawn at random (--seed).")
+    p.add_argument("--first", type=int, default=5, metavar="K", help="Without --worst/--best/--sample: the first K.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of --sample.")
+    p.add_argument("--max_chars", type=int, default=2000, metavar="N", help="Cut texts longer than this.")
+    p.set_defaults(handler=cmd_completions)
+
+
 def _add_config(sub) -> None:
     p = sub.add_parser(
         "config",
@@ -267,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_demo, _add_compare, _add_plot, _add_config):
+    for add in (_add_train, _add_eval, _add_demo, _add_compare, _add_plot, _add_completions, _add_config):
         add(sub)
     for p in sub.choices.values():
         p.allow_abbrev = False  # --group would otherwise silently mean --group_size
@@ -320,13 +339,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from gspo.model_eval import evaluate_model
 
-    metrics = evaluate_model(cfg, dataset)
+    metrics, records = evaluate_model(cfg, dataset, records=True)
     if PartialState().is_main_process:
         text = json.dumps(metrics, indent=2, sort_keys=True)
         print(text, flush=True)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            from gspo.completions import write_records
+
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+            path = write_records(records, out.with_name(out.stem + ".completions.parquet"))
+            print(f"[gspo] per-sample records: {path} (read them: gspo completions {path})", file=sys.stderr)
     return 0
 
 
@@ -367,6 +391,43 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     print(path)
     return 0
+
+
+def cmd_completions(args: argparse.Namespace) -> int:
+    from gspo.completions import format_row, pick_rows, read_records, record_files
+
+    source = Path(args.run_dir)
+    if source.is_file():
+        path = source
+    else:
+        try:
+            files = record_files(source)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        step = args.step if args.step is not None else max(files)
+        if step not in files:
+            raise ConfigError(f"{source}: no completions for step {step}; steps recorded: {_ranges(sorted(files))}")
+        path = files[step]
+    rows = read_records(path)
+    order, k = next(
+        ((o, v) for o, v in (("worst", args.worst), ("best", args.best), ("sample", args.sample)) if v is not None),
+        ("first", args.first),
+    )
+    picked = pick_rows(rows, order=order, k=k, seed=args.seed)
+    print(f"{path}: {len(rows)} completions, showing {len(picked)} ({order})\n")
+    print("\n\n".join(format_row(r, args.max_chars) for r in picked))
+    return 0
+
+
+def _ranges(steps: list) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    out, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(f"{start}-{s}" if s != start else str(s))
+            start = None
+    return ", ".join(out)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

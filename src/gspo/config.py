@@ -37,6 +37,7 @@ from gspo.core import (
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-arithmetic", "builtin:tiny-tools")  # built locally on first use (gspo.tasks)
+REASONING_GYM_PREFIX = "reasoning_gym:"  # dataset_path "reasoning_gym:<task>?size=N&seed=S" (gspo.data)
 ROLLOUT_ENGINES = ("hf", "vllm")
 ENGINE_IS_CORRECTIONS = ("none", "token_truncate", "sequence_truncate", "sequence_mask")
 
@@ -71,6 +72,11 @@ class GSPOConfig:
         "callers may also pass callables to GSPOTrainer(reward_funcs=...).",
     )
     reward_weights: Optional[list] = _f(None, "One weight per reward function (default: all 1.0).")
+    reward_kwargs: dict = _f(
+        {},
+        "Keyword parameters for reward functions, by reward name: {math_accuracy: {timeout_s: 2}}. Each must be a "
+        "named parameter of its function.",
+    )
     reward_error_policy: str = _f(
         "raise",
         "What a failing reward function does: 'raise' (stop with an error naming the function and sample) or "
@@ -120,6 +126,11 @@ class GSPOConfig:
         "template). Other columns reach the reward functions as keyword arguments.",
     )
     eval_dataset_path: Optional[str] = _f(None, "Evaluation prompts, same formats as dataset_path.")
+    system_prompt: Optional[str] = _f(
+        None,
+        "A system message put first in every conversation (a chat prompt, or a plain prompt, which becomes a user "
+        "message). A string, or the path of a text file holding it.",
+    )
     max_prompt_length: int = _f(512, "Longest prompt in tokens; see prompt_truncation.")
     prompt_truncation: str = _f(
         "error",
@@ -424,7 +435,23 @@ class GSPOConfig:
     # --- output, logging, evaluation, checkpoints -----------------------------------
     output_dir: str = _f("outputs/gspo", "Where metrics, plots, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Print a progress line every N steps (metrics.jsonl always gets every step).")
-    log_completions_steps: int = _f(10, "Print a table of sampled completions and rewards every N steps (0 disables).")
+    log_completions_steps: int = _f(
+        10, "Print a table of sampled completions (one per distinct prompt) every N steps (0 disables)."
+    )
+    log_completions: bool = _f(
+        True,
+        "Append every step's completions, with each reward and the advantage, to <output_dir>/completions/ as "
+        "parquet (`gspo completions RUN_DIR` reads them).",
+    )
+    log_completions_max_per_step: int = _f(
+        256, "Most completions recorded per step (the first rows of the rollout; 0 records none)."
+    )
+    samples_max_chars: int = _f(600, "Longest completion text shown in the printed samples table.")
+    num_threads: Optional[int] = _f(
+        None,
+        "torch CPU threads (torch.set_num_threads); None keeps torch's choice. Printed at start: an oversubscribed "
+        "CPU machine can swing by 40x.",
+    )
     report_to: list = _f(["jsonl"], "Metric sinks: any of 'jsonl' (always on), 'tensorboard', 'wandb'.")
     progress_bar: bool = _f(True, "Show a live progress bar.")
     plot_curves: bool = _f(
@@ -440,8 +467,17 @@ class GSPOConfig:
     eval_max_samples: int = _f(256, "Evaluate on at most this many eval prompts.")
     eval_batch_size: int = _f(64, "Prompts per greedy-decoding batch during evaluation.")
     accuracy_threshold: float = _f(
-        1.0, "A completion counts as correct in eval/accuracy when its total reward is >= this."
+        1.0, "A completion counts as correct in eval/accuracy when its accuracy_reward value is >= this."
     )
+    accuracy_reward: Optional[str] = _f(
+        None,
+        "The reward whose value defines eval/accuracy (>= accuracy_threshold). None: the first correctness reward "
+        "(math_accuracy, reasoning_gym, exact_answer, answer_match), else the total reward; the log says which.",
+    )
+    eval_num_samples: int = _f(
+        1, "Completions per eval prompt: 1 decodes greedily; k > 1 samples k at eval_temperature (mean@k, pass@k)."
+    )
+    eval_temperature: float = _f(1.0, "Sampling temperature of evaluation when eval_num_samples > 1.")
     save_steps: int = _f(0, "Save a checkpoint every N steps (0 disables; the final model is always saved).")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     resume_from_checkpoint: Optional[str] = _f(
@@ -575,6 +611,9 @@ _OPTIONAL_TYPES = {
     "vllm_max_model_len": int,
     "value_model_name": str,
     "overlong_buffer_len": int,
+    "system_prompt": str,
+    "num_threads": int,
+    "accuracy_reward": str,
 }
 
 
@@ -612,10 +651,11 @@ def _check_types(cfg: GSPOConfig) -> None:
 _POSITIVE_FIELDS = ("batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_epochs", "gspo_epochs",
                     "max_new_tokens", "max_prompt_length", "kl_horizon", "entropy_chunk_size", "eval_batch_size",
                     "eval_max_samples", "logging_steps", "max_consecutive_skipped_updates", "lora_r", "lora_alpha",
-                    "max_turns", "max_tool_response_tokens")
+                    "max_turns", "max_tool_response_tokens", "eval_num_samples", "samples_max_chars")
 _NON_NEGATIVE_INT_FIELDS = ("dynamic_sampling_max_rounds",)
 _NON_NEGATIVE_FIELDS = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef", "eval_steps",
-                        "save_steps", "log_completions_steps", "top_k", "lora_dropout")
+                        "save_steps", "log_completions_steps", "top_k", "lora_dropout",
+                        "log_completions_max_per_step")
 # fmt: on
 
 
@@ -648,6 +688,10 @@ def _check_ranges(cfg: GSPOConfig) -> None:
         raise _err("prompt_column", cfg.prompt_column, "must name a column")
     if not cfg.temperature > 0:
         raise _err("temperature", cfg.temperature, "must be > 0")
+    if not cfg.eval_temperature > 0:
+        raise _err("eval_temperature", cfg.eval_temperature, "must be > 0")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise _err("num_threads", cfg.num_threads, "must be >= 1, or None for torch's choice")
     if not 0 < cfg.top_p <= 1:
         raise _err("top_p", cfg.top_p, "must be in (0, 1]")
     if not cfg.target_kl > 0:
@@ -870,7 +914,8 @@ def _check_paths(cfg: GSPOConfig) -> None:
         )
     for name in ("dataset_path", "eval_dataset_path"):
         v = getattr(cfg, name)
-        if v is not None and not v.startswith(BUILTIN_MODEL_PREFIX) and not os.path.exists(os.path.expanduser(v)):
+        generated = v is not None and v.startswith((BUILTIN_MODEL_PREFIX, REASONING_GYM_PREFIX))
+        if v is not None and not generated and not os.path.exists(os.path.expanduser(v)):
             raise _err(name, v, "no such file or directory")
 
 

@@ -759,3 +759,24 @@ def positive_example_nll(
     keep = mask.to(logprobs.dtype) * positive.to(logprobs.dtype)[:, None]
     denom = num_tokens if num_tokens is not None else keep.sum().clamp(min=1)
     return -masked_sum(logprobs, keep) / denom  # Eq. 9
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation: pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code")
+# ----------------------------------------------------------------------------------
+def pass_at_k(
+    num_samples: torch.Tensor,  # [P] n: completions sampled per prompt
+    num_correct: torch.Tensor,  # [P] c: of them correct
+    k: int,
+) -> torch.Tensor:  # [P] float64
+    """The unbiased pass@k estimator per prompt, 1 - C(n - c, k) / C(n, k)   (Chen et al. 2021, Eq. 1),
+    as the product 1 - prod_{i = n - c + 1}^{n} (1 - k / i), which never forms the large binomials;
+    1 where n - c < k (every k-subset holds a correct one). Needs k <= n."""
+    n, c = num_samples.to(torch.float64), num_correct.to(torch.float64)
+    if k < 1 or bool((n < k).any()) or bool((c > n).any()) or bool((c < 0).any()):
+        raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n; got k={k}, n={n.tolist()}, c={c.tolist()}")
+    width = int(c.max().item()) if c.numel() else 0
+    i = (n - c)[:, None] + torch.arange(1, width + 1, dtype=torch.float64)[None, :]  # [P, max c]: n-c+1 .. n-c+max c
+    factors = torch.where(i <= n[:, None], 1.0 - k / i, torch.ones_like(i))  # only i <= n take part
+    estimate = 1.0 - factors.prod(dim=1)  # Eq. 1
+    return torch.where(n - c < k, torch.ones_like(n), estimate)

@@ -3,8 +3,9 @@
 Two pieces:
 
 * `load_rows(path)` reads a .jsonl / .json / .csv / .parquet file, a local Hugging
-  Face dataset directory (`datasets.save_to_disk`), or `builtin:arithmetic` /
-  `builtin:arithmetic-eval`, into a list of plain dicts.
+  Face dataset directory (`datasets.save_to_disk`), `builtin:arithmetic` /
+  `builtin:arithmetic-eval`, or `reasoning_gym:<task>?size=N&seed=S` (built with reasoning-gym), into a list
+  of plain dicts.
 * `GSPODataset(prompts, tokenizer)` turns strings, chat-message lists or dict rows
   into `{"prompt": text, "prompt_ids": [...], **extra_columns}` items. Extra columns
   (every column but the prompt column) travel with the prompt so the trainer can hand
@@ -41,6 +42,8 @@ BUILTIN_DATASETS = {
     "builtin:tools": ("gspo.tasks.tool_use", 2000, "train"),  # two-digit products, for the calculator tool
     "builtin:tools-eval": ("gspo.tasks.tool_use", 256, "eval"),
 }
+REASONING_GYM_PREFIX = "reasoning_gym:"
+REASONING_GYM_COLUMN = "reasoning_gym"  # the entry reasoning-gym's score_answer needs (gspo.verifiers)
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 TRUNCATION_POLICIES = ("error", "left")
 
@@ -67,6 +70,8 @@ def load_rows(path: str, prompt_column: str = "prompt", *, seed: int = 42) -> li
         rows = importlib.import_module(module).make_problems(n=n, seed=seed, split=split)
     elif path.startswith("builtin:"):
         raise DataError(f"unknown built-in dataset {path!r}; built-ins are {sorted(BUILTIN_DATASETS)}")
+    elif path.startswith(REASONING_GYM_PREFIX):
+        rows = load_reasoning_gym(path, prompt_column, seed=seed)
     elif os.path.isdir(path):
         rows = _load_hf_dir(path)
     elif not os.path.exists(path):
@@ -147,6 +152,60 @@ def _load_hf_dir(path: str) -> list:
     return ds.to_list()
 
 
+def load_reasoning_gym(spec: str, prompt_column: str = "prompt", *, seed: int = 42) -> list[dict]:
+    """`reasoning_gym:<task>?size=N&seed=S&<task option>=<value>...` -> rows with the question as a one-message chat
+    (prompt_column), the task's `answer`, and the whole entry under `reasoning_gym` for its own scorer. Options
+    other than size and seed go to reasoning-gym's task config (numbers parsed as numbers); seed defaults to
+    GSPOConfig.seed and size to 1000."""
+    from urllib.parse import parse_qsl
+
+    task, _, query = spec[len(REASONING_GYM_PREFIX) :].partition("?")
+    options: dict[str, Any] = {"size": 1000, "seed": seed}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        options[key] = _number_or_text(value)
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise DataError(
+            f"dataset {spec!r} needs reasoning-gym, which is not installed: pip install 'gspo[reasoning-gym]'"
+        ) from e
+    if task not in reasoning_gym.factory.DATASETS:
+        raise DataError(
+            f"dataset {spec!r}: reasoning-gym has no task {task!r}; it has {sorted(reasoning_gym.factory.DATASETS)}"
+        )
+    try:
+        entries = reasoning_gym.create_dataset(task, **options)
+    except Exception as e:  # reasoning-gym's config checks raise assorted errors
+        raise DataError(f"dataset {spec!r}: reasoning-gym could not build it with {options}: {e}") from e
+    return [
+        {
+            prompt_column: [{"role": "user", "content": e["question"]}],
+            "answer": str(e["answer"]),
+            REASONING_GYM_COLUMN: e,
+        }
+        for e in entries
+    ]
+
+
+def _number_or_text(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_system_prompt(value: Optional[str]) -> Optional[str]:
+    """GSPOConfig.system_prompt: the text itself, or the path of a file holding it."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if len(value) < 4096 and "\n" not in value and os.path.isfile(path):
+        return Path(path).read_text(encoding="utf-8").strip()
+    return value
+
+
 def _check_rows(rows: list, source: str, prompt_column: str) -> list[dict]:
     """Every row a dict holding `prompt_column`; at least one row."""
     if not rows:
@@ -184,6 +243,7 @@ class GSPODataset(torch.utils.data.Dataset):
         prompt_column: str = "prompt",
         max_prompt_length: Optional[int] = None,
         truncation: str = "error",
+        system_prompt: Optional[str] = None,
     ) -> None:
         if truncation not in TRUNCATION_POLICIES:
             raise DataError(f"truncation must be one of {list(TRUNCATION_POLICIES)}, got {truncation!r}")
@@ -193,6 +253,10 @@ class GSPODataset(torch.utils.data.Dataset):
         self.prompt_column = prompt_column
         rows = _as_rows(prompts, prompt_column)
         self.extra_columns: list[str] = _extra_columns(rows, prompt_column)
+        if system_prompt is not None:
+            rows = [
+                {**row, prompt_column: _with_system(i, row[prompt_column], system_prompt)} for i, row in enumerate(rows)
+            ]
         texts, is_chat = zip(*(self._format(i, row[prompt_column]) for i, row in enumerate(rows)))
         ids = _tokenize(tokenizer, list(texts), list(is_chat))
         texts, ids = self._limit_length(list(texts), ids, list(is_chat), max_prompt_length, truncation)
@@ -261,6 +325,19 @@ class GSPODataset(torch.utils.data.Dataset):
             stacklevel=3,
         )
         return texts, ids
+
+
+def _with_system(i: int, value: Any, system_prompt: str) -> Any:
+    """Row i's prompt with the system message first: a plain prompt becomes a user message."""
+    if isinstance(value, str):
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": value}]
+    if _is_message_list(value):
+        if value and value[0].get("role") == "system":
+            raise DataError(
+                f"prompt of row {i} already starts with a system message, and system_prompt is set: keep one of them"
+            )
+        return [{"role": "system", "content": system_prompt}, *value]
+    return value  # _format names the bad type
 
 
 def _is_message_list(value: Any) -> bool:
@@ -376,4 +453,11 @@ def as_dataset(data, tokenizer, config):
     if data is None or isinstance(data, GSPODataset):
         return data
     rows = load_rows(data, config.prompt_column, seed=config.seed) if isinstance(data, (str, Path)) else data
-    return GSPODataset(rows, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
+    return GSPODataset(
+        rows,
+        tokenizer,
+        config.prompt_column,
+        config.max_prompt_length,
+        config.prompt_truncation,
+        system_prompt=read_system_prompt(config.system_prompt),
+    )

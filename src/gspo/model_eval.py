@@ -18,10 +18,11 @@ from gspo.rewards import RewardModelScorer, RewardScorer
 from gspo.rollout import eos_ids
 
 
-def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=None) -> dict:
-    """`gspo eval`: load config.policy_model_name (or take `model`), decode `dataset` greedily and score it
-    with the config's rewards. Builds no optimizer and no reference model; under a launcher each
-    process decodes its shard and every process returns the gathered metrics."""
+def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=None, records: bool = False):
+    """`gspo eval`: load config.policy_model_name (or take `model`), decode `dataset` (greedily, or
+    eval_num_samples sampled completions per prompt) and score it with the config's rewards. Builds no optimizer
+    and no reference model; under a launcher each process decodes its shard and every process returns the
+    gathered metrics, and with `records` also the per-sample records: (metrics, records)."""
     state = PartialState()
     if state.num_processes > 1:
         destroy_process_group_at_exit()
@@ -44,6 +45,7 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     engine = episode_engine(
         config, engine, tokenizer, model, tools=tools, environment=environment, eos=eos_ids(model, tokenizer)
     )
-    return evaluate_as_configured(
+    metrics, rows = evaluate_as_configured(
         engine, scorer, dataset, config, rank=state.process_index, world_size=state.num_processes
     )
+    return (metrics, rows) if records else metrics

@@ -20,6 +20,13 @@ log = logging.getLogger("gspo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def set_threads(config: GSPOConfig) -> int:
+    """torch's CPU threads from GSPOConfig.num_threads (None keeps torch's choice); returns the number in force."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    return torch.get_num_threads()
+
+
 def resolve_model_path(name: str) -> str:
     """A built-in model's directory (built on first use), else `name` as it is."""
     if name == "builtin:tiny-tools":

@@ -12,16 +12,28 @@ Multi-turn episodes (gspo.episodes): `completions` are the model's last turns, `
 episode's ids, and `messages=[N conversations]` (lists of {"role", "content"} dicts) arrives as well; an
 environment's own reward is one more term, "environment", weighted by environment_reward_weight.
 
-Nothing is broadcast or guessed: a wrong count, a non-number, NaN or inf, or an
-exception is an error naming the function and the sample (`error_policy="raise"`),
-or, with `error_policy="penalty"`, that sample gets `penalty_value` and is counted.
+A function may return None for a sample: "no opinion" (TRL's convention; math_accuracy does it for a gold
+answer that does not parse). The sample is left out of that function's mean (its per-function value is NaN)
+and the function adds nothing to the sample's total; a sample on which no function has an opinion is an error.
+
+Nothing is broadcast or guessed: a wrong count, a non-number, NaN or inf, or an exception is an error naming
+the function, the sample, where it was raised and the columns that were passed (`error_policy="raise"`), or,
+with `error_policy="penalty"`, those samples get `penalty_value` and are counted. Exceptions deriving from
+BaseException (math-verify's TimeoutException) count too; KeyboardInterrupt, SystemExit and GeneratorExit
+are never swallowed.
+
+Keyword parameters for a function come from GSPOConfig.reward_kwargs ({name: {param: value}}) or a dict
+spec's "kwargs"; they must be named parameters of the function.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
+import os
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -31,6 +43,7 @@ import torch
 
 from gspo.answers import completion_text, extract_answer
 from gspo.references import resolve_reference
+from gspo.verifiers import VERIFIER_REWARDS, MissingExtraError, check_available
 
 ERROR_POLICIES = ("raise", "penalty")
 RESERVED_KWARGS = ("prompts", "completions", "completion_ids")
@@ -50,6 +63,7 @@ class RewardFunction:
     name: str
     fn: Callable
     weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)  # keyword parameters passed on every call (reward_kwargs)
     # Set after the first penalty warning, so a chronically failing function warns once
     # per run, not once per step (its failures are still counted every step).
     warned: bool = field(default=False, init=False, repr=False, compare=False)
@@ -168,6 +182,7 @@ BUILTIN_REWARDS: dict[str, Callable] = {
     "exact_answer": exact_answer,
     "answer_match": answer_match,
     "length_penalty": length_penalty,
+    **VERIFIER_REWARDS,  # math_accuracy, think_format, reasoning_gym (gspo.verifiers; the first and last need extras)
 }
 # Built-ins that read GSPOConfig fields: name -> factory(config) -> the bound reward function. They resolve by
 # name like BUILTIN_REWARDS, once a config is at hand (RewardScorer.from_config, so the trainer and `gspo eval`).
@@ -181,16 +196,17 @@ BUILTIN_NAMES = tuple(sorted([*BUILTIN_REWARDS, *CONFIGURED_REWARDS]))
 # Resolving specs
 # ----------------------------------------------------------------------------------
 def resolve_reward_funcs(
-    specs: Any, weights: Optional[Sequence[float]] = None, config: Any = None
+    specs: Any, weights: Optional[Sequence[float]] = None, config: Any = None, kwargs: Optional[dict] = None
 ) -> list[RewardFunction]:
     """Turn reward specs into named, weighted RewardFunctions.
 
     A spec is a callable, a built-in name (BUILTIN_REWARDS, or CONFIGURED_REWARDS, which are bound to
     `config` and need one), "package.module:function",
-    "path/to/file.py:function", or a dict {"name" or "path": one of those, "weight": w}.
+    "path/to/file.py:function", or a dict {"name" or "path": one of those, "weight": w, "kwargs": {...}}.
     `weights`, when given, holds one weight per spec; a None entry means "the dict
     spec's own weight, else 1.0". A dict weight and a different non-None entry for the
-    same spec is an error. Duplicate names get _2, _3, ...
+    same spec is an error. Duplicate names get _2, _3, ... `kwargs` ({name: {param: value}}, names as in the
+    metrics) are keyword parameters for those functions, checked against their signatures here.
     """
     if specs is None:
         specs = []
@@ -204,25 +220,60 @@ def resolve_reward_funcs(
         )
     out: list[RewardFunction] = []
     for i, spec in enumerate(specs):
-        target, dict_weight = _unpack_spec(spec, i)
+        target, dict_weight, dict_kwargs = _unpack_spec(spec, i)
         weight = _pick_weight(i, dict_weight, None if weights is None else weights[i])
         name, fn = _resolve_one(target, config)
-        out.append(RewardFunction(name=name, fn=fn, weight=weight))
-    return _dedupe_names(out)
+        out.append(RewardFunction(name=name, fn=fn, weight=weight, kwargs=dict(dict_kwargs or {})))
+    return _bind_kwargs(_dedupe_names(out), kwargs or {})
 
 
-def _unpack_spec(spec: Any, i: int) -> tuple[Any, Optional[float]]:
-    """(callable-or-string target, weight from a dict spec or None)."""
+def _unpack_spec(spec: Any, i: int) -> tuple[Any, Optional[float], Optional[dict]]:
+    """(callable-or-string target, weight from a dict spec or None, kwargs from a dict spec or None)."""
     if not isinstance(spec, dict):
-        return spec, None
-    unknown = set(spec) - {"name", "path", "weight"}
+        return spec, None, None
+    unknown = set(spec) - {"name", "path", "weight", "kwargs"}
     keys = [k for k in ("name", "path") if k in spec]
     if len(keys) != 1 or unknown:
         raise RewardError(
             f"reward spec {i} {spec!r}: a dict spec needs exactly one of 'name' or 'path' "
-            f"and optionally 'weight'{'; unknown keys ' + str(sorted(unknown)) if unknown else ''}"
+            f"and optionally 'weight' and 'kwargs'{'; unknown keys ' + str(sorted(unknown)) if unknown else ''}"
         )
-    return spec[keys[0]], spec.get("weight")
+    if spec.get("kwargs") is not None and not isinstance(spec["kwargs"], dict):
+        raise RewardError(f"reward spec {i} {spec!r}: 'kwargs' must be a mapping of parameter names to values")
+    return spec[keys[0]], spec.get("weight"), spec.get("kwargs")
+
+
+def _bind_kwargs(funcs: list[RewardFunction], kwargs: dict) -> list[RewardFunction]:
+    """Add reward_kwargs to their functions; every name and parameter must exist."""
+    by_name = {f.name: f for f in funcs}
+    if not isinstance(kwargs, dict):
+        raise RewardError(f"reward_kwargs must be a mapping {{reward name: {{param: value}}}}, got {kwargs!r}")
+    for name, params in kwargs.items():
+        if name not in by_name:
+            raise RewardError(
+                f"reward_kwargs names {name!r}, which is not one of the reward functions {sorted(by_name)}"
+            )
+        if not isinstance(params, dict):
+            raise RewardError(f"reward_kwargs[{name!r}] must be a mapping of parameter names to values, got {params!r}")
+        by_name[name].kwargs.update(params)
+    for f in funcs:
+        accepted = _named_parameters(f.fn)
+        bad = sorted(set(f.kwargs) - accepted) if accepted is not None else []
+        if bad:
+            raise RewardError(
+                f"reward_kwargs for {f.name!r} give {bad}, which {f.name} does not take as named parameters; "
+                f"it takes {sorted(accepted - set(RESERVED_KWARGS))}"
+            )
+    return funcs
+
+
+def _named_parameters(fn: Callable) -> Optional[set]:
+    """Names `fn` takes by keyword (None when its signature cannot be read)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _pick_weight(i: int, from_dict: Any, from_list: Any) -> float:
@@ -244,6 +295,10 @@ def _resolve_one(target: Any, config: Any = None) -> tuple[str, Callable]:
     if not isinstance(target, str) or not target:
         raise RewardError(f"reward spec {target!r} is a {type(target).__name__}; expected a callable or a string")
     if target in BUILTIN_REWARDS:
+        try:
+            check_available(target)  # an optional extra (math-verify, reasoning-gym): missing -> error up front
+        except MissingExtraError as e:
+            raise RewardError(str(e)) from e
         return target, BUILTIN_REWARDS[target]
     if target in CONFIGURED_REWARDS:
         if config is None:
@@ -360,8 +415,8 @@ class RewardModelScorer:
 # ----------------------------------------------------------------------------------
 @dataclass
 class RewardResult:
-    total: torch.Tensor  # [N] float32: sum_k weight_k * r_k (+ reward_model_weight * rm)
-    per_func: dict  # name -> [N] float32 raw (unweighted) values; the reward model under "reward_model"
+    total: torch.Tensor  # [N] float32: sum_k weight_k * r_k (+ reward_model_weight * rm), None-valued terms left out
+    per_func: dict  # name -> [N] float32 raw (unweighted) values, NaN where the function returned None
     num_penalized: int
 
 
@@ -381,7 +436,7 @@ def compute_rewards(
 
     Raises RewardError (error_policy="raise") naming the function and the sample for
     any exception, wrong count, non-number, NaN or inf; with error_policy="penalty" the
-    bad samples get `penalty_value` and are counted in `num_penalized`.
+    bad samples get `penalty_value` and are counted in `num_penalized`. None is "no opinion" (module doc).
     """
     extra = dict(extra or {})
     n = _check_batch(
@@ -399,11 +454,21 @@ def compute_rewards(
     penalized = 0
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **extra}
     for f in funcs:
+        clash = sorted(set(f.kwargs) & set(kwargs))
+        if clash:
+            raise RewardError(f"reward_kwargs for {f.name!r} give {clash}, which are also dataset columns; rename one")
         values, bad = _call_checked(
-            f, lambda f=f: f.fn(**kwargs), prompts, n=n, policy=error_policy, penalty=penalty_value
+            f,
+            lambda f=f: f.fn(**kwargs, **f.kwargs),
+            prompts,
+            n=n,
+            policy=error_policy,
+            penalty=penalty_value,
+            locate=lambda i, f=f: f.fn(**_sample_slice(kwargs, i), **f.kwargs),
+            columns=sorted(kwargs),
         )
         per_func[f.name] = torch.tensor(values, dtype=torch.float32)
-        total += f.weight * torch.tensor(values, dtype=torch.float64)
+        total += f.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(0.0)
         penalized += bad
     if reward_model is not None:
         rm = RewardFunction(REWARD_MODEL_KEY, reward_model, float(reward_model_weight))
@@ -413,7 +478,32 @@ def compute_rewards(
         per_func[REWARD_MODEL_KEY] = torch.tensor(values, dtype=torch.float32)
         total += rm.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
+    penalized += _no_opinion(per_func, total, prompts, policy=error_policy, penalty=penalty_value)
     return RewardResult(total=total.float(), per_func=per_func, num_penalized=penalized)
+
+
+def _no_opinion(per_func: dict, total: torch.Tensor, prompts: list, *, policy: str, penalty: float) -> int:
+    """Samples on which every reward returned None have no reward at all: an error, or the penalty (in place)."""
+    if not per_func:
+        return 0
+    missing = torch.stack([v.isnan() for v in per_func.values()]).all(dim=0)  # [N]
+    if not bool(missing.any()):
+        return 0
+    i = int(missing.nonzero()[0])
+    msg = (
+        f"reward functions {sorted(per_func)} all returned None (no opinion) for sample {i} "
+        f"(prompt: {str(prompts[i])[:80]!r}) and {int(missing.sum()) - 1} more: such a sample has no reward"
+    )
+    if policy == "raise":
+        raise RewardError(msg)
+    warnings.warn(f"{msg}; using the penalty value instead", stacklevel=3)
+    total[missing] = float(penalty)
+    return int(missing.sum())
+
+
+def _sample_slice(kwargs: dict, i: int) -> dict:
+    """The keyword arguments of sample i alone (every column is one entry per sample)."""
+    return {k: v[i : i + 1] for k, v in kwargs.items()}
 
 
 def _check_batch(
@@ -448,15 +538,28 @@ def _check_batch(
     return n
 
 
+PASSED_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)  # never turned into a reward penalty
+
+
 def _call_checked(
-    f: RewardFunction, call: Callable, prompts: list, *, n: int, policy: str, penalty: float
+    f: RewardFunction,
+    call: Callable,
+    prompts: list,
+    *,
+    n: int,
+    policy: str,
+    penalty: float,
+    locate: Optional[Callable] = None,
+    columns: Sequence[str] = (),
 ) -> tuple[list[float], int]:
-    """Run one reward and return (N floats, number penalized), or raise RewardError."""
+    """Run one reward and return (N floats, NaN for None; number penalized), or raise RewardError.
+    `locate(i)` calls the function on sample i alone, to name the sample a batch call failed on."""
     try:
         out = call()
-    except Exception as e:
-        hint = " (reward functions must accept **kwargs)" if isinstance(e, TypeError) and "keyword" in str(e) else ""
-        msg = f"reward function '{f.name}' raised {type(e).__name__}: {e}{hint} (batch of {n} samples)"
+    except PASSED_THROUGH:
+        raise
+    except BaseException as e:  # math-verify's TimeoutException derives from BaseException
+        msg = _exception_message(f, e, n=n, prompts=prompts, locate=locate, columns=columns)
         if policy == "raise":
             raise RewardError(msg) from e
         return _whole_batch_penalty(f, msg, n, penalty)
@@ -472,7 +575,7 @@ def _call_checked(
         return _whole_batch_penalty(f, msg, n, penalty)
     result, bad = [], 0
     for i, v in enumerate(values):
-        x, problem = _as_real(v)
+        x, problem = (math.nan, None) if v is None else _as_real(v)
         if problem is None:
             result.append(x)
             continue
@@ -484,6 +587,37 @@ def _call_checked(
         result.append(float(penalty))
         bad += 1
     return result, bad
+
+
+def _exception_message(f: RewardFunction, e: BaseException, *, n, prompts, locate, columns) -> str:
+    """Where a reward function raised: the file and line, the first sample that raises alone, the columns."""
+    hint = ""
+    if isinstance(e, TypeError) and "keyword" in str(e):
+        hint = " (reward functions must accept **kwargs)"
+    elif isinstance(e, TypeError) and "indices must be integers" in str(e):
+        hint = (
+            " (completions are plain strings here, not TRL's lists of messages: use completions[i], not "
+            "completions[i][0]['content']; a multi-turn episode's conversation arrives as messages=)"
+        )
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ is not None else None
+    where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame else ""
+    sample = _failing_sample(locate, n) if locate is not None else None
+    on = f", on sample {sample} (prompt: {str(prompts[sample])[:80]!r})" if sample is not None else ""
+    passed = f"; columns passed: {list(columns)}" if columns else ""
+    return f"reward function '{f.name}' raised {type(e).__name__}: {e}{hint}{where}{on}{passed} (batch of {n} samples)"
+
+
+def _failing_sample(locate: Callable, n: int, limit: int = 64) -> Optional[int]:
+    """The first of the first `limit` samples on which the function raises when called alone (None if none does:
+    the failure needs the whole batch)."""
+    for i in range(min(n, limit)):
+        try:
+            locate(i)
+        except PASSED_THROUGH:
+            raise
+        except BaseException:
+            return i
+    return None
 
 
 def _whole_batch_penalty(f: RewardFunction, msg: str, n: int, penalty: float) -> tuple[list[float], int]:
@@ -559,7 +693,7 @@ class RewardScorer:
         specs = list(config.reward_funcs) + list(extra_funcs)
         weights = list(config.reward_weights or [None] * len(config.reward_funcs)) + [None] * len(extra_funcs)
         return cls(
-            resolve_reward_funcs(specs, weights, config),
+            resolve_reward_funcs(specs, weights, config, kwargs=config.reward_kwargs),
             reward_model=reward_model,
             reward_model_weight=config.reward_model_weight,
             error_policy=config.reward_error_policy,

@@ -45,6 +45,7 @@ class Rollout:
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] log pi_ref
     engine_logprobs: Optional[torch.Tensor] = None  # [N, T] the engine's log-probs of its samples (vLLM)
     messages: list = field(default_factory=list)  # [N] multi-turn episodes: the whole conversation, as messages
+    prompt_messages: list = field(default_factory=list)  # [N] a chat prompt's messages (None: a plain prompt)
     environment_rewards: Optional[torch.Tensor] = None  # [N] an environment's summed step rewards (episodes)
     episode_stats: dict = field(default_factory=dict)  # name -> [N] per-episode counts (turns, tool_calls, ...)
     values: Optional[torch.Tensor] = None  # [N, T] the critic's V_t at rollout time (advantage_estimator='gae')
@@ -101,7 +102,15 @@ class Rollout:
         }
         stats = {k: v[index] for k, v in self.episode_stats.items()}
         return replace(
-            self, prompts=[], completions=[], messages=[], extra={}, reward_per_func={}, episode_stats=stats, **picked
+            self,
+            prompts=[],
+            completions=[],
+            messages=[],
+            prompt_messages=[],
+            extra={},
+            reward_per_func={},
+            episode_stats=stats,
+            **picked,
         )
 
     def select_groups(self, groups: list) -> "Rollout":
@@ -116,6 +125,7 @@ class Rollout:
             prompts=take(self.prompts) if self.prompts else [],
             completions=take(self.completions) if self.completions else [],
             messages=take(self.messages) if self.messages else [],
+            prompt_messages=take(self.prompt_messages) if self.prompt_messages else [],
             extra={k: take(v) for k, v in self.extra.items()},
             reward_per_func={k: torch.as_tensor(v)[index] for k, v in self.reward_per_func.items()},
             num_penalized=0,
@@ -151,6 +161,7 @@ def concat_rollouts(parts: list, pad_id: int) -> Rollout:
         },
         num_penalized=sum(r.num_penalized for r in parts),
         messages=[m for r in parts for m in r.messages],
+        prompt_messages=[m for r in parts for m in r.prompt_messages],
         environment_rewards=(
             torch.cat([r.environment_rewards for r in parts]) if first.environment_rewards is not None else None
         ),
@@ -207,6 +218,9 @@ def assemble_rollout(
         prompts=repeat([r["prompt"] for r in rows]),
         completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
         extra=row_extras(rows, repeat=group_size),
+        prompt_messages=repeat([r.get("prompt_messages") for r in rows])
+        if any("prompt_messages" in r for r in rows)
+        else [],
     )
 
 

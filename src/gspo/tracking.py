@@ -265,17 +265,10 @@ def first_turn(conversation: list) -> int:
     return next((i for i, m in enumerate(conversation) if m.get("role") == "assistant"), len(conversation))
 
 
-def print_samples(
-    step: int,
-    prompts: list[str],
-    completions: list[str],
-    rewards: list[float],
-    max_rows: int = 4,
-    max_chars: int = 160,
-    messages: Optional[list] = None,
-) -> None:
-    """Print a table of the first `max_rows` prompts/completions with their rewards; multi-turn episodes
-    (`messages`) as their turns, one line per message with its role.
+def print_samples(step: int, rows: list[dict], *, max_rows: int = 4, max_chars: int = 600) -> None:
+    """A table of sampled completions, one per distinct prompt (the first `max_rows` groups): the last user
+    message, the whole completion wrapped (up to `max_chars`; an episode's turns with their roles), the total
+    reward and each function's. `rows` are completion records (gspo.completions.completion_rows).
 
     Cells are rich `Text` objects, not markup strings, so a completion containing
     "[bold]" or "[/]" is shown literally instead of being interpreted (or crashing rich).
@@ -284,17 +277,28 @@ def print_samples(
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"Samples at step {step}", show_lines=True, expand=False)
-    table.add_column("prompt", overflow="fold", ratio=2)
-    table.add_column("completion", overflow="fold", ratio=3)
-    table.add_column("reward", justify="right", no_wrap=True)
-    for i, (prompt, completion, reward) in enumerate(list(zip(prompts, completions, rewards))[:max_rows]):
-        if messages:  # an episode: its turns after the prompt, one line each, with their roles
-            turns = messages[i][first_turn(messages[i]) :]
+    table = Table(title=f"Samples at step {step}", show_lines=True, expand=True)
+    table.add_column("prompt (last user message)", overflow="fold", ratio=2)
+    table.add_column("completion", overflow="fold", ratio=4)
+    table.add_column("reward", no_wrap=True)
+    seen: set = set()
+    for row in rows:
+        key = (row.get("rank", 0), row["group"])
+        if key in seen:
+            continue
+        seen.add(key)
+        if row.get("messages"):  # an episode: its turns after the prompt, one line each, with their roles
+            turns = json.loads(row["messages"])
+            turns = turns[first_turn(turns) :]
             completion = "\n".join(f"{m['role']}: {_clip_text(m.get('content'), max_chars)}" for m in turns)
         else:
-            completion = _clip_text(completion, max_chars)
-        table.add_row(Text(_clip_text(prompt, max_chars)), Text(completion), Text(_fmt_num(reward, ".3f")))
+            completion = _clip_text(row["completion"], max_chars)
+        rewards = [f"total {_fmt_num(row['reward'], '.3f')}"] + [
+            f"{k[len('reward/') :]} {_fmt_num(v, '.3f')}" for k, v in row.items() if k.startswith("reward/")
+        ]
+        table.add_row(Text(_clip_text(row["last_user"], max_chars)), Text(completion), Text("\n".join(rewards)))
+        if len(seen) >= max_rows:
+            break
     Console().print(table)
 
 
@@ -336,7 +340,10 @@ def step_metrics(
         "reward_penalized": acc.reduce(torch.tensor(float(rollout.num_penalized), device=acc.device), "sum").item(),
     }
     for name, values in rollout.reward_per_func.items():
-        metrics[f"reward/{name}_mean"] = gather(torch.as_tensor(values)).mean().item()
+        values = gather(torch.as_tensor(values))  # NaN where the function had no opinion (None)
+        metrics[f"reward/{name}_mean"] = values.nanmean().item()
+        if values.isnan().any():
+            metrics[f"reward/{name}_none_fraction"] = values.isnan().float().mean().item()
     if rollout.episode_stats:  # multi-turn episodes
         metrics.update(episode_metrics(rollout, gather))
     metrics.update(update)  # the learner's stats: already the same on every rank
@@ -397,11 +404,20 @@ def timed(timings: dict, name: str):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def record_step(metrics: dict, rollout, *, tracker, progress, config, main) -> None:
-    """Log a finished step: metrics.jsonl / trackers, the progress line, and every log_completions_steps a
-    table of sampled completions (main process only; `main` is the accelerator)."""
+def record_step(metrics: dict, rollout, *, tracker, progress, config, main, completions=None) -> None:
+    """Log a finished step: metrics.jsonl / trackers, the progress line, the completions record (every rank takes
+    part: the rows are gathered), and every log_completions_steps a table of sampled completions (main process;
+    `main` is the accelerator)."""
+    from gspo.completions import completion_rows, gathered_rows
+
     step = metrics["step"]
     tracker.log(step, metrics)
     progress.update(step, metrics)
+    rows = None
+    if config.log_completions and config.log_completions_max_per_step:
+        rows = gathered_rows(rollout, step, limit=config.log_completions_max_per_step, accelerator=main)
+        if completions is not None:
+            completions.add(step, rows)
     if main.is_main_process and config.log_completions_steps and step % config.log_completions_steps == 0:
-        print_samples(step, rollout.prompts, rollout.completions, rollout.rewards.tolist(), messages=rollout.messages)
+        rows = rows if rows is not None else completion_rows(rollout, step)
+        print_samples(step, rows, max_chars=config.samples_max_chars)

@@ -27,12 +27,15 @@ How it departs from a naive loop (and from some peers):
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from gspo.backends import make_accelerator, select_backend
+from gspo.completions import COMPLETIONS_DIR, CompletionsRecord, write_records
 from gspo.config import ConfigError, GSPOConfig
 from gspo.core import AdaptiveKLController, FixedKLController
 from gspo.critic import build_estimator
@@ -44,7 +47,15 @@ from gspo.evaluate import evaluate_as_configured
 from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter
 from gspo.learner import Learner
 from gspo.logprobs import RolloutLogprobs
-from gspo.models import adamw_factory, autocast, load_causal_lm, load_policy, load_tokenizer, mixed_precision_mode
+from gspo.models import (
+    adamw_factory,
+    autocast,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    mixed_precision_mode,
+    set_threads,
+)
 from gspo.producer import RolloutProducer
 from gspo.rewards import build_scorer
 from gspo.rollout import Rollout, eos_ids
@@ -79,6 +90,7 @@ class GSPOTrainer:
         Multi-turn episodes: `tools` (Python functions, added to config.tools) or `environment` (a class, instead
         of config.environment); the engine then runs episodes (gspo.episodes)."""
         self.config = cfg = config
+        self.threads = set_threads(cfg)  # first: loading and building already run torch ops
         self.accelerator = make_accelerator()
         self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
         self.mixed_precision = mixed_precision_mode(cfg, self.backend.engine_owns_precision)
@@ -176,6 +188,12 @@ class GSPOTrainer:
         self.history: list = []
         if acc.is_main_process:
             log.warning("gspo: %s", cfg.clip_summary())
+            log.warning(
+                "gspo: %d torch CPU threads per process (%s); %d CPUs",
+                self.threads,
+                "num_threads" if cfg.num_threads is not None else "torch's choice; set num_threads to change it",
+                os.cpu_count() or 0,
+            )
             if cfg.adaptive_kl and cfg.kl_coef == 0:
                 log.warning(
                     "gspo: kl_coef=0 with adaptive_kl=True: the adaptive controller multiplies the coefficient, so it "
@@ -214,8 +232,14 @@ class GSPOTrainer:
         tracker = MetricsLogger(
             cfg.output_dir, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process, resume=resumed
         )
+        record = CompletionsRecord(
+            cfg.output_dir,
+            enabled=acc.is_main_process and cfg.log_completions,
+            max_per_step=cfg.log_completions_max_per_step,
+        )
         if resumed:
             tracker.truncate_after(self.step)
+            record.truncate_after(self.step)
         progress = Progress(
             total,
             initial_step=self.step,
@@ -233,7 +257,15 @@ class GSPOTrainer:
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
                         metrics.update(self.evaluate(eval_ds))
                     self.history.append({"step": self.step, **metrics})
-                    record_step(self.history[-1], rollout, tracker=tracker, progress=progress, config=cfg, main=acc)
+                    record_step(
+                        self.history[-1],
+                        rollout,
+                        tracker=tracker,
+                        progress=progress,
+                        config=cfg,
+                        main=acc,
+                        completions=record,
+                    )
                     self.checkpoints.save_if_due(self.step, total, guard.signum, self._trainer_state)
             if eval_ds is not None and self.history and not (cfg.eval_steps and total % cfg.eval_steps == 0):
                 self.history[-1].update(self.evaluate(eval_ds))
@@ -241,6 +273,7 @@ class GSPOTrainer:
         finally:
             progress.close()
             tracker.close()
+            record.close()
         return self.history
 
     def training_step(self, rows: list, more=None) -> tuple[dict, Rollout]:
@@ -293,12 +326,16 @@ class GSPOTrainer:
     # ------------------------------------------------------------------ metrics
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, dataset=None) -> dict:
-        """Greedy decoding on (a shard per rank of) up to eval_max_samples prompts; metrics prefixed 'eval/'."""
+        """Up to eval_max_samples prompts (a shard per rank), greedy or eval_num_samples sampled completions each;
+        metrics prefixed 'eval/'. The per-sample records go to completions/eval_{step}.parquet (log_completions)."""
         cfg, acc = self.config, self.accelerator
         dataset = self._as_dataset(dataset if dataset is not None else (self.eval_dataset or cfg.eval_dataset_path))
-        return evaluate_as_configured(
-            self.engine, self.scorer, dataset, cfg, rank=acc.process_index, world_size=acc.num_processes
+        metrics, records = evaluate_as_configured(
+            self.engine, self.scorer, dataset, cfg, rank=acc.process_index, world_size=acc.num_processes, step=self.step
         )
+        if cfg.log_completions and acc.is_main_process:  # beside the training record
+            write_records(records, Path(cfg.output_dir) / COMPLETIONS_DIR / f"eval_{self.step:05d}.parquet")
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:

@@ -176,7 +176,27 @@ def _parse_list(name: str, text: str) -> list:
     return [_list_item(name, item) for item in items]
 
 
-_PARSERS = {bool: _parse_bool, int: _parse_int, float: _parse_float, list: _parse_list, str: lambda name, text: text}
+def _parse_dict(name: str, text: str) -> dict:
+    """'{a: {b: 1}}' (YAML flow syntax, or JSON) or '' (the empty mapping)."""
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _bad(name, text, f"a YAML mapping such as {{name: {{param: 1}}}} ({e.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise _bad(name, text, "a YAML mapping such as {name: {param: 1}}")
+    return value
+
+
+_PARSERS = {
+    bool: _parse_bool,
+    int: _parse_int,
+    float: _parse_float,
+    list: _parse_list,
+    dict: _parse_dict,
+    str: lambda name, text: text,
+}
 
 
 def parse_cli_value(field: Union[str, dataclasses.Field], text: str) -> Any:
