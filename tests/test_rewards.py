@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -487,3 +488,25 @@ def test_a_reward_writing_into_a_nested_column_changes_neither_the_dataset_nor_t
     trainer.training_step([dataset[0], dataset[1]])
     assert [dataset[i]["meta"] for i in range(2)] == [{"n": 1}, {"n": 2}]
     assert rows == [{"prompt": "1+1=", "meta": {"n": 1}}, {"prompt": "2+2=", "meta": {"n": 2}}]
+
+
+@pytest.mark.parametrize(
+    "name,module,extra", [("math_accuracy", "math_verify", "math"), ("reasoning_gym", "reasoning_gym", "reasoning-gym")]
+)
+def test_a_builtin_whose_extra_is_missing_fails_when_resolved(monkeypatch, name, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the extra imports: nothing
+    with pytest.raises(RewardError, match=rf"reward '{name}' needs .*pip install 'gspo\[{extra}\]'"):
+        resolve_reward_funcs([name, "exact_answer"])
+
+
+def test_the_reasoning_builtins_resolve_by_name():
+    funcs = resolve_reward_funcs(
+        ["math_accuracy", "think_format", "reasoning_gym"], kwargs={"math_accuracy": {"timeout_s": 2.0}}
+    )
+    assert [f.name for f in funcs] == ["math_accuracy", "think_format", "reasoning_gym"]
+    res = compute_rewards(
+        funcs[:2], ["q"] * 2, ["<think>x</think>\\boxed{7}", "7"], [[1], [1]], extra={"answer": ["7", "7"]}
+    )
+    # math_accuracy reads the text after </think>: 7 = 7 both times; think_format needs the block: 1, 0
+    assert res.per_func["math_accuracy"].tolist() == [1.0, 1.0]
+    assert res.per_func["think_format"].tolist() == [1.0, 0.0]

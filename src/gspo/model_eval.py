@@ -13,7 +13,7 @@ from gspo.data import as_dataset
 from gspo.engines import TransformersEngine
 from gspo.episodes import episode_engine, read_chat_template, resolve_episode
 from gspo.evaluate import evaluate_as_configured
-from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode
+from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, set_threads
 from gspo.rewards import RewardModelScorer, RewardScorer
 from gspo.rollout import eos_ids
 
@@ -23,6 +23,7 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     eval_num_samples sampled completions per prompt) and score it with the config's rewards. Builds no optimizer
     and no reference model; under a launcher each process decodes its shard and every process returns the
     gathered metrics, and with `records` also the per-sample records: (metrics, records)."""
+    set_threads(config)
     state = PartialState()
     if state.num_processes > 1:
         destroy_process_group_at_exit()

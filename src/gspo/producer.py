@@ -163,4 +163,5 @@ class RolloutProducer:
                 f"GSPOConfig.dynamic_sampling_metric={name!r} is not allowed: expected 'reward' or the name of "
                 f"a reward function, one of {sorted(rollout.reward_per_func)}."
             )
-        return torch.as_tensor(rollout.reward_per_func[name]).float()
+        # None ("no opinion", NaN) counts as 0: a group the function did not score has no spread in it
+        return torch.as_tensor(rollout.reward_per_func[name]).float().nan_to_num(0.0)
