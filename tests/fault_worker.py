@@ -5,7 +5,8 @@ As a module (tests import it): `make_model_dir`, `make_dataset`, `make_config`, 
 
 As a script:
     python tests/fault_worker.py OUTPUT_DIR MODEL_DIR DATA [--steps N] [--save-steps K]
-        [--resume latest] [--lora] [--slow SECONDS] [--dump-params FILE]
+        [--resume latest] [--lora] [--slow SECONDS] [--dump-params FILE] [--hang-at-step K]
+        [--reward-timeout S] [--reward-error-policy raise|penalty]
 runs a real GSPOTrainer.train() (the same code path users run) so that tests can send it
 SIGKILL / SIGTERM / SIGINT at awkward moments. It prints "STEP <n>" after each step's
 reward computation, so a test knows when a step is in progress. `--slow` sleeps inside
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--adaptive-kl", action="store_true")
     ap.add_argument("--slow", type=float, default=0.0)
+    ap.add_argument("--hang-at-step", type=int, default=0, help="the reward never returns at this step")
+    ap.add_argument("--reward-timeout", type=float, default=None, help="reward_timeout_s")
+    ap.add_argument("--reward-error-policy", default="raise")
     ap.add_argument("--dump-params", default=None)
     ap.add_argument(
         "--slow-save",
@@ -192,6 +196,8 @@ def main(argv=None) -> int:
         num_epochs=args.epochs,
         save_steps=args.save_steps,
         resume_from_checkpoint=args.resume,
+        reward_error_policy=args.reward_error_policy,
+        **({"reward_timeout_s": args.reward_timeout} if args.reward_timeout is not None else {}),
         **extra,
     )
 
@@ -200,6 +206,8 @@ def main(argv=None) -> int:
         print(f"STEP {trainer.step + 1}", flush=True)  # a step is in progress now
         if args.slow:
             time.sleep(args.slow)
+        if trainer.step + 1 == args.hang_at_step:
+            time.sleep(10**6)  # a reward that never returns
         return out
 
     reward.__name__ = "digit_reward"

@@ -112,8 +112,14 @@ def test_a_checkpoint_without_a_critic_is_a_clear_error(tiny_model_dir, arithmet
     resumed = GSPOTrainer(
         gae_config(tiny_model_dir, tmp_path, max_steps=2, resume_from_checkpoint="latest"), [length_reward]
     )
-    with pytest.raises(ValueError, match="holds no critic"):
+    with pytest.raises(ConfigError, match="advantage_estimator: 'group' -> 'gae'"):  # another run: refused
         resumed.train(arithmetic_rows)
+    forced = GSPOTrainer(
+        gae_config(tiny_model_dir, tmp_path, max_steps=2, resume_from_checkpoint="latest", allow_config_change=True),
+        [length_reward],
+    )
+    with pytest.raises(ValueError, match="holds no critic"):
+        forced.train(arithmetic_rows)
 
 
 def test_values_are_read_where_the_policy_reads_its_log_probs(tiny_model_dir, arithmetic_rows, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import fault_worker as fw
 import pytest
 import torch
+import yaml
 
 from gspo import checkpoint as ckpt
 from gspo.config import ConfigError, GSPOConfig
@@ -346,7 +347,7 @@ def test_non_finite_update_is_skipped_counted_and_warned(env, tmp_path):
     snaps, ref = [], [None]
     ref[0] = trainer = make_trainer(env, tmp_path, reward=_snapshotting_reward(snaps, ref), gspo_epochs=1, max_steps=3)
     NaNUpdates(trainer.policy.unwrapped(), {2})
-    with pytest.warns(RuntimeWarning, match=r"non-finite loss or gradient .* at step 2: update skipped"):
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss \(grad norm nan\) at step 2: update skipped"):
         history = trainer.train(env["data"])
     assert [m["skipped_updates"] for m in history] == [0, 1, 1]
     final = fw.params_of(trainer.model)
@@ -459,6 +460,9 @@ def test_source_loads_only_safely():
                 problems.append(f"{path.name}: {m.group(0)}")
     assert not problems, problems
     assert GSPOConfig().trust_remote_code is False
+    from gspo.yaml_config import _StrictLoader  # the config reader's loader: safe_load's, plus a duplicate-key check
+
+    assert issubclass(_StrictLoader, yaml.SafeLoader)
 
 
 class _Evil:
@@ -491,8 +495,9 @@ def test_malicious_pickle_in_checkpoint_is_refused_not_run(env, tmp_path, victim
     path, model, opt, sched = _saved_checkpoint(env, tmp_path)
     marker = tmp_path / "pwned.txt"
     torch.save({"state": _Evil(str(marker))}, path / victim)  # a tampered file in torch's own format
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ckpt.CheckpointError, match=rf"{victim} cannot be loaded .*Weights only load failed") as info:
         ckpt.load_checkpoint(path, model, opt, sched)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists(), "loading a checkpoint executed code from a pickle"
 
 

@@ -235,6 +235,49 @@ def test_signal_to_training_process_checkpoints_and_exits(env, sig):
 
 
 @pytest.mark.slow
+def test_a_second_sigterm_while_a_reward_hangs_saves_the_last_step_and_resumes_exactly(env):
+    """The reward never returns at step 3 (no reward timeout); SIGTERM, then SIGTERM again as a scheduler would: the
+    run exits 143 within seconds with checkpoint-2 (the last finished step, saved now: save_steps is 0), which
+    verifies and resumes into a run bit-identical to an uninterrupted one."""
+    out = env["root"] / "hung-reward"
+    proc = _worker(env, out, "--hang-at-step", "3", "--reward-timeout", "0")
+    _wait_for_line(proc, "STEP 3")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first signal waits for the step, which hangs
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    stderr = Path(proc.stderr_path).read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.monotonic() - start < 30
+    assert "stopped by a second SIGTERM during step 3/6" in stderr and "resume_from_checkpoint='latest'" in stderr
+    latest = ckpt.resolve_checkpoint(out, "latest")  # verified: sizes, checksums, steps
+    assert latest.name == "checkpoint-2"
+    resume = _worker(env, out, "--resume", "latest", "--dump-params", str(out / "final.pt"))
+    stdout, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, Path(resume.stderr_path).read_text()[-3000:]
+    assert stdout.split()[:2] == ["STEP", "3"]
+    assert_same_run(env, "full", torch.load(out / "final.pt", weights_only=True), out)
+
+
+def test_a_reward_past_reward_timeout_s_stops_the_run_or_is_penalised(env):
+    """reward_timeout_s=0.5 and a reward that never returns at step 2: under 'raise' the run stops with an error
+    naming the function and the limit; under 'penalty' it finishes all steps, the hung step's rewards replaced."""
+    out = env["root"] / "reward-timeout"
+    proc = _worker(env, out, "--hang-at-step", "2", "--reward-timeout", "0.5")
+    _, _ = proc.communicate(timeout=120)
+    stderr = Path(proc.stderr_path).read_text()
+    assert proc.returncode != 0 and "'digit_reward' did not return within reward_timeout_s=0.5 s" in stderr
+    out = env["root"] / "reward-timeout-penalty"
+    proc = _worker(env, out, "--hang-at-step", "2", "--reward-timeout", "0.5", "--reward-error-policy", "penalty")
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, Path(proc.stderr_path).read_text()[-3000:]
+    rows = fw.read_metrics(out)
+    assert [r["reward_penalized"] for r in rows] == [0.0, 4.0, 0.0, 0.0, 0.0, 0.0]  # step 2: 2 prompts x 2
+
+
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_save_then_resume_latest(env):
     """save_steps=1; once checkpoint-1 exists, SIGKILL the process at a random moment while a
     later save's temp directory exists (the worker sleeps 0.3 s inside each save, so the kill

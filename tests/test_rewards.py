@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -310,7 +312,7 @@ class FakeTimeout(BaseException):  # math-verify's TimeoutException derives from
     pass
 
 
-def test_base_exceptions_are_penalised_but_exit_and_interrupt_pass():
+def test_base_exceptions_are_penalised_exit_is_an_error_and_interrupt_passes():
     def slow(**kw):
         raise FakeTimeout("took too long")
 
@@ -319,13 +321,52 @@ def test_base_exceptions_are_penalised_but_exit_and_interrupt_pass():
     assert res.per_func["slow"].tolist() == [-1.0, -1.0, -1.0] and res.num_penalized == 3
     with pytest.raises(RewardError, match="raised FakeTimeout"):
         run([rf(slow)])
-    for exc in (SystemExit(3), KeyboardInterrupt()):
 
-        def leaves(exc=exc, **kw):
-            raise exc
+    def exits(**kw):
+        sys.exit(3)
 
-        with pytest.raises(type(exc)):
-            run([rf(leaves, "leaves")], error_policy="penalty")
+    for policy in ("raise", "penalty"):  # a reward that exits is a bug: an error naming it, never a score
+        with pytest.raises(RewardError, match=r"'exits' raised SystemExit: 3 \(it called sys.exit\(3\)"):
+            run([rf(exits)], error_policy=policy)
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run([rf(interrupted)], error_policy="penalty")
+
+
+def sleeps(completions, **kw):
+    time.sleep(30)
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_a_reward_that_does_not_return_is_stopped_at_the_timeout(thread):
+    def score(**kw):
+        out = {}
+        try:
+            out["value"] = run([rf(sleeps), rf(ones)], timeout_s=0.3, **kw)
+        except RewardError as e:
+            out["error"] = e
+        return out
+
+    def on(**kw):  # the main thread uses a SIGALRM timer; another thread abandons a worker thread
+        if not thread:
+            return score(**kw)
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(score(**kw)))
+        worker.start()
+        worker.join(20)
+        return box
+
+    start = time.monotonic()
+    got = on()
+    assert "did not return within reward_timeout_s=0.3 s" in str(got["error"]) and "'sleeps'" in str(got["error"])
+    with pytest.warns(UserWarning, match="reward_timeout_s"):
+        res = on(error_policy="penalty", penalty_value=-1.0)["value"]
+    assert res.per_func["sleeps"].tolist() == [-1.0] * 3 and res.total.tolist() == [0.0] * 3  # -1 + ones' 1
+    assert time.monotonic() - start < 5  # two calls of 0.3 s each, not 2 x 30 s
 
 
 # --- None: no opinion ----------------------------------------------------------------
@@ -510,3 +551,17 @@ def test_the_reasoning_builtins_resolve_by_name():
     # math_accuracy reads the text after </think>: 7 = 7 both times; think_format needs the block: 1, 0
     assert res.per_func["math_accuracy"].tolist() == [1.0, 1.0]
     assert res.per_func["think_format"].tolist() == [1.0, 0.0]
+
+
+def test_rewards_are_checked_in_float32_the_dtype_they_are_used_in():
+    def huge(completions, **kw):
+        return [1.0, 1e39, 0.0]  # finite as a Python float, inf as float32
+
+    with pytest.raises(RewardError, match=r"'huge' returned value 1e\+39, beyond float32's range .* for sample 1"):
+        run([rf(huge)])
+
+    def big(completions, **kw):
+        return [3e38, 3e38, 3e38]  # each fits float32 (max 3.4e38); 2 x 3e38 does not
+
+    with pytest.raises(RewardError, match=r"weighted total reward of sample 0, 6e\+38, is beyond float32's range"):
+        run([rf(big, weight=2.0)])

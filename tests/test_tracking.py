@@ -26,7 +26,12 @@ def test_log_writes_one_flushed_line_per_step(tmp_path):
     assert rows == [{"step": 1, "raw_reward_mean": 0.5, "kl_divergence": 0.01, "ok": 1.0, "n": 3.0}]
     logger.log(2, {"step": 2.0, "policy_loss": float("nan"), "entropy": torch.tensor(float("inf"))})
     rows = _lines(tmp_path / "metrics.jsonl")
-    assert rows[1] == {"step": 2, "policy_loss": None, "entropy": None}  # strict JSON, no NaN token
+    assert rows[1] == {
+        "step": 2,
+        "policy_loss": None,
+        "entropy": None,
+        "non_finite": ["policy_loss", "entropy"],
+    }  # strict JSON, no NaN token
     assert isinstance(rows[1]["step"], int)  # a float "step" in the metrics does not replace the int
     logger.close()
     config = json.loads((tmp_path / CONFIG_FILE).read_text())

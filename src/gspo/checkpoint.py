@@ -3,7 +3,13 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
     model.safetensors (or adapter_model.safetensors + adapter_config.json for peft),
     config.json, tokenizer files, optimizer.pt, scheduler.pt, trainer_state.json,
-    rng_state.pt, complete (marker, written last).
+    rng_state.pt, manifest.json (the step, the run's resolved config, every file's size and xxh3-128
+    checksum), complete (marker, written last).
+
+Verified on load: every file the manifest lists must be there with its size and checksum, and the manifest's
+step must agree with the directory's name and trainer_state.json. `resolve_checkpoint("latest")` takes the
+newest checkpoint that verifies, and says which newer ones it skipped and why. Checksums cost one read of the
+checkpoint at save and at load (xxh3 hashed ~3 GB/s here, 2026-12-07: bench figures in docs/reliability.md).
 
 Crash safety: everything is written into `<output_dir>/.tmp-checkpoint-<step>-<pid>/`,
 fsynced, marked complete, and only then renamed to `checkpoint-<step>` (a rename within
@@ -21,6 +27,7 @@ Security: weights only through safetensors, other state only through
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +39,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+log = logging.getLogger("gspo")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: damaged, incomplete or inconsistent. The message names the file."""
+
+
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "complete"
 TMP_PREFIX = ".tmp-"
@@ -39,6 +53,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.pt"
+MANIFEST_FILE = "manifest.json"
+CHUNK = 1 << 23  # bytes read at a time when hashing
 _CKPT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -119,7 +135,7 @@ def _clean_stale_tmp(output_dir: Path) -> None:
 # ----------------------------------------------------------------------------------
 # RNG state (stored as tensors / ints so torch.load(weights_only=True) accepts it)
 # ----------------------------------------------------------------------------------
-def _rng_state() -> dict:
+def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -132,7 +148,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -172,7 +188,7 @@ def _write_contents(
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     (tmp / TRAINER_STATE_FILE).write_text(state_json + "\n", encoding="utf-8")
-    torch.save(_rng_state(), tmp / RNG_FILE)
+    torch.save(rng_state(), tmp / RNG_FILE)
 
 
 def write_model_part(
@@ -225,6 +241,7 @@ def save_checkpoint(
     model_state: Optional[dict] = None,
     optimizer_state: Optional[dict] = None,
     staged: Optional[Path] = None,
+    config: Optional[dict] = None,
 ) -> Path:
     """Write <output_dir>/checkpoint-<step>/ atomically, then prune to `save_total_limit`. Returns its path.
 
@@ -232,6 +249,7 @@ def save_checkpoint(
     `model_state` / `optimizer_state`: full states gathered from a sharded model, saved instead of the
     live model's and optimizer's (which hold only this rank's shards).
     `staged`: the dir from open_staging, already holding files other ranks wrote; completed here.
+    `config`: the run's resolved config, kept in the manifest (a resume compares it with its own).
     """
     out = Path(output_dir)
     final = out / f"{CHECKPOINT_PREFIX}{int(step)}"
@@ -256,6 +274,7 @@ def save_checkpoint(
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
+        write_manifest(tmp, step, config)
         _fsync_tree(tmp)  # data must be durable before the marker claims completeness
         with open(tmp / COMPLETE_MARKER, "w") as fh:
             fh.write(f"{int(step)}\n")
@@ -300,6 +319,92 @@ def _prune(output_dir: Path, limit: int, keep: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------
+# manifest: sizes and checksums, verified on load
+# ----------------------------------------------------------------------------------
+def file_checksum(path: Path) -> str:
+    """xxh3-128 of the file's bytes (fast: a checkpoint is read once more at save and at load)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listed_files(root: Path) -> list[Path]:
+    """Every file under `root` but the manifest and the completion markers, in a stable order."""
+    skip = {MANIFEST_FILE, COMPLETE_MARKER}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+
+
+def write_manifest(directory, step: int, config: Optional[dict] = None) -> None:
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "xxh3_128": file_checksum(p)}
+        for p in _listed_files(directory)
+    }
+    payload = {"step": int(step), "files": files, "config": config}
+    text = json.dumps(payload, indent=1, sort_keys=True, default=str, allow_nan=False)
+    (directory / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def read_manifest(path) -> Optional[dict]:
+    """The checkpoint's manifest (None for a checkpoint written before manifests existed)."""
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is damaged: not valid JSON ({e})") from None
+
+
+def verify_checkpoint(path) -> None:
+    """Raise CheckpointError naming the file that is missing, changed size or checksum, or the step that
+    disagrees between the directory name, the manifest and trainer_state.json. A checkpoint without a manifest
+    (older gspo) is accepted with a warning."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker)")
+    manifest = read_manifest(path)
+    if manifest is None:
+        log.warning("gspo: %s has no %s (written by an older gspo): its files are not verified", path, MANIFEST_FILE)
+        return
+    for name, want in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (the checkpoint's manifest lists it)")
+        size = file.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{file} is {size} bytes, the manifest says {want['size']}: truncated or replaced")
+        if file_checksum(file) != want["xxh3_128"]:
+            raise CheckpointError(f"{file} has changed since it was saved: its checksum differs from the manifest's")
+    _check_steps(path, int(manifest["step"]))
+
+
+def _check_steps(path: Path, step: int) -> None:
+    m = _CKPT_RE.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"{path / MANIFEST_FILE} says step {step} but the directory is {path.name}")
+    state_file = path / TRAINER_STATE_FILE
+    if state_file.is_file():
+        recorded = read_trainer_state(path).get("step")
+        if recorded is not None and int(recorded) != step:
+            raise CheckpointError(f"{state_file} says step {recorded} but the manifest says {step}")
+
+
+def read_trainer_state(path) -> dict:
+    file = Path(path) / TRAINER_STATE_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is damaged: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------
 # find / resolve
 # ----------------------------------------------------------------------------------
 def find_latest_checkpoint(output_dir) -> Optional[Path]:
@@ -316,27 +421,40 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     if not spec or not str(spec).strip():
         raise ValueError("resume_from_checkpoint is empty: pass 'latest' or a checkpoint directory")
     if str(spec) == "latest":
-        found = find_latest_checkpoint(output_dir)
-        if found is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint='latest' but {output_dir} holds no complete "
-                f"{CHECKPOINT_PREFIX}<step> directory"
-            )
-        return found
+        return _latest_verified(Path(output_dir))
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"checkpoint {path} is a file; expected a {CHECKPOINT_PREFIX}<step> directory")
     if (path / COMPLETE_MARKER).is_file():
+        verify_checkpoint(path)
         return path
-    inner = find_latest_checkpoint(path)
-    if inner is not None:
-        return inner
+    if find_latest_checkpoint(path) is not None:
+        return _latest_verified(path)
     raise ValueError(
         f"{path} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: the save was "
         f"interrupted) and holds no complete {CHECKPOINT_PREFIX}<step> directory"
     )
+
+
+def _latest_verified(output_dir: Path) -> Path:
+    """The newest complete checkpoint that verifies; each newer one skipped is named with its reason."""
+    found = _complete_checkpoints(output_dir)
+    if not found:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint='latest' but {output_dir} holds no complete {CHECKPOINT_PREFIX}<step> directory"
+        )
+    skipped = []
+    for _step, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("gspo: skipping %s for resume: %s", path.name, e)
+            skipped.append(f"{path.name}: {e}")
+            continue
+        return path
+    raise CheckpointError(f"no checkpoint in {output_dir} verifies: " + "; ".join(skipped))
 
 
 # ----------------------------------------------------------------------------------
@@ -346,15 +464,30 @@ def _load_safetensors_dir(path: Path, stem: str) -> dict:
     """Load `<stem>.safetensors`, or every shard listed in `<stem>.safetensors.index.json`."""
     single = path / f"{stem}.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _read_safetensors(single)
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(str(path / shard)))
+            state.update(_read_safetensors(path / shard))
         return state
     raise FileNotFoundError(f"{path}: no {stem}.safetensors (or sharded index) to load weights from")
+
+
+def _read_safetensors(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a damaged file
+        raise CheckpointError(f"{file} cannot be read as safetensors: {e}") from e
+
+
+def _torch_load(file: Path):
+    """A state file, loaded safely (tensors and plain containers only); a damaged one is named."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle error, ...
+        raise CheckpointError(f"{file} cannot be loaded ({type(e).__name__}: {e}): damaged or truncated") from e
 
 
 def _tied_groups(model) -> dict[str, set[str]]:
@@ -452,7 +585,7 @@ def read_state_file(path, name: str, for_what: str = "") -> dict:
         )
         raise FileNotFoundError(f"{path}: no {name} to restore {for_what or name} from{hint}")
     # map_location cpu: optimizers move their state to each parameter's device on load.
-    return torch.load(path / name, map_location="cpu", weights_only=True)
+    return _torch_load(path / name)
 
 
 def keyed_by_name(optimizer_state: dict) -> bool:
@@ -483,8 +616,8 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore
     if scheduler is not None:
         scheduler.load_state_dict(read_state_file(path, SCHEDULER_FILE, type(scheduler).__name__))
     if restore_rng and (path / RNG_FILE).is_file():
-        _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
-    return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        set_rng_state(_torch_load(path / RNG_FILE))
+    return read_trainer_state(path)
 
 
 # ----------------------------------------------------------------------------------

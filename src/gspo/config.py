@@ -39,6 +39,7 @@ BUILTIN_MODEL_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-arithmetic", "builtin:tiny-tools")  # built locally on first use (gspo.tasks)
 REASONING_GYM_PREFIX = "reasoning_gym:"  # dataset_path "reasoning_gym:<task>?size=N&seed=S" (gspo.data)
 ROLLOUT_ENGINES = ("hf", "vllm")
+MIN_TEMPERATURE = 1e-3  # the sampling temperature floor (see _check_ranges)
 ENGINE_IS_CORRECTIONS = ("none", "token_truncate", "sequence_truncate", "sequence_mask")
 
 
@@ -82,6 +83,11 @@ class GSPOConfig:
         "What a failing reward function does: 'raise' (stop with an error naming the function and sample) or "
         "'penalty' (use reward_penalty_value for that sample and count it in the metric reward_penalized).",
         choices=("raise", "penalty"),
+    )
+    reward_timeout_s: float = _f(
+        300.0,
+        "Longest a reward function may take on one batch, in seconds (0: no limit); past it the call is an error "
+        "naming the function, or the penalty under reward_error_policy='penalty'.",
     )
     reward_penalty_value: float = _f(
         0.0, "Reward given to a sample whose reward function failed, when reward_error_policy='penalty'."
@@ -481,7 +487,17 @@ class GSPOConfig:
     save_steps: int = _f(0, "Save a checkpoint every N steps (0 disables; the final model is always saved).")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     resume_from_checkpoint: Optional[str] = _f(
-        None, "A checkpoint directory, or 'latest' for the newest complete one in output_dir."
+        None, "A checkpoint directory, or 'latest' for the newest one in output_dir that verifies."
+    )
+    allow_config_change: bool = _f(
+        False,
+        "Resume even when the config changes what the run is (model, batch_size, group_size, objective and level, "
+        "seed, max_new_tokens, rewards, schedule); without it such a resume is refused with the differences.",
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "Start a fresh run in an output_dir that holds another run's checkpoints or final model, removing them "
+        "(and its completions record); without it such a start is refused.",
     )
     max_consecutive_skipped_updates: int = _f(
         3, "A non-finite loss or gradient skips that update; this many in a row stops the run with a checkpoint."
@@ -655,7 +671,7 @@ _POSITIVE_FIELDS = ("batch_size", "num_mini_batches", "gradient_accumulation_ste
 _NON_NEGATIVE_INT_FIELDS = ("dynamic_sampling_max_rounds",)
 _NON_NEGATIVE_FIELDS = ("weight_decay", "max_grad_norm", "warmup_steps", "entropy_coef", "kl_coef", "eval_steps",
                         "save_steps", "log_completions_steps", "top_k", "lora_dropout",
-                        "log_completions_max_per_step")
+                        "log_completions_max_per_step", "reward_timeout_s")
 # fmt: on
 
 
@@ -686,10 +702,15 @@ def _check_ranges(cfg: GSPOConfig) -> None:
         raise _err("lora_dropout", cfg.lora_dropout, "must be in [0, 1)")
     if not cfg.prompt_column.strip():
         raise _err("prompt_column", cfg.prompt_column, "must name a column")
-    if not cfg.temperature > 0:
-        raise _err("temperature", cfg.temperature, "must be > 0")
-    if not cfg.eval_temperature > 0:
-        raise _err("eval_temperature", cfg.eval_temperature, "must be > 0")
+    for name in ("temperature", "eval_temperature"):
+        if not getattr(cfg, name) >= MIN_TEMPERATURE:
+            raise _err(
+                name,
+                getattr(cfg, name),
+                f"must be >= {MIN_TEMPERATURE:g}: log-probs are taken of logits / temperature, which below that "
+                "leave the range where float32 softmax and its gradient stay finite (1e-40 gave NaN after 3 steps); "
+                "evaluation decodes greedily by default",
+            )
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise _err("num_threads", cfg.num_threads, "must be >= 1, or None for torch's choice")
     if not 0 < cfg.top_p <= 1:

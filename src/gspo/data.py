@@ -89,11 +89,7 @@ def _load_file(path: str) -> list:
     if ext == ".json":
         return _load_json(path)
     if ext == ".csv":
-        import pandas as pd
-
-        # dtype=str / keep_default_na=False: cells stay the text written in the file.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return frame.to_dict(orient="records")
+        return _load_csv(path)
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
@@ -106,25 +102,62 @@ def _load_file(path: str) -> list:
     )
 
 
+def _not_utf8(path: str, data: bytes, offset: int, line_offset: int = 0) -> DataError:
+    """DataError for the undecodable byte at `offset` of `data` (one line of the file when line_offset > 0,
+    else the whole file): the line number, the byte and its column (in characters, counted from 1)."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    lineno = line_offset or data.count(b"\n", 0, offset) + 1
+    column = len(data[line_start:offset].decode("utf-8", errors="replace")) + 1
+    return DataError(
+        f"file {path}: line {lineno} is not valid UTF-8 (byte 0x{data[offset]:02x} at column {column}); "
+        "save the file as UTF-8"
+    )
+
+
+def _read_text(path: str) -> str:
+    """The whole file as text: UTF-8, a leading byte-order mark dropped ("utf-8-sig")."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.object is the data without the BOM, and e.start an offset into it
+        raise _not_utf8(path, e.object, e.start) from None
+
+
+def _empty(path: str, what: str = "0 bytes") -> DataError:
+    return DataError(f"dataset file {path!r} is empty ({what})")
+
+
 def _load_jsonl(path: str) -> list:
-    """One JSON object per line; blank lines are skipped."""
+    """One JSON object per line; blank lines are skipped. Read as bytes and decoded line by line, so an
+    undecodable byte is reported with its line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    blank = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e.object, e.start, line_offset=lineno) from None
             if not line.strip():
+                blank += 1
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
+    if not rows:
+        raise _empty(path, f"{blank} blank line(s), no records" if blank else "0 bytes")
     return rows
 
 
 def _load_json(path: str) -> list:
     """A JSON list of objects, or an object whose "data" key holds that list."""
+    text = _read_text(path)
+    if not text.strip():
+        raise _empty(path, "only whitespace" if text else "0 bytes")
     try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        payload = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
@@ -135,6 +168,47 @@ def _load_json(path: str) -> list:
         f'{path}: expected a JSON list of objects or {{"data": [...]}}, got {type(payload).__name__}'
         + (f" with keys {sorted(payload)[:10]}" if isinstance(payload, dict) else "")
     )
+
+
+def _load_csv(path: str) -> list:
+    """A CSV file with a header line; cells stay the text written in the file."""
+    import io
+
+    import pandas as pd
+
+    text = _read_text(path)
+    if not text.strip():
+        raise _empty(path, "only whitespace" if text else "0 bytes")
+    try:
+        # dtype=str / keep_default_na=False: cells stay the text written in the file.
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as e:
+        raise _csv_shape_error(path, text) or DataError(f"{path}: cannot be read as CSV: {e}") from e
+    if frame.empty:
+        raise _empty(path, f"a header line with columns {list(frame.columns)}, no rows")
+    return frame.to_dict(orient="records")
+
+
+def _csv_shape_error(path: str, text: str) -> Optional[DataError]:
+    """The first row with more cells than the header has columns (what pandas rejects), found again with the
+    csv module to name its line; None when there is none."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header_cells, header_line = None, 0
+    for row in reader:
+        if not row:  # a blank line, skipped as pandas does
+            continue
+        if header_cells is None:
+            header_cells, header_line = len(row), reader.line_num
+            continue
+        if len(row) > header_cells:
+            return DataError(
+                f"{path}: line {reader.line_num} has {len(row)} cells, but the header (line {header_line}) has "
+                f"{header_cells} columns; quote a cell that holds a comma"
+            )
+    return None
 
 
 def _load_hf_dir(path: str) -> list:

@@ -52,6 +52,7 @@ DEMO_SETTINGS = dict(
     eval_batch_size=128,
     log_completions_steps=20,
     warmup_steps=0,
+    overwrite_output_dir=True,  # `make demo` again replaces the last demo run
 )
 
 

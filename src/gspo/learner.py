@@ -98,6 +98,17 @@ def positive_token_count(rollout: Rollout, idx: torch.Tensor, config, accelerato
     return max(accelerator.reduce(local.to(accelerator.device), "mean").item(), 1e-12)  # > 0: on, perhaps empty
 
 
+def nonfinite_source(rollout: Rollout, idx: torch.Tensor, loss: torch.Tensor) -> str:
+    """The first non-finite stage of this rank's update, in the order the data flows."""
+    if rollout.rewards is not None and not bool(torch.isfinite(rollout.rewards[idx]).all()):
+        return "rewards"
+    if rollout.advantages is not None and not bool(torch.isfinite(rollout.advantages[idx]).all()):
+        return "advantages"
+    if not bool(torch.isfinite(loss).all()):
+        return "loss"
+    return "gradient (the loss was finite on this rank)"
+
+
 class Learner:
     """Policy (and critic) updates from one Rollout. Built once by the trainer with everything it needs."""
 
@@ -182,7 +193,7 @@ class Learner:
         sums["clip_fraction_token"] /= n_tok if n_tok > 0 else 1.0  # / global tokens once reduced over ranks
         if first and rollout.engine_logprobs is not None:  # the same on every rank: the engine reports them or not
             self.engine_monitor.check(acc, step + 1)  # a stale engine stops the run before this update
-        sums["grad_norm"] = self._optimizer_step(loss_sum, step)
+        sums["grad_norm"] = self._optimizer_step(loss_sum, step, lambda: nonfinite_source(rollout, idx, loss_sum))
         return {**sums, **critic}
 
     def _record(self, values: dict, part: Rollout, sums: dict, *, n_seq: float, first: bool) -> None:
@@ -241,10 +252,11 @@ class Learner:
         values["logprobs"], values["is_weights"] = logp.detach().cpu(), weights
         return loss, values
 
-    def _optimizer_step(self, loss: torch.Tensor, step: int) -> float:
-        """The back-end clips, skips a non-finite update on every rank (a non-finite loss or norm), or steps."""
+    def _optimizer_step(self, loss: torch.Tensor, step: int, source=None) -> float:
+        """The back-end clips, skips a non-finite update on every rank (a non-finite loss or norm), or steps.
+        `source()`: what was not finite first, for the warning."""
         grad_norm = self.policy.step(loss, max_grad_norm=self.config.max_grad_norm)
-        self.skips.record(grad_norm, f"step {step + 1}")
+        self.skips.record(grad_norm, f"step {step + 1}", source=source)
         if self.skips.exhausted:
             raise NonFiniteUpdateError(
                 f"{self.skips.in_a_row} consecutive updates had a non-finite loss or gradient (limit "

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from gspo.answers import completion_text, extract_answer
+from gspo.faults import run_with_timeout
 from gspo.references import resolve_reference
 from gspo.verifiers import VERIFIER_REWARDS, MissingExtraError, check_available
 
@@ -52,6 +53,7 @@ ENVIRONMENT_KEY = "environment"  # a multi-turn environment's reward: reward/env
 # Scale of the built-in length penalty: -1 per 1000 completion tokens, small next to
 # a 0/1 correctness reward so it only breaks ties between equally correct answers.
 LENGTH_PENALTY_PER_TOKEN = 1e-3
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RewardError(RuntimeError):
@@ -431,8 +433,10 @@ def compute_rewards(
     reward_model_weight: float = 1.0,
     error_policy: str = "raise",
     penalty_value: float = 0.0,
+    timeout_s: float = 0.0,
 ) -> RewardResult:
-    """Call every reward function once on the whole batch, check, and sum with weights.
+    """Call every reward function once on the whole batch, check, and sum with weights; `timeout_s` > 0 bounds
+    each call (reward_timeout_s).
 
     Raises RewardError (error_policy="raise") naming the function and the sample for
     any exception, wrong count, non-number, NaN or inf; with error_policy="penalty" the
@@ -466,6 +470,7 @@ def compute_rewards(
             penalty=penalty_value,
             locate=lambda i, f=f: f.fn(**_sample_slice(kwargs, i), **f.kwargs),
             columns=sorted(kwargs),
+            timeout_s=timeout_s,
         )
         per_func[f.name] = torch.tensor(values, dtype=torch.float32)
         total += f.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(0.0)
@@ -473,12 +478,25 @@ def compute_rewards(
     if reward_model is not None:
         rm = RewardFunction(REWARD_MODEL_KEY, reward_model, float(reward_model_weight))
         values, bad = _call_checked(
-            rm, lambda: reward_model(prompts, completions), prompts, n=n, policy=error_policy, penalty=penalty_value
+            rm,
+            lambda: reward_model(prompts, completions),
+            prompts,
+            n=n,
+            policy=error_policy,
+            penalty=penalty_value,
+            timeout_s=timeout_s,
         )
         per_func[REWARD_MODEL_KEY] = torch.tensor(values, dtype=torch.float32)
         total += rm.weight * torch.tensor(values, dtype=torch.float64)
         penalized += bad
     penalized += _no_opinion(per_func, total, prompts, policy=error_policy, penalty=penalty_value)
+    overflow = ~torch.isfinite(total.float())
+    if bool(overflow.any()):  # each term fits float32, their weighted sum does not
+        i = int(overflow.nonzero()[0])
+        raise RewardError(
+            f"the weighted total reward of sample {i}, {total[i].item():g}, is beyond float32's range (the dtype "
+            "rewards are used in); lower the reward weights or the rewards' scale"
+        )
     return RewardResult(total=total.float(), per_func=per_func, num_penalized=penalized)
 
 
@@ -538,7 +556,7 @@ def _check_batch(
     return n
 
 
-PASSED_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)  # never turned into a reward penalty
+PASSED_THROUGH = (KeyboardInterrupt, GeneratorExit)  # never turned into a reward error or penalty
 
 
 def _call_checked(
@@ -551,16 +569,25 @@ def _call_checked(
     penalty: float,
     locate: Optional[Callable] = None,
     columns: Sequence[str] = (),
+    timeout_s: float = 0.0,
 ) -> tuple[list[float], int]:
     """Run one reward and return (N floats, NaN for None; number penalized), or raise RewardError.
-    `locate(i)` calls the function on sample i alone, to name the sample a batch call failed on."""
-    try:
-        out = call()
-    except PASSED_THROUGH:
-        raise
-    except BaseException as e:  # math-verify's TimeoutException derives from BaseException
-        msg = _exception_message(f, e, n=n, prompts=prompts, locate=locate, columns=columns)
+    `locate(i)` calls the function on sample i alone, to name the sample a batch call failed on. `timeout_s` > 0
+    bounds the call (gspo.faults.run_with_timeout)."""
+    status, out = run_with_timeout(call, timeout_s) if timeout_s else _untimed(call)
+    if status == "timeout":
+        msg = (
+            f"reward function '{f.name}' did not return within reward_timeout_s={timeout_s:g} s (batch of {n} samples)"
+        )
         if policy == "raise":
+            raise RewardError(msg)
+        return _whole_batch_penalty(f, msg, n, penalty)
+    if status == "raised":
+        e = out
+        if isinstance(e, PASSED_THROUGH):
+            raise e
+        msg = _exception_message(f, e, n=n, prompts=prompts, locate=locate, columns=columns, timeout_s=timeout_s)
+        if policy == "raise" or isinstance(e, SystemExit):  # a reward calling sys.exit is a bug, never a score
             raise RewardError(msg) from e
         return _whole_batch_penalty(f, msg, n, penalty)
     values = _as_list(out)
@@ -589,11 +616,22 @@ def _call_checked(
     return result, bad
 
 
-def _exception_message(f: RewardFunction, e: BaseException, *, n, prompts, locate, columns) -> str:
+def _untimed(call: Callable) -> tuple[str, Any]:
+    try:
+        return "ok", call()
+    except PASSED_THROUGH:
+        raise
+    except BaseException as e:  # math-verify's TimeoutException derives from BaseException; sys.exit's SystemExit
+        return "raised", e
+
+
+def _exception_message(f: RewardFunction, e: BaseException, *, n, prompts, locate, columns, timeout_s=0.0) -> str:
     """Where a reward function raised: the file and line, the first sample that raises alone, the columns."""
     hint = ""
     if isinstance(e, TypeError) and "keyword" in str(e):
         hint = " (reward functions must accept **kwargs)"
+    elif isinstance(e, SystemExit):
+        hint = f" (it called sys.exit({e.code!r}): a reward function must return its values)"
     elif isinstance(e, TypeError) and "indices must be integers" in str(e):
         hint = (
             " (completions are plain strings here, not TRL's lists of messages: use completions[i], not "
@@ -601,22 +639,21 @@ def _exception_message(f: RewardFunction, e: BaseException, *, n, prompts, locat
         )
     frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ is not None else None
     where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame else ""
-    sample = _failing_sample(locate, n) if locate is not None else None
+    sample = _failing_sample(locate, n, timeout_s) if locate is not None else None
     on = f", on sample {sample} (prompt: {str(prompts[sample])[:80]!r})" if sample is not None else ""
     passed = f"; columns passed: {list(columns)}" if columns else ""
     return f"reward function '{f.name}' raised {type(e).__name__}: {e}{hint}{where}{on}{passed} (batch of {n} samples)"
 
 
-def _failing_sample(locate: Callable, n: int, limit: int = 64) -> Optional[int]:
+def _failing_sample(locate: Callable, n: int, timeout_s: float = 0.0, limit: int = 64) -> Optional[int]:
     """The first of the first `limit` samples on which the function raises when called alone (None if none does:
     the failure needs the whole batch)."""
     for i in range(min(n, limit)):
-        try:
-            locate(i)
-        except PASSED_THROUGH:
-            raise
-        except BaseException:
+        status, _ = run_with_timeout(lambda i=i: locate(i), timeout_s) if timeout_s else _untimed(lambda: locate(i))
+        if status == "raised":
             return i
+        if status == "timeout":
+            return None
     return None
 
 
@@ -657,6 +694,11 @@ def _as_real(v: Any) -> tuple[float, Optional[str]]:
     x = float(v)
     if not math.isfinite(x):
         return math.nan, f"non-finite value {x}"
+    if abs(x) > FLOAT32_MAX:  # rewards are used in float32: 1e39 would become inf there
+        return (
+            math.nan,
+            f"value {x:g}, beyond float32's range (|r| <= {FLOAT32_MAX:.3g}), the dtype rewards are used in",
+        )
     return x, None
 
 
@@ -673,11 +715,14 @@ class RewardScorer:
         error_policy: str = "raise",
         penalty_value: float = 0.0,
         environment_weight: Optional[float] = None,
+        timeout_s: float = 0.0,
     ) -> None:
-        """`environment_weight`: the weight of a multi-turn environment's reward (None: episodes have none)."""
+        """`environment_weight`: the weight of a multi-turn environment's reward (None: episodes have none);
+        `timeout_s`: the limit of one reward call (0: none)."""
         if not funcs and reward_model is None and environment_weight is None:
             raise RewardError("no reward functions and no reward model: nothing to compute a reward from")
         self.funcs, self.reward_model, self.environment_weight = list(funcs), reward_model, environment_weight
+        self.timeout_s = float(timeout_s)
         self.reward_model_weight, self.error_policy, self.penalty_value = (
             float(reward_model_weight),
             error_policy,
@@ -699,6 +744,7 @@ class RewardScorer:
             error_policy=config.reward_error_policy,
             penalty_value=config.reward_penalty_value,
             environment_weight=config.environment_reward_weight if environment else None,
+            timeout_s=config.reward_timeout_s,
         )
 
     def __call__(self, rollout) -> RewardResult:
@@ -722,6 +768,7 @@ class RewardScorer:
                 reward_model_weight=self.reward_model_weight,
                 error_policy=self.error_policy,
                 penalty_value=self.penalty_value,
+                timeout_s=self.timeout_s,
             )
         else:
             result = RewardResult(torch.zeros(len(rollout)), {}, 0)

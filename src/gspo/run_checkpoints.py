@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from gspo import checkpoint as ckpt
 from gspo.faults import TrainingInterrupted
+from gspo.run_dir import apply_learning_rate, config_changes, refuse_changes
 
 log = logging.getLogger("gspo")
 
@@ -70,6 +71,7 @@ class RunCheckpoints:
                 model_state=model_state,
                 optimizer_state=optim_state,
                 staged=holder[0],
+                config=cfg.to_dict(),
             )
         acc.wait_for_everyone()
         return self.path(step)
@@ -110,9 +112,20 @@ class RunCheckpoints:
         cfg = self.config
         if not cfg.resume_from_checkpoint:
             return None
-        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)  # verified: sizes, checksums
+        manifest = ckpt.read_manifest(path) or {}
+        refused, applied = config_changes(manifest.get("config"), cfg.to_dict())
+        if refused and not cfg.allow_config_change:
+            refuse_changes(refused, path)
+        if refused and self.acc.is_main_process:
+            log.warning("gspo: resuming %s with changes (allow_config_change): %s", path, "; ".join(refused))
         self.policy.load_checkpoint(path)  # weights and optimizer, as the back-end stores them
         state = ckpt.load_checkpoint(path, scheduler=self.policy.scheduler)  # + scheduler, RNG, trainer state
+        if "learning_rate" in applied:  # never silently dropped: the restored optimizer would bring the old rate back
+            old, new = applied["learning_rate"]
+            apply_learning_rate(self.policy.optimizer, self.policy.scheduler, old, new)
+            if self.acc.is_main_process:
+                log.warning("gspo: learning_rate %g -> %g applied to the restored optimizer and schedule", old, new)
         if self.critic is not None:
             if not (path / CRITIC_DIR / ckpt.COMPLETE_MARKER).is_file():
                 raise ValueError(f"{path} holds no critic ({CRITIC_DIR}/): it was not written by a run with a critic")

@@ -115,10 +115,18 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": int(step)}
+        non_finite = []  # keys whose NaN/inf is written as null: the row says so, a null alone could be "missing"
         for key, value in metrics.items():
             if key != "step":  # the argument is authoritative; a float "step" metric must not replace it
                 row[str(key)] = _to_python(value)
-        self._fh.write(json.dumps(row, allow_nan=False) + "\n")
+                if row[str(key)] is None and value is not None:  # _to_python gives None only for NaN/inf then
+                    non_finite.append(str(key))
+        if non_finite:
+            row["non_finite"] = non_finite
+        # the whole line in one write, then flushed: a SIGKILL leaves either the line or a torn last line
+        # without its newline (which read_metrics drops with a warning), never half a row mid-file
+        line = json.dumps(row, allow_nan=False) + "\n"
+        self._fh.write(line)
         self._fh.flush()  # a SIGKILL after this line still leaves the line on disk (OS buffers)
         numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
         if self._tb is not None:
@@ -129,15 +137,18 @@ class MetricsLogger:
             self._wandb.log(numeric, step=int(step))
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines with step > `step` (a resumed run redoes those steps), atomically."""
+        """Drop lines with step > `step` (a resumed run redoes those steps), atomically. A torn last line (the
+        previous run was killed while writing it) is dropped with a warning (read_metrics); a damaged line
+        elsewhere raises ValueError, before anything is rewritten."""
         if not self.enabled:
             return
-        self._fh.close()
+        self._fh.flush()
         rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step] if self.path.exists() else []
+        self._fh.close()
         tmp = self.path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(row) + "\n")  # the rows as read (an old file may hold a bare NaN)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
@@ -372,13 +383,21 @@ def write_run_summary(config, *, steps: int, history: list) -> None:
     """<output_dir>/train_summary.json at the end of a run (main process), and training_curves.png when
     config.plot_curves is on."""
     out = Path(config.output_dir)
+    final = dict(history[-1]) if history else {}
+    # strict JSON: a NaN/inf final metric is written as null and its key listed in "non_finite"
+    non_finite = [k for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)]
+    final.update(dict.fromkeys(non_finite))
     summary = {
         "steps": steps,
-        "final_metrics": history[-1] if history else {},
+        "final_metrics": final,
+        "non_finite": non_finite,
         "clip_range_low": config.clip_low,
         "clip_range_high": config.clip_high,
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    path = out / "train_summary.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    os.replace(tmp, path)  # a run whose summary exists counts as finished (gspo compare): never half a file
     if not config.plot_curves:
         return
     try:

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
 from gspo.backends import make_accelerator, select_backend
+from gspo.checkpoint import rng_state, set_rng_state
 from gspo.completions import COMPLETIONS_DIR, CompletionsRecord, write_records
 from gspo.config import ConfigError, GSPOConfig
 from gspo.core import AdaptiveKLController, FixedKLController
@@ -44,7 +47,7 @@ from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
 from gspo.episodes import episode_engine, read_chat_template, resolve_episode
 from gspo.evaluate import evaluate_as_configured
-from gspo.faults import InterruptGuard, NonFiniteUpdateError, SkipCounter
+from gspo.faults import ForcedStop, InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.learner import Learner
 from gspo.logprobs import RolloutLogprobs
 from gspo.models import (
@@ -56,10 +59,12 @@ from gspo.models import (
     mixed_precision_mode,
     set_threads,
 )
+from gspo.preflight import DeadPolicyMonitor, check_lengths, check_output_dir, check_tokenizer
 from gspo.producer import RolloutProducer
 from gspo.rewards import build_scorer
 from gspo.rollout import Rollout, eos_ids
 from gspo.run_checkpoints import RunCheckpoints
+from gspo.run_dir import RunDirLock, check_fresh_run
 from gspo.tracking import MetricsLogger, Progress, record_step, step_metrics, timed, write_run_summary
 
 log = logging.getLogger("gspo")
@@ -90,6 +95,7 @@ class GSPOTrainer:
         Multi-turn episodes: `tools` (Python functions, added to config.tools) or `environment` (a class, instead
         of config.environment); the engine then runs episodes (gspo.episodes)."""
         self.config = cfg = config
+        check_output_dir(cfg.output_dir)  # a read-only or full directory fails now, not after the model loads
         self.threads = set_threads(cfg)  # first: loading and building already run torch ops
         self.accelerator = make_accelerator()
         self.backend = select_backend(self.accelerator, cfg)  # chosen once; nothing below asks which
@@ -98,6 +104,7 @@ class GSPOTrainer:
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(cfg.policy_model_name, cfg.trust_remote_code)
         )
+        check_tokenizer(self.tokenizer, cfg.policy_model_name)
         if cfg.chat_template is not None:  # before any prompt is rendered; saved with the tokenizer
             self.tokenizer.chat_template = read_chat_template(cfg.chat_template)
         tools, environment = resolve_episode(cfg, tools, environment)
@@ -183,6 +190,7 @@ class GSPOTrainer:
             kl_controller=self.kl_ctl,
             engine_monitor=self.engine_monitor,
         )
+        self.dead_policy = DeadPolicyMonitor()
         self.prompt_batches = 0  # prompt batches taken so far (dynamic sampling takes more than one per step)
         self.step = 0
         self.history: list = []
@@ -218,6 +226,8 @@ class GSPOTrainer:
         if dataset is None:
             raise ConfigError("no training data: pass a dataset to train() or set GSPOConfig.dataset_path")
         eval_ds = self._as_dataset(eval_dataset or self.eval_dataset or cfg.eval_dataset_path)
+        for data in (dataset, eval_ds):  # the first turn of an episode too: longer ones are capped by the engine
+            check_lengths(cfg, self.policy.unwrapped(), data, completion_tokens=cfg.max_new_tokens)
         prompts = PromptStream(
             dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes
         )
@@ -226,6 +236,32 @@ class GSPOTrainer:
         schedule = lambda optimizer: get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)  # noqa: E731
         self.policy.scheduler = schedule(self.policy.optimizer)
         self.estimator.schedule(schedule)
+        lock = self._claim_output_dir()  # one run per directory; a fresh run never mixes with an old one's files
+        try:
+            return self._train(dataset, eval_ds, prompts, total)
+        finally:
+            lock.release()
+
+    def _claim_output_dir(self) -> RunDirLock:
+        """Lock output_dir (main process) and check a fresh run starts clean; every rank raises the same error."""
+        cfg, acc = self.config, self.accelerator
+        lock, error = RunDirLock(cfg.output_dir, enabled=acc.is_main_process), None
+        if acc.is_main_process:
+            try:
+                lock.acquire()
+                if not cfg.resume_from_checkpoint:
+                    check_fresh_run(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
+            except ConfigError as e:
+                lock.release()
+                error = str(e)
+        if acc.num_processes > 1:
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise ConfigError(error)
+        return lock
+
+    def _train(self, dataset, eval_ds, prompts, total) -> list:
+        cfg, acc = self.config, self.accelerator
         resumed = self._maybe_resume()
         if resumed:
             self.engine.sync_weights(self.policy)  # an engine holding its own weights must see the restored ones
@@ -250,10 +286,16 @@ class GSPOTrainer:
         try:
             with InterruptGuard() as guard:
                 rollouts = self.producer.rollouts(prompts)  # lazy: each is generated when asked for
+                finished = self._finished_state()  # what a second stop signal saves: the last finished step
                 while self.step < total:
-                    rollout = next(rollouts)
+                    try:
+                        rollout = next(rollouts)  # generate and score: where a step gets stuck (a hung reward)
+                    except ForcedStop as stop:
+                        self._stop_now(stop.signum, total, finished)
+                    finished = None  # the update changes the weights: no consistent state until the step is done
                     metrics = self._learn(rollout)
                     self.step, self.prompt_batches = self.step + 1, prompts.position
+                    finished = self._finished_state()
                     if eval_ds is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
                         metrics.update(self.evaluate(eval_ds))
                     self.history.append({"step": self.step, **metrics})
@@ -288,6 +330,7 @@ class GSPOTrainer:
         start = time.perf_counter()
         timings = dict(rollout.info.get("timings", {}))
         self.engine.release_memory()  # e.g. vLLM's sleep mode: the update needs the memory
+        skips_before = self.skips.total
         with timed(timings, "update"):
             try:
                 stats = self.learner.learn(rollout, step=self.step)
@@ -309,8 +352,34 @@ class GSPOTrainer:
         metrics.update(rollout.info.get("metrics", {}))
         if stats.policy_trained:  # after the metrics: kl_coef there is the one this step used
             self.kl_ctl.update(stats.kl_divergence, cfg.batch_size * cfg.group_size)
+            self.dead_policy.update(metrics, self.step + 1, skipped=self.skips.total > skips_before)
         metrics["step_time_s"] = rollout.info.get("wall_s", 0.0) + time.perf_counter() - start
         return metrics
+
+    def _finished_state(self) -> dict:
+        """The RNG state at the end of a finished step (with the trainer's counters, it resumes exactly)."""
+        return {"step": self.step, "rng": rng_state()}
+
+    def _stop_now(self, signum: int, total: int, finished) -> None:
+        """A second stop signal while a step is generating or scoring: save the last finished step (one process;
+        with several, a rank may be stuck inside a collective, so only an existing checkpoint is named) and exit
+        with 128 + signum."""
+        name = signal.Signals(signum).name
+        if finished is not None and self.accelerator.num_processes == 1:
+            set_rng_state(finished["rng"])  # as it was when step `self.step` finished
+            where = f"saved to {self._checkpoint_mid_step()}"
+        elif self.checkpoints.exists(self.step):
+            where = f"its checkpoint is {self.checkpoints.path(self.step)}"
+        else:
+            where = "not saved (several processes, or mid-update): resume from the newest checkpoint"
+        message = (
+            f"[gspo] stopped by a second {name} during step {self.step + 1}/{total}; the last finished step, "
+            f"{self.step}, is {where}. Resume with resume_from_checkpoint='latest' "
+            "(CLI: --resume_from_checkpoint latest) and the same output_dir."
+        )
+        if self.accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(message, signum)
 
     def _checkpoint_mid_step(self):
         """The checkpoint of the last finished step; saved now unless it exists (never replace a clean one with

@@ -22,12 +22,11 @@ import importlib
 import json
 import math
 import re
-import signal
 import threading
-import time
 from typing import Any, Callable, Optional
 
 from gspo.answers import END_MARKERS, completion_text
+from gspo.faults import NEVER_SWALLOWED, CallTimeout, run_with_timeout
 
 # pip name of an optional module, for the install hint
 _PIP_NAMES = {"math_verify": "math-verify", "reasoning_gym": "reasoning-gym"}
@@ -37,7 +36,7 @@ VERIFIER_EXTRAS: dict[str, tuple[str, str]] = {
     "reasoning_gym": ("reasoning_gym", "reasoning-gym"),
 }
 # Exceptions that stop the program, never scored as a wrong answer
-_NEVER_SWALLOW = (KeyboardInterrupt, SystemExit, GeneratorExit)
+_NEVER_SWALLOW = NEVER_SWALLOWED
 
 
 class MissingExtraError(ImportError):
@@ -117,10 +116,6 @@ def _column(name: str, values: Any, n: int, reward: str, hint: str = "") -> list
 # ----------------------------------------------------------------------------------
 # math_accuracy
 # ----------------------------------------------------------------------------------
-class _SampleTimeout(BaseException):
-    """Raised by the SIGALRM handler into a sample running on the main thread."""
-
-
 # A gold answer already in math delimiters is parsed as it is.
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")
 # Two words of two or more letters, not LaTeX commands: prose ("not math at all", "The answer is 42").
@@ -181,7 +176,7 @@ class MathAccuracy:
 
     def _functions(self) -> tuple[Callable, Callable, tuple]:
         """(parse, verify, exception types counted as timeouts)."""
-        timeouts: tuple = (_SampleTimeout,)
+        timeouts: tuple = (CallTimeout,)
         if self._parse is None or self._verify is None:
             mv = require("math_verify", "math", reward=self.__name__)
             from math_verify import errors, grader, parser
@@ -222,14 +217,12 @@ class MathAccuracy:
             return 1.0 if verify(parsed, pred, timeout_seconds=None) else 0.0
 
         stats = {"timeouts": 0, "errors": 0, "unparsed_gold": 0, "samples": len(completions)}
-        on_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
         out: list[Optional[float]] = []
         for comp, gold in zip(completions, golds):
             text = _after_think(_text(comp))
-            run = _run_with_alarm if on_main else _run_in_thread
-            status, value = run(lambda g=gold_text(gold), t=text: score(g, t), timeout)
-            if status == "unsupported":  # main thread of a sub-interpreter: no signals there
-                status, value = _run_in_thread(lambda g=gold_text(gold), t=text: score(g, t), timeout)
+            status, value = run_with_timeout(lambda g=gold_text(gold), t=text: score(g, t), timeout)
+            if status == "raised" and isinstance(value, _NEVER_SWALLOW):
+                raise value
             if status == "raised" and isinstance(value, timeout_types):
                 status = "timeout"
             if status == "ok":
@@ -251,60 +244,6 @@ def _check_timeout(timeout_s: Any) -> float:
     if not ok or not math.isfinite(timeout_s) or timeout_s <= 0:
         raise ValueError(f"math_accuracy: timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     return float(timeout_s)
-
-
-def _run_with_alarm(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any]:
-    """Run fn on the main thread under a SIGALRM timer: ("ok", value), ("timeout", None), ("raised", exc), or
-    ("unsupported", None) when signals cannot be set here. A timer of the caller's is restored afterwards
-    (less the time spent here). If fn swallows the alarm's exception and returns, that is still a timeout."""
-    fired = False
-
-    def on_alarm(signum, frame):
-        nonlocal fired
-        fired = True
-        raise _SampleTimeout()
-
-    try:
-        old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    except ValueError:
-        return "unsupported", None
-    start = time.monotonic()
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        try:
-            value = fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        result: tuple[str, Any] = ("timeout", None) if fired else ("ok", value)
-    except _SampleTimeout:
-        result = ("timeout", None)
-    except _NEVER_SWALLOW:
-        raise
-    except BaseException as e:  # noqa: BLE001  math-verify's TimeoutException is a BaseException
-        result = ("timeout", None) if fired else ("raised", e)
-    finally:
-        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
-        if old_delay > 0:
-            remaining = max(old_delay - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
-    return result
-
-
-def _run_in_thread(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any]:
-    """Run fn in a daemon thread joined for timeout_s: ("ok", value), ("timeout", None) (the thread is
-    abandoned, and finishes in the background), or ("raised", exc)."""
-    box: list = []
-
-    def target():
-        try:
-            box.append(("ok", fn()))
-        except BaseException as e:  # noqa: BLE001  reported to the caller, whatever it is
-            box.append(("raised", e))
-
-    thread = threading.Thread(target=target, name="gspo-math-verify", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return box[0] if box else ("timeout", None)
 
 
 math_accuracy = MathAccuracy()

@@ -235,13 +235,53 @@ def coerce_value(name: str, value: Any) -> Any:
 # ----------------------------------------------------------------------------------
 # Loading and dumping
 # ----------------------------------------------------------------------------------
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping (PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int, first_line: int, node: yaml.Node) -> None:
+        super().__init__(None, None, f"duplicate key {key!r}", node.start_mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key repeated in one mapping (at any depth). A key that overrides one
+    brought in by a `<<: *anchor` merge is not a duplicate: that is what merges are for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key], key_node)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
-    """The top-level mapping of a YAML config file ({} for an empty file)."""
+    """The top-level mapping of a YAML config file ({} for an empty file). Read like `yaml.safe_load`, except
+    that a key written twice in one mapping is a ConfigError (safe_load keeps the last one silently)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            loader = _StrictLoader(fh)  # a SafeLoader subclass: safe_load plus the check
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"config file {path!r}: key {e.key!r} is given twice, on line {e.first_line} and again on line "
+            f"{e.line}; remove one (YAML would silently keep the last)"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if data is None:
