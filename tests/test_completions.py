@@ -172,7 +172,8 @@ def test_sampled_evaluation_reports_mean_at_k_and_pass_at_k():
     assert m["eval/pass@1"] == pytest.approx(1 / 6)
     assert m["eval/pass@2"] == pytest.approx(1 / 3)
     assert m["eval/pass@4"] == pytest.approx(2 / 3)  # some completion of prompts 0 and 1 is right
-    assert m["eval/num_samples"] == 12.0 and m["eval/reward/hit_mean"] == pytest.approx(2 / 12)
+    assert m["eval/num_samples"] == 12.0 and m["eval/num_prompts"] == 3.0 and m["eval/pass_prompts"] == 3.0
+    assert m["eval/reward/hit_mean"] == pytest.approx(2 / 12)
     greedy = CountingEngine()
     evaluate(greedy, scorer, rows, max_new_tokens=4, batch_size=8, accuracy_threshold=1.0)
     assert greedy.samplings == [(1, False, 1.0)]
@@ -258,3 +259,59 @@ def test_num_threads_is_set_and_checked():
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="num_threads=0"):
         GSPOConfig(num_threads=0)
+
+
+def test_misconfigurations_are_caught_before_training(tiny_model_dir, tmp_path):
+    from gspo.trainer import GSPOTrainer
+
+    with pytest.raises(ConfigError, match=r"accuracy_reward='exact_anser' is not allowed.*exact_answer"):
+        GSPOTrainer(small_config(tiny_model_dir, tmp_path / "a", accuracy_reward="exact_anser"))
+    with pytest.raises(ConfigError, match=r"system_prompt=.*looks like a file path, and no such file exists"):
+        GSPOConfig(system_prompt=str(tmp_path / "sys_promt.txt"))
+    GSPOConfig(system_prompt="Think first, then answer.")  # text, not a path
+    same = "reasoning_gym:basic_arithmetic?size=64"
+    with pytest.raises(ConfigError, match=r"eval_dataset_path=.*same seed \(42\) as dataset_path"):
+        GSPOConfig(dataset_path=same + "&seed=42", eval_dataset_path=same)  # no seed: the config's, 42
+    GSPOConfig(dataset_path=same, eval_dataset_path=same + "&seed=7")
+
+
+def test_gspo_config_resolves_the_rewards_and_gspo_eval_reads_the_runs_config(tmp_path):
+    from gspo.cli import build_parser, eval_config
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "gspo", "config", "--reward_funcs", "exact_answer", "--accuracy_reward", "exact_anser"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "accuracy_reward='exact_anser'" in bad.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = GSPOConfig(reward_funcs=["length_penalty"], system_prompt="Be brief.", max_new_tokens=9, output_dir="x")
+    (run / "gspo_config.json").write_text(json.dumps(trained.to_dict()))
+    cfg = eval_config(build_parser().parse_args(["eval", "--model", str(run), "--max_new_tokens", "5"]))
+    assert cfg.policy_model_name == str(run) and cfg.system_prompt == "Be brief."
+    assert cfg.reward_funcs == ["length_penalty"] and cfg.max_new_tokens == 5  # the flag wins over the run's value
+
+
+def test_gspo_completions_refuses_contradictory_flags(tmp_path):
+    record = CompletionsRecord(tmp_path)
+    record.add(1, completion_rows(_rollout(["a", "b", "c", "d"], [1.0, 0.5, 0.0, 1.0], [0.7, -0.7, -1.0, 1.0]), 1))
+    record.close()
+    path = record_files(tmp_path)[1]
+    for args, match in ((["--step", "1"], "with a records file"), (["--worst", "0"], "--worst 0")):
+        out = subprocess.run(
+            [sys.executable, "-m", "gspo", "completions", str(path), *args], capture_output=True, text=True
+        )
+        assert out.returncode == 2 and match in out.stderr
+
+
+def test_no_reward_signal_for_ten_steps_is_warned_about(caplog):
+    from gspo.preflight import DeadPolicyMonitor
+
+    monitor = DeadPolicyMonitor(flat_patience=10)
+    with caplog.at_level("WARNING", logger="gspo"):
+        for step in range(1, 10):
+            monitor.update({"frac_reward_zero_std": 1.0, "grad_norm": 0.1}, step, skipped=False)
+        assert "no reward signal" not in caplog.text  # 9 flat steps
+        monitor.update({"frac_reward_zero_std": 1.0, "grad_norm": 0.1}, 10, skipped=False)
+    assert caplog.text.count("all equal for 10 steps (to step 10): no reward signal") == 1

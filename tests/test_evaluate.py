@@ -78,6 +78,7 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
             "eval/completion_length_mean": 5 / 3,
             "eval/truncated_fraction": 0.0,
             "eval/num_samples": 3.0,
+            "eval/num_prompts": 3.0,
         },
         abs=1e-12,
     )
@@ -115,6 +116,7 @@ def test_evaluate_metrics_by_hand_with_a_shard_and_batches():
             "eval/completion_length_mean": 2.0,
             "eval/truncated_fraction": 0.0,
             "eval/num_samples": 6.0,
+            "eval/num_prompts": 6.0,
         },
         abs=1e-12,
     )

@@ -565,3 +565,37 @@ def test_rewards_are_checked_in_float32_the_dtype_they_are_used_in():
 
     with pytest.raises(RewardError, match=r"weighted total reward of sample 0, 6e\+38, is beyond float32's range"):
         run([rf(big, weight=2.0)])
+
+
+def test_under_penalty_only_the_samples_that_fail_alone_are_penalised():
+    def keyerr(completions, answer, **kw):
+        return [{"3": 1.0, "-4": 0.5}[a] for a in answer]  # KeyError on ANSWERS[1] = "7" only
+
+    with pytest.warns(UserWarning, match=r"'keyerr' raised KeyError: '7'.* on sample 1 \(prompt: '3\+4='\)"):
+        res = run([rf(keyerr)], error_policy="penalty", penalty_value=-1.0)
+    assert res.per_func["keyerr"].tolist() == [1.0, -1.0, 0.5] and res.num_penalized == 1
+
+
+def test_a_reward_with_no_opinion_on_any_sample_is_warned_about_once():
+    def silent(completions, **kw):
+        return [None] * len(completions)
+
+    f = rf(silent)
+    with pytest.warns(UserWarning, match="'silent' returned None .* for all 3 samples"):
+        run([f, rf(ones)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run([f, rf(ones)])  # once per run
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"think_format": {"answer_open": "<a>"}}, "give answer_open and answer_close together"),
+        ({"math_accuracy": {"timeout_s": -1}}, "timeout_s must be a finite number of seconds > 0"),
+        ({"think_format": {"think_open": 5}}, "think_open must be a string"),
+    ],
+)
+def test_reward_kwargs_values_of_the_built_ins_are_checked_when_resolved(kwargs, match):
+    with pytest.raises(RewardError, match=rf"reward_kwargs for '{next(iter(kwargs))}': .*{match}"):
+        resolve_reward_funcs(["math_accuracy", "think_format"], kwargs=kwargs)

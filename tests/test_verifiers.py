@@ -266,7 +266,7 @@ def test_think_format_answer_tags_and_custom_tags():
         0.0,  # empty reasoning
         0.0,  # a second opening in the completion
     ]
-    with pytest.raises(ValueError, match="both answer_open and answer_close"):
+    with pytest.raises(ValueError, match="give answer_open and answer_close together"):
         think_format(completions=["x"], answer_open="<answer>")
 
 
@@ -353,3 +353,19 @@ def test_no_optional_import_at_module_import():
     code = "import sys, gspo.verifiers; print('math_verify' in sys.modules, 'reasoning_gym' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_math_accuracy_reads_the_answer_think_format_checks():
+    # the answer inside <answer> tags is graded (math-verify alone finds nothing in "<answer>6</answer>")
+    completions = ["<think>x</think><answer>6</answer>", "<answer> 6 </answer>", "<answer>-4</answer>"]
+    assert math_accuracy(completions=completions, answer=["6", "6", "-4"]) == [1.0, 1.0, 1.0]
+    # custom tags, as think_format takes them: the reasoning's "1" is not the answer, "-4" in <a> is
+    tags = dict(think_open="<reasoning>", think_close="</reasoning>", answer_open="<a>", answer_close="</a>")
+    assert math_accuracy(completions=["<reasoning>9 + 1</reasoning><a>-4</a>"], answer=["-4"], **tags) == [1.0]
+    assert reasoning_gym_answer("<reasoning>9</reasoning><a> -4 </a>", **tags) == "-4"
+
+
+def test_a_word_gold_is_no_opinion_not_a_product_of_letters():
+    # "$ognib$" would read as o*g*n*i*b, which any anagram (\boxed{bingo}) equals; bare, it parses to nothing
+    assert math_accuracy(completions=["\\boxed{bingo}", "$bingo$", "ognib"], answer=["ognib"] * 3) == [None] * 3
+    assert gold_text("ognib") == "ognib" and gold_text("x") == "$x$" and gold_text("42") == "$42$"

@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 from gspo.config import ConfigError, GSPOConfig
 from gspo.yaml_config import config_fields, config_to_yaml, load_config, parse_cli_value, suggest, type_name
 
+RUN_CONFIG_FILE = "gspo_config.json"  # what a training run writes into its output_dir (gspo.tracking.CONFIG_FILE)
+
 PROG = "gspo"
 ERROR_EXIT = 2
 FIELD_FLAG_COMMANDS = ("train", "eval", "config")
@@ -161,11 +163,13 @@ def _add_eval(sub) -> None:
         "eval",
         usage=f"{PROG} eval [--model DIR] [--dataset PATH] [--out JSON] [--max_samples N] "
         "[--config YAML] [--<field> VALUE ...]",
-        help="Greedy-decode a model on a prompt set and score it with reward functions.",
+        help="Decode a model on a prompt set (greedy, or k samples per prompt) and score it with reward functions.",
         description=_wrap(
-            "Evaluate a model: greedy decoding, rewards, eval/accuracy (the share "
-            "of prompts whose total reward >= accuracy_threshold). Prints the "
-            "metrics as JSON. No reference model is loaded."
+            "Evaluate a model: greedy decoding (or eval_num_samples k completions per prompt at eval_temperature: "
+            "mean@k, pass@j), each reward's mean, eval/accuracy (the share of completions whose accuracy_reward, "
+            "by default the first correctness reward, is >= accuracy_threshold). Prints the metrics as JSON; --out "
+            "also writes them and the per-sample records (.completions.parquet). A run directory as --model, "
+            "without --config, is evaluated with the run's own config. No reference model is loaded."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -320,13 +324,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_config(args: argparse.Namespace) -> GSPOConfig:
-    """The config for `gspo eval`: the model to evaluate as policy_model_name."""
+    """The config for `gspo eval`: the model to evaluate as policy_model_name. Without --config, a run directory's
+    own gspo_config.json is the base (its rewards, system_prompt, chat template and lengths), so a trained model is
+    evaluated as it was trained; the run's data and output paths are not used."""
     overrides = field_overrides(args)
     if args.model is not None:
         overrides["policy_model_name"] = args.model
     if args.max_samples is not None:
         overrides["eval_max_samples"] = args.max_samples
-    return load_config(args.config_path, overrides)
+    base = args.config_path
+    run_config = Path(args.model or "") / RUN_CONFIG_FILE
+    if base is None and args.model is not None and run_config.is_file():
+        base = str(run_config)
+        overrides = {"dataset_path": None, "resume_from_checkpoint": None, **overrides}
+        print(f"[gspo] evaluating with the run's config {run_config} (--config replaces it)", file=sys.stderr)
+    return load_config(base, overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -397,7 +409,12 @@ def cmd_completions(args: argparse.Namespace) -> int:
     from gspo.completions import format_row, pick_rows, read_records, record_files
 
     source = Path(args.run_dir)
+    for name in ("worst", "best", "sample", "first"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: give a number of rows >= 1")
     if source.is_file():
+        if args.step is not None:
+            raise ConfigError(f"--step {args.step} with a records file ({source}): the file is one step's; drop --step")
         path = source
     else:
         try:
@@ -431,7 +448,16 @@ def _ranges(steps: list) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(config_to_yaml(load_config(args.config_path, field_overrides(args))), end="")
+    cfg = load_config(args.config_path, field_overrides(args))
+    if cfg.reward_funcs:  # names, reward_kwargs and accuracy_reward, as train would check them (no model loads)
+        from gspo.evaluate import accuracy_source
+        from gspo.rewards import RewardError, RewardScorer
+
+        try:
+            accuracy_source(RewardScorer.from_config(cfg), cfg.accuracy_reward)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+    print(config_to_yaml(cfg), end="")
     return 0
 
 

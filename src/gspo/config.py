@@ -467,11 +467,11 @@ class GSPOConfig:
     )
     eval_steps: int = _f(
         0,
-        "Evaluate on eval_dataset_path every N steps with greedy decoding (0: only at the end, if an eval set is "
-        "given).",
+        "Evaluate on eval_dataset_path every N steps (greedy, or eval_num_samples sampled; 0: only at the end, if "
+        "an eval set is given).",
     )
     eval_max_samples: int = _f(256, "Evaluate on at most this many eval prompts.")
-    eval_batch_size: int = _f(64, "Prompts per greedy-decoding batch during evaluation.")
+    eval_batch_size: int = _f(64, "Prompts per decoding batch during evaluation.")
     accuracy_threshold: float = _f(
         1.0, "A completion counts as correct in eval/accuracy when its accuracy_reward value is >= this."
     )
@@ -940,6 +940,35 @@ def _check_paths(cfg: GSPOConfig) -> None:
             raise _err(name, v, "no such file or directory")
 
 
+def _check_generated_data(cfg: GSPOConfig) -> None:
+    """A system_prompt that looks like a file path names a file; reasoning-gym train and eval sets differ."""
+    sp = cfg.system_prompt
+    if sp is not None and not any(ch.isspace() for ch in sp) and ("/" in sp or sp.endswith((".txt", ".md"))):
+        if not os.path.isfile(os.path.expanduser(sp)):
+            raise _err(
+                "system_prompt", sp, "it looks like a file path, and no such file exists (give the text, or a file)"
+            )
+    train, held_out = (_reasoning_gym_key(cfg, v) for v in (cfg.dataset_path, cfg.eval_dataset_path))
+    if train is not None and train == held_out:
+        raise _err(
+            "eval_dataset_path",
+            cfg.eval_dataset_path,
+            f"it builds reasoning-gym task {train[0]!r} with the same seed ({train[1]}) as dataset_path, so its items "
+            "are the first training items; give it another seed= (a spec without one takes GSPOConfig.seed)",
+        )
+
+
+def _reasoning_gym_key(cfg: GSPOConfig, spec: Optional[str]):
+    """(task, seed) of a reasoning_gym: dataset spec, else None."""
+    if not spec or not spec.startswith(REASONING_GYM_PREFIX):
+        return None
+    from urllib.parse import parse_qsl
+
+    task, _, query = spec[len(REASONING_GYM_PREFIX) :].partition("?")
+    seed = dict(parse_qsl(query)).get("seed", str(cfg.seed))
+    return task, seed
+
+
 def validate(cfg: GSPOConfig) -> None:
     """Check every field once; raise ConfigError naming the field, value and what is allowed."""
     _check_types(cfg)
@@ -948,3 +977,4 @@ def validate(cfg: GSPOConfig) -> None:
     _check_ranges(cfg)
     _check_combinations(cfg)
     _check_paths(cfg)
+    _check_generated_data(cfg)

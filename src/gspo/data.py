@@ -386,7 +386,7 @@ class GSPODataset(torch.utils.data.Dataset):
             i = long_rows[0]
             raise DataError(
                 f"prompt of row {i} is {len(ids[i])} tokens, longer than max_prompt_length={max_len} "
-                f"({len(long_rows)} prompt(s) too long); raise max_prompt_length or use truncation='left'"
+                f"({len(long_rows)} prompt(s) too long); raise max_prompt_length or set prompt_truncation='left'"
             )
         for i in long_rows:
             ids[i] = ids[i][-max_len:]

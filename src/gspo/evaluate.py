@@ -125,7 +125,8 @@ def eval_metrics(records: list, *, accuracy: Optional[str], threshold: float, nu
         "eval/accuracy": (hits.sum().double() / scored.sum()).item() if scored.any() else float("nan"),
         "eval/completion_length_mean": column("completion_length").mean().item(),
         "eval/truncated_fraction": column("truncated").mean().item(),
-        "eval/num_samples": float(len(records)),
+        "eval/num_samples": float(len(records)),  # completions scored (prompts x eval_num_samples)
+        "eval/num_prompts": float(len(records) // num_samples),
     }
     for key in [k for k in records[0] if k.startswith("reward/")]:
         metrics[f"eval/{key}_mean"] = column(key).nanmean().item()
@@ -139,14 +140,16 @@ def eval_metrics(records: list, *, accuracy: Optional[str], threshold: float, nu
 
 
 def _pass_at(hits: torch.Tensor, scored: torch.Tensor, k: int) -> dict:
-    """'eval/pass@j' for j = 1, 2, 4, ..., k over the prompts whose k completions were all scored."""
+    """'eval/pass@j' for j = 1, 2, 4, ..., k over the prompts whose k completions were all scored
+    ('eval/pass_prompts' of them)."""
     full = scored.all(dim=1)  # [P]
     if not full.any():
-        return {}
+        return {"eval/pass_prompts": 0.0}
     c = hits[full].sum(dim=1)
     n = torch.full_like(c, k)
     ks = sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
-    return {f"eval/pass@{j}": pass_at_k(n, c, j).mean().item() for j in ks}
+    # prompts whose accuracy reward had no opinion on some completion are left out: say over how many it is
+    return {"eval/pass_prompts": float(full.sum()), **{f"eval/pass@{j}": pass_at_k(n, c, j).mean().item() for j in ks}}
 
 
 def evaluate_as_configured(engine, scorer, rows, config, *, rank: int = 0, world_size: int = 1, step: int = 0):

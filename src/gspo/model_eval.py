@@ -14,6 +14,7 @@ from gspo.engines import TransformersEngine
 from gspo.episodes import episode_engine, read_chat_template, resolve_episode
 from gspo.evaluate import evaluate_as_configured
 from gspo.models import autocast, load_causal_lm, load_tokenizer, mixed_precision_mode, set_threads
+from gspo.preflight import check_lengths
 from gspo.rewards import RewardModelScorer, RewardScorer
 from gspo.rollout import eos_ids
 
@@ -41,6 +42,7 @@ def evaluate_model(config, dataset, *, reward_funcs=(), model=None, tokenizer=No
     tools, environment = resolve_episode(config)  # multi-turn episodes, as in training
     scorer = RewardScorer.from_config(config, list(reward_funcs), reward_model, environment=environment is not None)
     dataset = as_dataset(dataset, tokenizer, config)
+    check_lengths(config, model, dataset, completion_tokens=config.max_new_tokens)
     mode = mixed_precision_mode(config, deepspeed=False)
     engine = TransformersEngine(model, tokenizer, precision_context=lambda: autocast(state.device, mode))
     engine = episode_engine(

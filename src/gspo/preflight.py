@@ -84,13 +84,27 @@ def check_lengths(config, model, dataset, *, completion_tokens: int) -> None:
 
 class DeadPolicyMonitor:
     """Warns once when the gradient norm is exactly 0 for `patience` steps in a row while the rewards vary within
-    groups: the policy no longer learns (a learning rate that blew the weights away, say)."""
+    groups: the policy no longer learns (a learning rate that blew the weights away, say). And once when every
+    group's rewards were all equal for `flat_patience` steps: no reward signal at all, so only the entropy bonus
+    and the KL term move the model."""
 
-    def __init__(self, patience: int = 3) -> None:
+    def __init__(self, patience: int = 3, flat_patience: int = 10) -> None:
         self.patience, self.in_a_row, self.warned = patience, 0, False
+        self.flat_patience, self.flat_in_a_row, self.warned_flat = flat_patience, 0, False
 
     def update(self, metrics: dict, step: int, *, skipped: bool) -> None:
         """`skipped`: this step skipped an update (its norm reads 0 without the policy being dead)."""
+        flat = metrics.get("frac_reward_zero_std") == 1.0
+        self.flat_in_a_row = self.flat_in_a_row + 1 if flat else 0
+        if self.flat_in_a_row >= self.flat_patience and not self.warned_flat:
+            self.warned_flat = True
+            log.warning(
+                "gspo: every group's rewards were all equal for %d steps (to step %d): no reward signal, so only the "
+                "entropy bonus (entropy_coef) and the KL term change the model; check the rewards on the completions "
+                "record (gspo completions RUN_DIR)",
+                self.flat_in_a_row,
+                step,
+            )
         varied = metrics.get("frac_reward_zero_std", 1.0) < 1.0
         dead = metrics.get("grad_norm") == 0.0 and not skipped
         self.in_a_row = self.in_a_row + 1 if dead and varied else 0

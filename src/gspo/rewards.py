@@ -44,7 +44,7 @@ import torch
 from gspo.answers import completion_text, extract_answer
 from gspo.faults import run_with_timeout
 from gspo.references import resolve_reference
-from gspo.verifiers import VERIFIER_REWARDS, MissingExtraError, check_available
+from gspo.verifiers import VERIFIER_REWARDS, MissingExtraError, check_available, dry_run
 
 ERROR_POLICIES = ("raise", "penalty")
 RESERVED_KWARGS = ("prompts", "completions", "completion_ids")
@@ -69,6 +69,7 @@ class RewardFunction:
     # Set after the first penalty warning, so a chronically failing function warns once
     # per run, not once per step (its failures are still counted every step).
     warned: bool = field(default=False, init=False, repr=False, compare=False)
+    warned_none: bool = field(default=False, init=False, repr=False, compare=False)  # said it scored nothing
 
 
 # ----------------------------------------------------------------------------------
@@ -259,6 +260,11 @@ def _bind_kwargs(funcs: list[RewardFunction], kwargs: dict) -> list[RewardFuncti
             raise RewardError(f"reward_kwargs[{name!r}] must be a mapping of parameter names to values, got {params!r}")
         by_name[name].kwargs.update(params)
     for f in funcs:
+        if f.kwargs and any(f.fn is v for v in VERIFIER_REWARDS.values()):
+            try:
+                dry_run(f.fn, **f.kwargs)  # the values too, not only the names: before anything loads
+            except (TypeError, ValueError) as e:
+                raise RewardError(f"reward_kwargs for {f.name!r}: {e}") from None
         accepted = _named_parameters(f.fn)
         bad = sorted(set(f.kwargs) - accepted) if accepted is not None else []
         if bad:
@@ -407,7 +413,7 @@ class RewardModelScorer:
             if not math.isfinite(s):
                 raise RewardError(
                     f"reward model {self.name!r} gave a non-finite score {s} for sample {i} "
-                    f"(prompt: {str(prompts[i])[:80]!r})"
+                    f"(prompt: {_excerpt(prompts[i])!r})"
                 )
         return scores
 
@@ -473,6 +479,13 @@ def compute_rewards(
             timeout_s=timeout_s,
         )
         per_func[f.name] = torch.tensor(values, dtype=torch.float32)
+        if n and bool(per_func[f.name].isnan().all()) and not f.warned_none:
+            f.warned_none = True
+            warnings.warn(
+                f"reward function '{f.name}' returned None (no opinion) for all {n} samples of this batch: it adds "
+                "nothing to the reward (check its columns; reward/<name>_none_fraction counts it every step)",
+                stacklevel=2,
+            )
         total += f.weight * torch.tensor(values, dtype=torch.float64).nan_to_num(0.0)
         penalized += bad
     if reward_model is not None:
@@ -510,13 +523,19 @@ def _no_opinion(per_func: dict, total: torch.Tensor, prompts: list, *, policy: s
     i = int(missing.nonzero()[0])
     msg = (
         f"reward functions {sorted(per_func)} all returned None (no opinion) for sample {i} "
-        f"(prompt: {str(prompts[i])[:80]!r}) and {int(missing.sum()) - 1} more: such a sample has no reward"
+        f"(prompt: {_excerpt(prompts[i])!r}) and {int(missing.sum()) - 1} more: such a sample has no reward"
     )
     if policy == "raise":
         raise RewardError(msg)
     warnings.warn(f"{msg}; using the penalty value instead", stacklevel=3)
     total[missing] = float(penalty)
     return int(missing.sum())
+
+
+def _excerpt(prompt, limit: int = 80) -> str:
+    """The end of a prompt, where the question is (a chat prompt starts with its system message)."""
+    text = str(prompt)
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def _sample_slice(kwargs: dict, i: int) -> dict:
@@ -589,6 +608,10 @@ def _call_checked(
         msg = _exception_message(f, e, n=n, prompts=prompts, locate=locate, columns=columns, timeout_s=timeout_s)
         if policy == "raise" or isinstance(e, SystemExit):  # a reward calling sys.exit is a bug, never a score
             raise RewardError(msg) from e
+        scored = _per_sample(locate, n, penalty, timeout_s) if locate is not None else None
+        if scored is not None:  # only the samples that fail alone get the penalty
+            _warn_once(f, msg)
+            return scored
         return _whole_batch_penalty(f, msg, n, penalty)
     values = _as_list(out)
     if values is None or len(values) != n:
@@ -606,7 +629,7 @@ def _call_checked(
         if problem is None:
             result.append(x)
             continue
-        msg = f"reward function '{f.name}' returned {problem} for sample {i} (prompt: {str(prompts[i])[:80]!r})"
+        msg = f"reward function '{f.name}' returned {problem} for sample {i} (prompt: {_excerpt(prompts[i])!r})"
         if policy == "raise":
             raise RewardError(msg)
         if bad == 0:
@@ -614,6 +637,24 @@ def _call_checked(
         result.append(float(penalty))
         bad += 1
     return result, bad
+
+
+def _per_sample(locate: Callable, n: int, penalty: float, timeout_s: float) -> Optional[tuple[list[float], int]]:
+    """Under the penalty policy, after a batch call raised: each sample scored alone, the penalty where that fails
+    too; None when every sample fails (then the whole batch takes the penalty)."""
+    values, bad = [], 0
+    for i in range(n):
+        status, out = run_with_timeout(lambda i=i: locate(i), timeout_s) if timeout_s else _untimed(lambda: locate(i))
+        one = _as_list(out) if status == "ok" else None
+        x, problem = math.nan, "no single value"
+        if one is not None and len(one) == 1:
+            x, problem = (math.nan, None) if one[0] is None else _as_real(one[0])
+        if problem is None:
+            values.append(x)
+        else:
+            values.append(float(penalty))
+            bad += 1
+    return None if bad == n else (values, bad)
 
 
 def _untimed(call: Callable) -> tuple[str, Any]:
@@ -640,7 +681,7 @@ def _exception_message(f: RewardFunction, e: BaseException, *, n, prompts, locat
     frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ is not None else None
     where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame else ""
     sample = _failing_sample(locate, n, timeout_s) if locate is not None else None
-    on = f", on sample {sample} (prompt: {str(prompts[sample])[:80]!r})" if sample is not None else ""
+    on = f", on sample {sample} (prompt: {_excerpt(prompts[sample])!r})" if sample is not None else ""
     passed = f"; columns passed: {list(columns)}" if columns else ""
     return f"reward function '{f.name}' raised {type(e).__name__}: {e}{hint}{where}{on}{passed} (batch of {n} samples)"
 

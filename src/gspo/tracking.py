@@ -304,9 +304,11 @@ def print_samples(step: int, rows: list[dict], *, max_rows: int = 4, max_chars: 
             completion = "\n".join(f"{m['role']}: {_clip_text(m.get('content'), max_chars)}" for m in turns)
         else:
             completion = _clip_text(row["completion"], max_chars)
-        rewards = [f"total {_fmt_num(row['reward'], '.3f')}"] + [
-            f"{k[len('reward/') :]} {_fmt_num(v, '.3f')}" for k, v in row.items() if k.startswith("reward/")
-        ]
+        rewards = (
+            [f"total {_fmt_num(row['reward'], '.3f')}"]
+            + (["TRUNCATED"] if row.get("truncated") else [])
+            + [f"{k[len('reward/') :]} {_fmt_num(v, '.3f')}" for k, v in row.items() if k.startswith("reward/")]
+        )
         table.add_row(Text(_clip_text(row["last_user"], max_chars)), Text(completion), Text("\n".join(rewards)))
         if len(seen) >= max_rows:
             break

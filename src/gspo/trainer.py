@@ -46,7 +46,7 @@ from gspo.data import PromptStream, as_dataset
 from gspo.engines import RolloutEngine, SamplingParams, build_engine
 from gspo.engines.mismatch import EngineMonitor
 from gspo.episodes import episode_engine, read_chat_template, resolve_episode
-from gspo.evaluate import evaluate_as_configured
+from gspo.evaluate import accuracy_source, evaluate_as_configured
 from gspo.faults import ForcedStop, InterruptGuard, NonFiniteUpdateError, SkipCounter, TrainingInterrupted
 from gspo.learner import Learner
 from gspo.logprobs import RolloutLogprobs
@@ -116,6 +116,7 @@ class GSPOTrainer:
         self.scorer = reward_scorer or build_scorer(
             cfg, reward_funcs, reward_model, device=device, whole_models=whole, environment=environment is not None
         )
+        accuracy_source(self.scorer, cfg.accuracy_reward)  # a misspelt accuracy_reward fails now, not at the first eval
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None

@@ -68,6 +68,7 @@ def check_available(name: str) -> None:
     module, extra = VERIFIER_EXTRAS[name]
     mod = require(module, extra, reward=name)
     if name == "math_accuracy":
+        _quiet_math_verify()
         try:
             # no math-verify timeouts: they raise off the main thread
             half, point_five = (mod.parse(t, parsing_timeout=None) for t in ("$\\frac{1}{2}$", "$0.5$"))
@@ -81,6 +82,15 @@ def check_available(name: str) -> None:
                 f"reward 'math_accuracy' needs math-verify with its LaTeX parser (antlr4-python3-runtime==4.13.2), "
                 f"which does not work here ({why}): pip install 'gspo[math]'"
             )
+
+
+def _quiet_math_verify() -> None:
+    """math-verify's parse and verify each print once that their timeout is off: the timeout is ours."""
+    from math_verify import grader, parser
+
+    for module in (parser, grader):
+        if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
+            module.TIMEOUT_WARNING_SHOWN = True
 
 
 # ----------------------------------------------------------------------------------
@@ -104,6 +114,39 @@ def _after_think(text: str, think_open: str = "<think>", think_close: str = "</t
     return text
 
 
+def final_answer(
+    completion: Any,
+    think_open: str = "<think>",
+    think_close: str = "</think>",
+    answer_open: Optional[str] = "<answer>",
+    answer_close: Optional[str] = "</answer>",
+) -> str:
+    """The answer a completion commits to: the text after its last `think_close` ("" when `think_open` was never
+    closed), then the content of its last `answer_open`...`answer_close` pair if it has one; stripped. The same
+    tags as think_format's (reward_kwargs), so the three reasoning rewards read one completion alike."""
+    text = _after_think(_text(completion), think_open, think_close) if think_close else _text(completion)
+    if answer_open and answer_close:
+        tagged = re.findall(re.escape(answer_open) + r"(.*?)" + re.escape(answer_close), text, re.DOTALL)
+        if tagged:
+            text = tagged[-1]
+    return text.strip()
+
+
+def _check_tags(think_open, think_close, answer_open, answer_close, reward: str) -> dict:
+    """The four tag keywords, checked (reward_kwargs reach them): strings, the answer pair given together."""
+    for name, value in (("think_open", think_open), ("think_close", think_close)):
+        if not isinstance(value, str):
+            raise ValueError(f"{reward}: {name} must be a string, got {value!r}")
+    if (answer_open is None) != (answer_close is None) or not all(
+        isinstance(t, str) for t in (answer_open, answer_close) if t is not None
+    ):
+        raise ValueError(
+            f"{reward}: give answer_open and answer_close together, as strings (or both None), got "
+            f"{answer_open!r} and {answer_close!r}"
+        )
+    return dict(think_open=think_open, think_close=think_close, answer_open=answer_open, answer_close=answer_close)
+
+
 def _column(name: str, values: Any, n: int, reward: str, hint: str = "") -> list:
     if values is None:
         raise ValueError(f"{reward} needs a {name!r} column in the dataset (none was passed){hint}")
@@ -120,6 +163,8 @@ def _column(name: str, values: Any, n: int, reward: str, hint: str = "") -> list
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")
 # Two words of two or more letters, not LaTeX commands: prose ("not math at all", "The answer is 42").
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+# Letters only, two or more: a word answer ("ognib", "yes"), which in $...$ would read as a product of symbols.
+_WORD = re.compile(r"^[A-Za-z]{2,}[A-Za-z\s'.,!?-]*$")
 
 
 def gold_text(gold: Any) -> Optional[str]:
@@ -133,8 +178,8 @@ def gold_text(gold: Any) -> Optional[str]:
     text = str(gold).strip()
     if not text:
         return None
-    if _DELIMITED.search(text) or _PROSE.search(text):
-        return text
+    if _DELIMITED.search(text) or _PROSE.search(text) or _WORD.match(text):
+        return text  # a word parses to nothing: no opinion, not a match with any anagram of it
     return f"${text}$"
 
 
@@ -179,12 +224,9 @@ class MathAccuracy:
         timeouts: tuple = (CallTimeout,)
         if self._parse is None or self._verify is None:
             mv = require("math_verify", "math", reward=self.__name__)
-            from math_verify import errors, grader, parser
+            from math_verify import errors
 
-            # parse and verify each warn once that their timeout is off; the timeout is ours.
-            for module in (parser, grader):
-                if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
-                    module.TIMEOUT_WARNING_SHOWN = True
+            _quiet_math_verify()
             timeouts += (errors.TimeoutException,)
             return self._parse or mv.parse, self._verify or mv.verify, timeouts
         try:  # injected functions may still raise math-verify's timeout
@@ -196,10 +238,22 @@ class MathAccuracy:
         return self._parse, self._verify, timeouts
 
     def __call__(
-        self, prompts=None, completions=None, answer=None, *, timeout_s: Optional[float] = None, **kwargs
+        self,
+        prompts=None,
+        completions=None,
+        answer=None,
+        *,
+        timeout_s: Optional[float] = None,
+        think_open: str = "<think>",
+        think_close: str = "</think>",
+        answer_open: Optional[str] = "<answer>",
+        answer_close: Optional[str] = "</answer>",
+        **kwargs,
     ) -> list[Optional[float]]:
-        """`timeout_s`: seconds per sample for this call; None means the instance's (5.0 by default)."""
+        """`timeout_s`: seconds per sample for this call; None means the instance's (5.0 by default). The tags:
+        final_answer's (the answer graded is the one think_format checks)."""
         timeout = self.timeout_s if timeout_s is None else _check_timeout(timeout_s)
+        tags = _check_tags(think_open, think_close, answer_open, answer_close, self.__name__)
         completions = list(completions or [])
         golds = _column("answer", answer, len(completions), self.__name__)
         parse, verify, timeout_types = self._functions()
@@ -219,7 +273,7 @@ class MathAccuracy:
         stats = {"timeouts": 0, "errors": 0, "unparsed_gold": 0, "samples": len(completions)}
         out: list[Optional[float]] = []
         for comp, gold in zip(completions, golds):
-            text = _after_think(_text(comp))
+            text = final_answer(comp, **tags)
             status, value = run_with_timeout(lambda g=gold_text(gold), t=text: score(g, t), timeout)
             if status == "raised" and isinstance(value, _NEVER_SWALLOW):
                 raise value
@@ -278,8 +332,7 @@ def think_format(
     "<think>a</think>42" -> 1.0; "<think></think>42", "42", "<think>a</think>", "<think>a</think>1<think>b</think>2"
     -> 0.0.
     """
-    if (answer_open is None) != (answer_close is None):
-        raise ValueError("think_format: give both answer_open and answer_close, or neither")
+    _check_tags(think_open, think_close, answer_open, answer_close, "think_format")
     if not think_close or answer_open == "" or answer_close == "":
         raise ValueError("think_format: think_close, answer_open and answer_close must not be empty strings")
     return [
@@ -311,19 +364,16 @@ def _well_formed(text: str, think_open: str, think_close: str, answer_open, answ
 # ----------------------------------------------------------------------------------
 # reasoning_gym
 # ----------------------------------------------------------------------------------
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _RG_HINT = (
     '; rows must come from `dataset_path: "reasoning_gym:<task>?size=N&seed=S"`, which stores each '
     "reasoning-gym entry in that column"
 )
 
 
-def reasoning_gym_answer(completion: Any) -> str:
-    """The answer reasoning_gym scores: the text after the last `</think>` ("" for a `<think>` never closed),
-    then the content of its last `<answer>...</answer>` if it has one, stripped."""
-    text = _after_think(_text(completion))
-    tagged = _ANSWER_TAG.findall(text)
-    return (tagged[-1] if tagged else text).strip()
+def reasoning_gym_answer(completion: Any, **tags) -> str:
+    """The answer reasoning_gym scores: final_answer(completion, **tags) (the text after the last `</think>`, ""
+    for a `<think>` never closed, then the content of its last `<answer>...</answer>` if it has one, stripped)."""
+    return final_answer(completion, **tags)
 
 
 class ReasoningGymScore:
@@ -350,7 +400,19 @@ class ReasoningGymScore:
                 self._scorers[task] = rg.get_score_answer_fn(task)
             return self._scorers[task]
 
-    def __call__(self, prompts=None, completions=None, reasoning_gym=None, **kwargs) -> list[float]:
+    def __call__(
+        self,
+        prompts=None,
+        completions=None,
+        reasoning_gym=None,
+        *,
+        think_open: str = "<think>",
+        think_close: str = "</think>",
+        answer_open: Optional[str] = "<answer>",
+        answer_close: Optional[str] = "</answer>",
+        **kwargs,
+    ) -> list[float]:
+        tags = _check_tags(think_open, think_close, answer_open, answer_close, self.__name__)
         completions = list(completions or [])
         entries = _column("reasoning_gym", reasoning_gym, len(completions), self.__name__, _RG_HINT)
         errors, out = 0, []
@@ -358,7 +420,7 @@ class ReasoningGymScore:
             entry = _entry(entry, i)
             fn = self.scorer(entry["metadata"]["source_dataset"])
             try:
-                value = float(fn(answer=reasoning_gym_answer(comp), entry=entry))
+                value = float(fn(answer=reasoning_gym_answer(comp, **tags), entry=entry))
             except Exception:  # noqa: BLE001  an answer its scorer cannot read is a wrong answer
                 errors += 1
                 value = 0.0
@@ -386,6 +448,12 @@ def _entry(entry: Any, i: int) -> dict:
 
 
 reasoning_gym = ReasoningGymScore()
+
+
+def dry_run(fn: Callable, **kwargs) -> None:
+    """Call a built-in reasoning reward on an empty batch with `kwargs`: a bad parameter (reward_kwargs) raises
+    now, before a model loads, rather than at the first step."""
+    fn(prompts=[], completions=[], completion_ids=[], answer=[], reasoning_gym=[], **kwargs)
 
 
 VERIFIER_REWARDS: dict[str, Callable] = {

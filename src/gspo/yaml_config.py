@@ -87,6 +87,11 @@ TRL_NAMES = {
     "num_iterations": "gspo_epochs",
     "loss_type": "loss_aggregation (and policy_loss for the objective)",
     "per_device_train_batch_size": "batch_size (prompts per step, all ranks together; TRL counts completions)",
+    "model_name_or_path": "policy_model_name",
+    "use_vllm": "rollout_engine: vllm",
+    "scale_rewards": "use_group_normalization (and advantage_type)",
+    "steps_per_generation": "num_mini_batches (updates per rollout batch; gspo_epochs repeats them)",
+    "top_entropy_quantile": "nothing yet (no entropy-quantile token mask)",
 }
 
 
