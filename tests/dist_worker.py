@@ -220,6 +220,13 @@ SCENARIOS["dynamic"] = dict(
 )
 # Multi-turn episodes with the REAL generate_rollout: rank 0's episodes end after 1 turn, rank 1's after 3
 # (UnevenEnv); ranks must not wait on each other's turns (fsdp_episodes: the weights are gathered once).
+# An MoE policy (model_dir-moe: a tiny Qwen3-MoE), GRPO with Routing Replay and the volatility metric; the aux loss
+# is off here: it is a per-micro-batch statistic, so data parallelism changes it (docs/moe.md)
+SCENARIOS["moe"] = dict(
+    SCENARIOS["seq_offpolicy"], importance_sampling_level="token", routing_replay="old", router_aux_loss_coef=0.0
+)
+SCENARIOS["fsdp_moe"] = dict(SCENARIOS["moe"], fsdp=True)
+MOE = ("moe", "fsdp_moe")
 SCENARIOS["episodes"] = dict(SCENARIOS["seq_offpolicy"], max_turns=3, max_new_tokens=2, max_episode_tokens=12)
 SCENARIOS["fsdp_episodes"] = dict(SCENARIOS["episodes"], fsdp=True)
 SCENARIOS["zero3_episodes"] = SCENARIOS["episodes"]
@@ -325,6 +332,8 @@ def run(model_dir: str, out: Path, scenario: str, resume_from: str = "", reward_
     engine = None if scenario in SAMPLED + EPISODES else DeterministicEngine(load_tokenizer(model_dir))
     out_dir = out / scenario
     episodes = {}
+    if scenario in MOE:
+        model_dir = model_dir + "-moe"
     if scenario in EPISODES:  # every token ends a turn, so that a random model's turns end (model_dir-episodes)
         model_dir = model_dir + "-episodes"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +480,28 @@ def build_model_dir(path: Path) -> str:
     )
     model.save_pretrained(f"{path}-episodes", safe_serialization=True)
     tok.save_pretrained(f"{path}-episodes")
+    build_moe_model_dir(f"{path}-moe", tok)
     return str(path)
+
+
+def build_moe_model_dir(path, tok) -> None:
+    """A tiny Qwen3-MoE (2 layers, 8 experts, top-2) on the same tokenizer, its routers drawn so that they route."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from gspo.moe import find_routers
+
+    config = Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=64, norm_topk_prob=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    for router in find_routers(model):
+        torch.nn.init.normal_(router.weight, std=1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
 
 
 def main(argv=None) -> int:

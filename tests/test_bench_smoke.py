@@ -158,6 +158,11 @@ def test_tool_seeds(workdir):
     run(["bench/tool_seeds.py", "--pairs", "1234:42", "--smoke", "--out", workdir / "tool_seeds.json"], workdir)
 
 
+def test_moe_volatility(workdir):
+    """The tiny MoE policy, GSPO and GRPO, 2 steps each."""
+    run(["bench/moe_volatility.py", "--smoke"], workdir)
+
+
 def test_completions_record(workdir):
     """The record's cost on the demo: 2 steps on the smoke-built tiny model."""
     run(["bench/completions_record.py", "--smoke", "--model", _tiny_model(workdir)], workdir)
@@ -194,6 +199,7 @@ SMOKE_RUNS = {
     "episode_step.py": test_episode_step,
     "step_ab.py": test_step_ab,
     "completions_record.py": test_completions_record,
+    "moe_volatility.py": test_moe_volatility,
 }
 
 

@@ -53,6 +53,7 @@ FSDP = {
 }
 BF16 = {"bf16_offpolicy": "bf16_offpolicy", "fsdp_bf16": "bf16_offpolicy"}  # DDP / FSDP2 under bf16 autocast
 EPISODES = ["episodes", "fsdp_episodes"]  # multi-turn, rank 0's episodes 1 turn long and rank 1's 3
+MOE = ["moe", "fsdp_moe"]  # a tiny Qwen3-MoE, GRPO with Routing Replay, against the 1-process "moe"
 FSDP_EXTRA = ["fsdp_resume", "fsdp_sampled", "fsdp_from_plain_ckpt", "fsdp_lora", "fsdp_lora_resume", "fsdp_gae_resume"]
 STEPS = 3
 PARAM_ATOL = 1e-5  # measured: max |2-proc - 1-proc| ~1e-6 after 3 steps x up to 4 AdamW updates at lr 1e-3
@@ -120,7 +121,7 @@ def runs(tmp_path_factory):
             "--out",
             str(root / "one"),
             "--scenarios",
-            ",".join(EQUIV + ["lora", "bf16_offpolicy"]),
+            ",".join(EQUIV + ["lora", "bf16_offpolicy", "moe"]),
         ],
         env=_env(0),
         stdout=subprocess.PIPE,
@@ -143,7 +144,7 @@ def runs(tmp_path_factory):
             "--out",
             str(root / "two"),
             "--scenarios",
-            ",".join(EQUIV + ["resume", "dynamic"] + list(FSDP) + FSDP_EXTRA + list(BF16) + EPISODES),
+            ",".join(EQUIV + ["resume", "dynamic"] + list(FSDP) + FSDP_EXTRA + list(BF16) + EPISODES + MOE),
         ],
         env=_env(port),
         stdout=subprocess.PIPE,
@@ -483,3 +484,18 @@ def test_dynamic_sampling_under_ddp_keeps_the_global_batch_and_the_step_count(ru
         assert ma["frac_reward_zero_std"] == ma["dynamic_sampling/filled_groups"] / 4
     # half the prompts are flat: some step needed a second round
     assert max(m["dynamic_sampling/rounds"] for m in a["history"]) >= 2
+
+
+@pytest.mark.parametrize("scenario", MOE)
+def test_an_moe_policy_under_ddp_and_fsdp2_matches_one_process(runs, scenario):
+    """Routing Replay and the volatility metric over ranks: the same parameters as one process (the dense tests'
+    tolerance), and the same step metrics, the expert-change fraction included (summed over ranks)."""
+    one, two = _params(runs["one"], "moe", 0), _params(runs["two"], scenario, 0)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=PARAM_ATOL), name
+    h1, h2 = _rank(runs["one"], "moe", 0)["history"], _rank(runs["two"], scenario, 0)["history"]
+    for m1, m2 in zip(h1, h2):
+        assert m2["moe/expert_change_fraction"] == pytest.approx(m1["moe/expert_change_fraction"], abs=1e-9)
+        assert m1["moe/routes_buffer_mb"] > 0
+    assert any(m["moe/expert_change_fraction"] > 0 for m in h1)  # the routes do move between updates

@@ -599,3 +599,10 @@ def test_a_reward_with_no_opinion_on_any_sample_is_warned_about_once():
 def test_reward_kwargs_values_of_the_built_ins_are_checked_when_resolved(kwargs, match):
     with pytest.raises(RewardError, match=rf"reward_kwargs for '{next(iter(kwargs))}': .*{match}"):
         resolve_reward_funcs(["math_accuracy", "think_format"], kwargs=kwargs)
+
+
+@pytest.mark.parametrize("name", ["exact_answer", "answer_match"])
+def test_a_row_without_an_answer_is_an_error_not_a_silent_zero(name):
+    funcs = resolve_reward_funcs([name])
+    with pytest.raises(RewardError, match=rf"{name}: 1 sample\(s\) have no 'answer' \(None\), the first sample 1"):
+        compute_rewards(funcs, PROMPTS, COMPLETIONS, IDS, extra={"answer": ["3", None, "-4"]})

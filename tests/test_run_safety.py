@@ -216,3 +216,14 @@ def test_a_dead_policy_is_warned_about_once(caplog):
         monitor.update(dead, 8, skipped=False)
         monitor.update(dead, 9, skipped=False)
     assert caplog.text.count("exactly 0 for 3 steps (to step 8)") == 1  # steps 6, 7, 8; warned once
+
+
+def test_a_full_disk_during_a_save_is_named_as_such(tmp_path):
+    import errno
+
+    full = ckpt._out_of_space(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith(f"no space left on device while saving a checkpoint in {tmp_path}")
+    assert "the previous checkpoints are intact" in full
+    # torch's writer reports a full disk as a RuntimeError without errno: named only when the disk is nearly full
+    assert ckpt._out_of_space(tmp_path, RuntimeError("basic_ios::clear: iostream error")) is None  # room left here
+    assert ckpt._out_of_space(tmp_path, ValueError("not a disk problem")) is None

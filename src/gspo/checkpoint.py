@@ -26,6 +26,7 @@ Security: weights only through safetensors, other state only through
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.pt"
 MANIFEST_FILE = "manifest.json"
 CHUNK = 1 << 23  # bytes read at a time when hashing
+MIN_FREE_FOR_SAVE = 16 << 20  # a failed save with less free than this is reported as a full disk
 _CKPT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -285,12 +287,29 @@ def save_checkpoint(
             _remove_dir(final)  # rename() cannot replace a non-empty directory
         os.replace(tmp, final)
         _fsync_dir(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _out_of_space(out, e)
+        if full is not None:
+            raise OSError(errno.ENOSPC, full) from e
         raise
     if save_total_limit is not None:
         _prune(out, save_total_limit, keep=final)
     return final
+
+
+def _out_of_space(output_dir: Path, error: BaseException) -> Optional[str]:
+    """A readable message when a save failed because the disk is full (torch's writer reports it as
+    'basic_ios::clear: iostream error'), else None."""
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None
+    free = shutil.disk_usage(output_dir).free
+    if not (getattr(error, "errno", None) == errno.ENOSPC or free < MIN_FREE_FOR_SAVE):
+        return None
+    return (
+        f"no space left on device while saving a checkpoint in {output_dir} ({free / 2**20:.1f} MiB free; "
+        f"{type(error).__name__}: {error}); the partial save was removed, the previous checkpoints are intact"
+    )
 
 
 def _complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -3,7 +3,7 @@
     gspo train  [--config run.yaml] [--<field> <value> ...]
     gspo eval   --model DIR --dataset PATH --reward_funcs SPEC[,SPEC] [--out metrics.json]
     gspo demo   [--task arithmetic|tools] [--output_dir DIR] [--max_steps N] [--rollout_engine hf|vllm]
-    gspo compare [--config YAML] [--algorithms gspo,grpo,ppo,vapo] [--seeds 0,1,2] [--max_steps N]
+    gspo compare [--config YAML | --task arithmetic|moe] [--algorithms gspo,grpo,...] [--seeds 0,1,2] [--max_steps N]
     gspo plot   RUN_DIR [--out PNG]
     gspo completions RUN_DIR [--step N] [--worst [K] | --best [K] | --sample K]   # read the completions record
     gspo config [--config run.yaml] [--<field> <value> ...]   # print the resolved config
@@ -207,7 +207,19 @@ def _add_compare(sub) -> None:
         metavar="YAML",
         help="Base config (data, reward, model, sampling); default: the offline demo's built-in arithmetic task.",
     )
-    p.add_argument("--algorithms", default="gspo,grpo,ppo,vapo", help="Comma-separated: gspo, grpo, ppo, vapo.")
+    p.add_argument(
+        "--task",
+        choices=("arithmetic", "moe"),
+        default="arithmetic",
+        help="Without --config: arithmetic (the demo's task and model) or moe (the same on "
+        "builtin:tiny-arithmetic-moe, 4 mini-batches per rollout, the paper's off-policy setting).",
+    )
+    p.add_argument(
+        "--algorithms",
+        default=None,
+        help="Comma-separated presets: gspo, grpo, ppo, vapo, grpo-replay, gspo-replay (Routing Replay 'old'); "
+        "default gspo,grpo,ppo,vapo, or for --task moe gspo,grpo,grpo-replay,gspo-replay.",
+    )
     p.add_argument("--seeds", default="0", help="Comma-separated seeds, e.g. 0,1,2 (default: 0).")
     p.add_argument("--max_steps", type=int, default=None, metavar="N", help="Steps per run (default: the base's).")
     p.add_argument("--output_dir", default="outputs/compare", metavar="DIR", help="Default: outputs/compare.")
@@ -381,13 +393,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    from gspo.compare import TASKS
+
+    names = args.algorithms if args.algorithms is not None else ",".join(TASKS[args.task])
+    algorithms = [a.strip() for a in names.split(",") if a.strip()]
     run_compare(
         algorithms=algorithms,
         seeds=seeds,
         output_dir=args.output_dir,
         config_path=args.config_path,
         max_steps=args.max_steps,
+        task=args.task,
     )
     return 0
 

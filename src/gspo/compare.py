@@ -51,20 +51,32 @@ ALGORITHMS = {
         adaptive_kl=False,
     ),
 }
+# The paper's MoE comparison (§5.3): GRPO with and without Routing Replay against GSPO, with and without it.
+ALGORITHMS["grpo-replay"] = dict(ALGORITHMS["grpo"], routing_replay="old")
+ALGORITHMS["gspo-replay"] = dict(ALGORITHMS["gspo"], routing_replay="old")
+TASKS = {
+    "arithmetic": ("gspo", "grpo", "ppo", "vapo"),
+    "moe": ("gspo", "grpo", "grpo-replay", "gspo-replay"),  # the demo task on its MoE model, off-policy
+}
 SUMMARY_FILE = "train_summary.json"
 USAGE_FILE = "compare_usage.json"
 
 
-def base_settings(config_path: Optional[str]) -> dict:
+def base_settings(config_path: Optional[str], task: str = "arithmetic") -> dict:
     """The base config's fields: a YAML file, or the offline demo's settings (the built-in arithmetic task) at
-    150 steps, the presets' length (examples/*.yaml), which keeps four runs within minutes."""
+    150 steps, the presets' length (examples/*.yaml), which keeps four runs within minutes. Task 'moe': the same
+    on builtin:tiny-arithmetic-moe, each rollout batch split into 4 mini-batches (the paper's off-policy setting,
+    GSPO §5.1), so three of every four updates use a rollout sampled by older weights."""
     if config_path:
         from gspo.yaml_config import read_yaml
 
         return read_yaml(config_path)
     from gspo.demo import DEMO_SETTINGS
 
-    return dict(DEMO_SETTINGS, log_completions_steps=0, max_steps=150)
+    base = dict(DEMO_SETTINGS, log_completions_steps=0, max_steps=150)
+    if task == "moe":
+        base.update(policy_model_name="builtin:tiny-arithmetic-moe", num_mini_batches=4)
+    return base
 
 
 def run_settings(base: dict, algorithm: str, seed: int, output_dir: Path, max_steps: Optional[int]) -> dict:
@@ -103,6 +115,7 @@ def run_compare(
     output_dir: str,
     config_path: Optional[str] = None,
     max_steps: Optional[int] = None,
+    task: str = "arithmetic",
 ) -> dict:
     """Run (or reuse) every (algorithm, seed) run, then write compare.png and compare.md. Returns the table."""
     unknown = [a for a in algorithms if a not in ALGORITHMS]
@@ -110,7 +123,7 @@ def run_compare(
         from gspo.config import ConfigError
 
         raise ConfigError(f"gspo compare: unknown algorithm(s) {unknown}; allowed: {sorted(ALGORITHMS)}")
-    out, base = Path(output_dir), base_settings(config_path)
+    out, base = Path(output_dir), base_settings(config_path, task)
     for algorithm in algorithms:
         for seed in seeds:
             run_dir = out / f"{algorithm}-seed{seed}"
@@ -140,6 +153,7 @@ def _load_run(run_dir: Path) -> dict:
 def _row(runs: list) -> dict:
     """Final / best eval accuracy (mean over seeds), median step time, tokens/s, peak memory."""
     finals, bests, steps, rates = [], [], [], []
+    series = lambda key: [m[key] for r in runs for m in r["rows"] if isinstance(m.get(key), (int, float))]  # noqa: E731
     for r in runs:
         acc = [m["eval/accuracy"] for m in r["rows"] if "eval/accuracy" in m]
         finals.append(acc[-1] if acc else float("nan"))
@@ -155,6 +169,12 @@ def _row(runs: list) -> dict:
         "tokens_per_s": statistics.median(rates) if rates else float("nan"),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "wall_s": statistics.mean(r["wall_s"] for r in runs),
+        "reward": statistics.mean(series("raw_reward_mean")) if series("raw_reward_mean") else float("nan"),
+        "clip_token": statistics.mean(series("clip_fraction_token")) if series("clip_fraction_token") else float("nan"),
+        "clip_seq": statistics.mean(series("clip_fraction_seq")) if series("clip_fraction_seq") else float("nan"),
+        "expert_change": (
+            statistics.mean(series("moe/expert_change_fraction")) if series("moe/expert_change_fraction") else None
+        ),
     }
 
 
@@ -168,14 +188,16 @@ def _markdown(table: dict, seeds: list, base: dict, max_steps: Optional[int]) ->
         f"{base.get('learning_rate')}. Eval accuracy: greedy, {base.get('eval_dataset_path')}; mean over seeds "
         "[min, max].",
         "",
-        "| algorithm | final eval accuracy | best eval accuracy | step time (median) | tokens/s (median) "
-        "| peak RSS | wall time per run |",
-        "|---|---|---|---|---|---|---|",
+        "| algorithm | final eval accuracy | best eval accuracy | train reward (mean) | clip fraction token / seq "
+        "| expert change (mean) | step time (median) | tokens/s (median) | peak RSS | wall time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in table.items():
+        change = "-" if r.get("expert_change") is None else f"{r['expert_change']:.4f}"
         lines.append(
             f"| {name} | {r['final_accuracy']:.3f} [{r['final_accuracy_min']:.3f}, {r['final_accuracy_max']:.3f}] "
-            f"| {r['best_accuracy']:.3f} | {r['step_time_s']:.2f} s | {r['tokens_per_s']:.0f} "
+            f"| {r['best_accuracy']:.3f} | {r['reward']:.3f} | {r['clip_token']:.4f} / {r['clip_seq']:.4f} "
+            f"| {change} | {r['step_time_s']:.2f} s | {r['tokens_per_s']:.0f} "
             f"| {r['peak_rss_mb']:.0f} MB | {r['wall_s']:.0f} s |"
         )
     return "\n".join(lines) + "\n"

@@ -36,7 +36,11 @@ from gspo.core import (
 )
 
 BUILTIN_MODEL_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-arithmetic", "builtin:tiny-tools")  # built locally on first use (gspo.tasks)
+BUILTIN_MODELS = (
+    "builtin:tiny-arithmetic",
+    "builtin:tiny-arithmetic-moe",
+    "builtin:tiny-tools",
+)  # built locally on first use (gspo.tasks)
 REASONING_GYM_PREFIX = "reasoning_gym:"  # dataset_path "reasoning_gym:<task>?size=N&seed=S" (gspo.data)
 ROLLOUT_ENGINES = ("hf", "vllm")
 MIN_TEMPERATURE = 1e-3  # the sampling temperature floor (see _check_ranges)
@@ -413,6 +417,19 @@ class GSPOConfig:
         "Tokens per vLLM KV-cache block (None: vLLM's default, 16 on GPU, 128 on CPU). The prefix cache reuses whole "
         "blocks only: a multi-turn episode's next turn finds its context cached block by block.",
     )
+    # --- Mixture-of-Experts policies (gspo.moe, docs/moe.md) -----------------------------
+    router_aux_loss_coef: Optional[float] = _f(
+        None,
+        "MoE policies: weight of the routers' load-balancing loss (Switch Transformer), over real tokens only, added "
+        "to the policy loss; None takes the model's own router_aux_loss_coef, 0 switches it off.",
+    )
+    routing_replay: str = _f(
+        "none",
+        "MoE policies: Routing Replay. 'old' (R2): pi_theta's passes over a rollout use the experts pi_old chose "
+        "for the same tokens (the gate weights stay live, so the router still learns); 'none'. GSPO needs none. "
+        "'rollout' (R3, the sampler's experts) is not available yet.",
+        choices=("none", "old", "rollout"),
+    )
     # --- LoRA -----------------------------------------------------------------------
     use_lora: bool = _f(
         False,
@@ -630,6 +647,7 @@ _OPTIONAL_TYPES = {
     "system_prompt": str,
     "num_threads": int,
     "accuracy_reward": str,
+    "router_aux_loss_coef": float,
 }
 
 
@@ -940,6 +958,32 @@ def _check_paths(cfg: GSPOConfig) -> None:
             raise _err(name, v, "no such file or directory")
 
 
+def _check_moe(cfg: GSPOConfig) -> None:
+    """What Routing Replay needs (whether the model is MoE is checked when it loads: gspo.moe.build_routing)."""
+    if cfg.router_aux_loss_coef is not None and cfg.router_aux_loss_coef < 0:
+        raise _err("router_aux_loss_coef", cfg.router_aux_loss_coef, "must be >= 0, or None for the model's own")
+    if cfg.routing_replay == "rollout":
+        raise _err(
+            "routing_replay",
+            "rollout",
+            "R3 needs the experts the rollout engine chose while sampling, and neither engine returns them here "
+            "(vLLM's CPU build cannot: enable_return_routed_experts needs Triton); use 'old' (R2), or GSPO, which "
+            "needs no replay",
+        )
+    if cfg.routing_replay == "old" and cfg.pi_old_source == "engine":
+        raise _err(
+            "routing_replay",
+            "old",
+            "pi_old's experts come from a trainer pass, and old_logprobs_source='engine' takes pi_old from the engine",
+        )
+    if cfg.routing_replay != "none" and cfg.gradient_checkpointing:
+        raise _err(
+            "routing_replay",
+            cfg.routing_replay,
+            "not with gradient_checkpointing (the backward's recompute would route afresh)",
+        )
+
+
 def _check_generated_data(cfg: GSPOConfig) -> None:
     """A system_prompt that looks like a file path names a file; reasoning-gym train and eval sets differ."""
     sp = cfg.system_prompt
@@ -978,3 +1022,4 @@ def validate(cfg: GSPOConfig) -> None:
     _check_combinations(cfg)
     _check_paths(cfg)
     _check_generated_data(cfg)
+    _check_moe(cfg)

@@ -26,6 +26,7 @@ import torch
 
 from gspo.core import POLICY_LOSSES, aggregate, engine_is_weights, kl_penalty, positive_example_nll
 from gspo.faults import NonFiniteUpdateError, SkipCounter
+from gspo.moe import DenseRouting
 from gspo.rollout import Rollout
 
 # Per-update values: summed over micro-batches, averaged over a step's updates and the ranks.
@@ -61,10 +62,15 @@ class LearnStats:
 
 
 class _OldFromRollout:
-    """pi_old is the Rollout's old_logprobs (the engine's, or the producer's pass before any update)."""
+    """pi_old is the Rollout's old_logprobs (the engine's, or the producer's pass before any update); an MoE
+    policy's experts under pi_old are the Rollout's old_routes (None where the engine gave pi_old)."""
 
-    def begin(self, rollout: Rollout) -> None:
-        self.old = rollout.old_logprobs
+    def begin(self, rollout: Rollout, routing) -> None:
+        self.old, self.old_routes = rollout.old_logprobs, rollout.old_routes
+
+    def routes(self, epoch: int) -> tuple:
+        """(pi_old's routes to compare with and replay, a buffer this epoch's passes fill as pi_old's)."""
+        return self.old_routes, None
 
     def __call__(self, idx: torch.Tensor, logprobs: torch.Tensor, epoch: int) -> torch.Tensor:
         return self.old[idx].to(logprobs.device)
@@ -77,8 +83,13 @@ class _OldFromFirstEpoch:
     def __init__(self, epochs: int) -> None:
         self.keep = epochs > 1
 
-    def begin(self, rollout: Rollout) -> None:
+    def begin(self, rollout: Rollout, routing) -> None:
         self.old = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32) if self.keep else None
+        width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+        self.old_routes = routing.buffer(len(rollout), width) if self.keep else None  # filled in epoch 0
+
+    def routes(self, epoch: int) -> tuple:
+        return (None, self.old_routes) if epoch == 0 else (self.old_routes, None)
 
     def __call__(self, idx: torch.Tensor, logprobs: torch.Tensor, epoch: int) -> torch.Tensor:
         if epoch == 0:
@@ -112,8 +123,12 @@ def nonfinite_source(rollout: Rollout, idx: torch.Tensor, loss: torch.Tensor) ->
 class Learner:
     """Policy (and critic) updates from one Rollout. Built once by the trainer with everything it needs."""
 
-    def __init__(self, config, *, accelerator, policy, estimator, logprobs, kl_controller, engine_monitor) -> None:
+    def __init__(
+        self, config, *, accelerator, policy, estimator, logprobs, kl_controller, engine_monitor, routing=None
+    ) -> None:
+        """`routing`: an MoE policy's routes (gspo.moe.build_routing; None: a dense policy)."""
         self.config, self.accelerator = config, accelerator
+        self.routing = routing or DenseRouting()
         self.policy, self.estimator, self.logprobs = policy, estimator, logprobs
         self.kl_ctl, self.engine_monitor = kl_controller, engine_monitor
         self.objective = POLICY_LOSSES[config.policy_loss]  # chosen once, by name
@@ -127,7 +142,7 @@ class Learner:
         done before this one, which seeds the mini-batch shuffle)."""
         cfg, acc = self.config, self.accelerator
         totals: dict = defaultdict(float)
-        self.pi_old.begin(rollout)
+        self.pi_old.begin(rollout, self.routing)
         for epoch in range(cfg.gspo_epochs):
             for j, (local, n_seq) in enumerate(self._mini_batches(len(rollout), step=step, epoch=epoch)):
                 values = self._update(rollout, local, n_seq=n_seq, epoch=epoch, step=step, first=epoch + j == 0)
@@ -138,6 +153,7 @@ class Learner:
         local = torch.tensor([totals[k] / updates for k in keys], device=acc.device, dtype=torch.float64)
         means = dict(zip(keys, acc.reduce(local, "mean").tolist()))
         critic_keys = [k for k in keys if k.startswith("value_")]
+        means.update(self.routing.step_metrics(lambda t: acc.reduce(t.to(acc.device), "sum").cpu()))
         return LearnStats(
             policy={k: v for k, v in means.items() if k not in critic_keys},
             critic={k: means[k] for k in critic_keys},
@@ -168,7 +184,8 @@ class Learner:
         n_pos = positive_token_count(rollout, idx, cfg, acc)
         counts = dict(n_seq=n_seq, n_tok=n_tok, n_pos=n_pos)  # the mini-batch's global denominators / world size
         train_policy = step >= cfg.value_warmup_steps  # VAPO's value pretraining: the critic alone first
-        sums = dict.fromkeys(UPDATE_METRICS + (("positive_nll",) if n_pos else ()), 0.0)  # same keys on every rank
+        aux_key = ("moe/aux_loss",) if self.routing.aux_coef > 0 else ()
+        sums = dict.fromkeys(UPDATE_METRICS + (("positive_nll",) if n_pos else ()) + aux_key, 0.0)  # same on all ranks
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)  # the skip rule reads this tensor
         critic: dict = defaultdict(float)
         # Exactly gradient_accumulation_steps micro-batches on every rank, even when its share is short:
@@ -180,7 +197,7 @@ class Learner:
             part = rollout.select(rows)
             if train_policy:
                 with self.policy.no_sync(last):
-                    loss, values = self._micro_batch_loss(part, rows, epoch=epoch, **counts)
+                    loss, values = self._micro_batch_loss(part, rows, epoch=epoch, empty=empty, **counts)
                     self.policy.backward(loss * 0.0 if empty else loss, last=last)
                 if not empty:
                     loss_sum = loss_sum + loss.detach().double()
@@ -204,19 +221,24 @@ class Learner:
         if first and part.engine_logprobs is not None:
             self.engine_monitor.add_mismatch(values["logprobs"], part.engine_logprobs, mask)
         n = len(part)
-        for key in ("policy_loss", "entropy", "kl_divergence", "loss", "positive_nll"):
+        for key in ("policy_loss", "entropy", "kl_divergence", "loss", "positive_nll", "moe/aux_loss"):
             if key in sums:
                 sums[key] += values[key]
         sums["clip_fraction_seq"] += values["clip_fraction_seq"] * n / n_seq
         sums["clip_fraction_token"] += values["clip_fraction_token"] * values["tokens"]
         sums["ratio_mean"] += values["ratio_mean"] * n / n_seq
 
-    def _micro_batch_loss(self, part: Rollout, idx, *, n_seq: float, n_tok: float, n_pos: float, epoch: int):
+    def _micro_batch_loss(
+        self, part: Rollout, idx, *, n_seq: float, n_tok: float, n_pos: float, epoch: int, empty: bool = False
+    ):
         """(loss with its graph, detached values) for one micro-batch; seed §4.1:
-        loss = policy loss - entropy_coef * entropy + kl_coef * KL (+ VAPO's mu * positive-example NLL)."""
+        loss = policy loss - entropy_coef * entropy + kl_coef * KL (+ VAPO's mu * positive-example NLL)
+        (+ an MoE policy's router_aux_loss_coef * load-balancing loss over the micro-batch's real tokens)."""
         cfg, device = self.config, self.accelerator.device
         mask = part.loss_mask.to(device)
-        logp, entropy = self.logprobs(self.policy.module, part, training=True)
+        with self._routes(part, idx, epoch, empty) as moe:
+            logp, entropy = self.logprobs(self.policy.module, part, training=True)
+        aux = moe.aux_loss()
         old = self.pi_old(idx, logp, epoch)
         weights = None
         if cfg.engine_is_correction != "none":  # sampled from pi_engine, optimised against pi_old
@@ -245,12 +267,32 @@ class Learner:
         if n_pos:  # VAPO Eq. 9 on the completions scored as correct
             nll = positive_example_nll(logp, mask, part.rewards.to(device) >= cfg.positive_reward_threshold, n_pos)
             loss, terms = loss + cfg.positive_nll_coef * nll, terms + [nll]
+        if self.routing.aux_coef > 0:  # a mean over this micro-batch's tokens: weighted like the other means
+            aux = aux if aux is not None else torch.zeros((), device=device)
+            share = len(part) / n_seq  # the micro-batch's share of the mini-batch's sequences
+            loss, terms = loss + self.routing.aux_coef * share * aux, terms + [aux * share]
         # One device->host copy per micro-batch (each .item() would be a GPU sync).
         keys = UPDATE_METRICS + ("tokens",) + (("positive_nll",) if n_pos else ())
+        keys += ("moe/aux_loss",) if self.routing.aux_coef > 0 else ()
         stacked = terms[:3] + [loss, m["clip_fraction_seq"], m["clip_fraction_token"], m["ratio_mean"], mask.sum()]
         values = dict(zip(keys, torch.stack(stacked + terms[3:]).detach().double().tolist()))
         values["logprobs"], values["is_weights"] = logp.detach().cpu(), weights
         return loss, values
+
+    def _routes(self, part: Rollout, idx, epoch: int, empty: bool):
+        """The MoE routing context of one training forward over rollout rows `idx` (a no-op for a dense policy and
+        for an empty micro-batch's stand-in row)."""
+        if empty:
+            return DenseRouting().train_pass(idx, old=None, record=None, attention_mask=None, count_mask=None)
+        old, record = self.pi_old.routes(epoch)
+        device = self.accelerator.device
+        return self.routing.train_pass(
+            idx,
+            old=old,
+            record=record,
+            attention_mask=torch.cat([part.prompt_mask, part.completion_mask], dim=1).to(device),
+            count_mask=torch.cat([torch.zeros_like(part.prompt_mask), part.loss_mask], dim=1),  # policy tokens
+        )
 
     def _optimizer_step(self, loss: torch.Tensor, step: int, source=None) -> float:
         """The back-end clips, skips a non-finite update on every rank (a non-finite loss or norm), or steps.

@@ -11,6 +11,7 @@ from, so the importance ratio compares like with like.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Optional
 
@@ -162,6 +163,7 @@ def completion_logprobs(
     entropy_grad: bool = True,
     head: HeadMode = HeadMode.WHOLE,
     recompute_above_bytes: int = AUTO_BOUND_BYTES,
+    trim: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(y_t | x, y_<t) for every completion position: ([n, T], [n, T] entropy or None).
 
@@ -174,11 +176,16 @@ def completion_logprobs(
     their logits after the head. `HeadMode.CHUNKED`: the head runs a chunk at a time too, recomputed
     only when the fp32 logits would exceed `recompute_above_bytes` (default 1 GiB; else kept: no extra
     matmul, no full-size slice, copy or concatenation of logits gradients). `HeadMode.WHOLE`: one head call
-    over all positions (for ZeRO-3, where each head call gathers its weight).
+    over all positions (for ZeRO-3, where each head call gathers its weight). `trim=False` keeps every column
+    (an MoE policy's recorded routes then line up with the rollout's full rows).
     """
     device = next(model.parameters()).device
     full_t = completion_ids.shape[1]
-    p_ids, p_mask, c_ids, c_mask = trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    p_ids, p_mask, c_ids, c_mask = (
+        trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        if trim
+        else (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    )
     input_ids = torch.cat([p_ids, c_ids], dim=1).to(device)
     attention_mask = torch.cat([p_mask, c_mask], dim=1).to(device)
     t = c_ids.shape[1]
@@ -215,8 +222,10 @@ class RolloutLogprobs:
     the back-end's head mode and the precision context bound once; used by the producer (reference and
     pi_old passes, no grad) and the learner (with grad)."""
 
-    def __init__(self, config, *, backend, precision_context) -> None:
+    def __init__(self, config, *, backend, precision_context, full_width: bool = False) -> None:
+        """`full_width`: never trim padding columns (an MoE policy whose routes are recorded or replayed)."""
         self.config, self.backend, self.precision = config, backend, precision_context
+        self.full_width = full_width
 
     def __call__(self, model, part, *, training: bool):
         """([n, T] log-probs, [n, T] entropy or None) of a micro-batch `part` (a Rollout)."""
@@ -234,10 +243,17 @@ class RolloutLogprobs:
                 with_entropy=training,
                 entropy_grad=training and cfg.entropy_coef != 0,
                 head=head,
+                trim=not self.full_width,
             )
 
     @torch.no_grad()
-    def no_grad(self, model, rollout) -> torch.Tensor:  # [N, T] on the CPU
-        """A whole rollout, in micro-batches the size of a training micro-batch."""
-        parts = rollout.no_grad_parts(self.config)
-        return torch.cat([self(model, part, training=False)[0].cpu() for part in parts])
+    def no_grad(self, model, rollout, around=None) -> torch.Tensor:  # [N, T] on the CPU
+        """A whole rollout, in micro-batches the size of a training micro-batch; `around(rows)`: a context for
+        each micro-batch's forward over rollout rows `rows` (an MoE policy records pi_old's routes in it)."""
+        out, start = [], 0
+        for part in rollout.no_grad_parts(self.config):
+            rows = torch.arange(start, start + len(part))
+            start += len(part)
+            with around(rows) if around is not None else contextlib.nullcontext():
+                out.append(self(model, part, training=False)[0].cpu())
+        return torch.cat(out)

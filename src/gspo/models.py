@@ -36,7 +36,7 @@ def resolve_model_path(name: str) -> str:
     if name.startswith(BUILTIN_MODEL_PREFIX):
         from gspo.tasks.tiny_model import ensure_tiny_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_tiny_model(moe=name == "builtin:tiny-arithmetic-moe"))
     return name
 
 
@@ -53,7 +53,17 @@ def load_causal_lm(name: str, config: GSPOConfig):
         resolve_model_path(name), dtype=DTYPES[config.torch_dtype], trust_remote_code=config.trust_remote_code
     )
     disable_dropout(model)
+    router_logits_off(model)
     return model
+
+
+def router_logits_off(model) -> None:
+    """An MoE config's output_router_logits makes transformers compute its load-balancing loss inside every
+    forward, generate's included, where it fails on a padded batch; gspo computes that loss itself, over real
+    tokens only (gspo.moe), so the model's own is switched off."""
+    config = getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
 
 
 def disable_dropout(model) -> None:
@@ -136,6 +146,7 @@ def adamw_factory(config: GSPOConfig, lr: float | None = None):
 def load_policy(config: GSPOConfig, model=None):
     """The policy to train: `model`, or config.policy_model_name loaded; LoRA and gradient checkpointing applied."""
     policy = model if model is not None else load_causal_lm(config.policy_model_name, config)
+    router_logits_off(policy)
     if config.use_lora:
         policy = apply_lora(policy, config)
     if config.gradient_checkpointing:

@@ -30,6 +30,7 @@ import torch
 from gspo.config import ConfigError
 from gspo.core import zero_std_groups
 from gspo.models import reference_context
+from gspo.moe import DenseRouting
 from gspo.rollout import Rollout, concat_rollouts
 from gspo.tracking import timed
 
@@ -53,8 +54,11 @@ class RolloutProducer:
         kl_controller,
         accelerator,
         pad_id: int,
+        routing=None,
     ) -> None:
+        """`routing`: an MoE policy's routes (gspo.moe; None or DenseRouting: nothing to record)."""
         self.config, self.engine, self.sampling, self.scorer = config, engine, sampling, scorer
+        self.routing = routing or DenseRouting()
         self.logprobs, self.policy, self.ref_model, self.estimator = logprobs, policy, ref_model, estimator
         self.kl_ctl, self.accelerator, self.pad_id = kl_controller, accelerator, pad_id
         self._warned_filled = False
@@ -82,7 +86,7 @@ class RolloutProducer:
             rollout = rollout.with_(old_logprobs=rollout.engine_logprobs)
         elif cfg.pi_old_source == "no_grad_pass":  # updated weights, or a KL reward, need pi_old up front
             with timed(timings, "old_logprobs"):
-                rollout = rollout.with_(old_logprobs=self.logprobs.no_grad(self.policy.module, rollout))
+                rollout = self._old_pass(rollout)
         with timed(timings, "advantages"):
             fields, metrics = self.estimator.estimate(rollout, self.accelerator, kl_coef=self.kl_ctl.value)
         info = {
@@ -91,6 +95,13 @@ class RolloutProducer:
             "wall_s": time.perf_counter() - start,  # all of it, the untimed work and waits between phases too
         }
         return rollout.with_(**fields, info=info)
+
+    def _old_pass(self, rollout: Rollout) -> Rollout:
+        """pi_old's log-probs, and an MoE policy's experts under pi_old when they are replayed or measured."""
+        routes = self.routing.buffer(len(rollout), rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
+        around = (lambda rows: self.routing.old_pass(rows, routes)) if routes is not None else None
+        old = self.logprobs.no_grad(self.policy.module, rollout, around=around)
+        return rollout.with_(old_logprobs=old, old_routes=routes)
 
     def _generate_scored(self, rows: list, timings: dict) -> Rollout:
         with timed(timings, "generation"):

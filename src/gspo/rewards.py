@@ -86,7 +86,18 @@ def exact_answer(prompts=None, completions=None, answer=None, **kwargs) -> list[
             f"exact_answer needs one answer per completion (an 'answer' column in the dataset): "
             f"{len(answers)} answers for {len(completions)} completions"
         )
+    _no_missing(answers, "exact_answer")
     return [1.0 if extract_answer(c) == str(ref).strip() else 0.0 for c, ref in zip(completions, answers)]
+
+
+def _no_missing(answers: list, reward: str) -> None:
+    """A row without an answer is an error naming it, not a silent 0.0 (None would compare as the text 'None')."""
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise ValueError(
+            f"{reward}: {len(missing)} sample(s) have no 'answer' (None), the first sample {missing[0]}: every row "
+            "of the dataset needs an 'answer' column"
+        )
 
 
 def answer_match(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
@@ -101,6 +112,7 @@ def answer_match(prompts=None, completions=None, answer=None, **kwargs) -> list[
     answers = list(answer)
     if len(answers) != len(completions):
         raise ValueError(f"answer_match got {len(answers)} answers for {len(completions)} completions")
+    _no_missing(answers, "answer_match")
     out = []
     for comp, ref in zip(completions, answers):
         text, ref = completion_text(comp).strip(), str(ref).strip()

@@ -48,6 +48,7 @@ class Rollout:
     prompt_messages: list = field(default_factory=list)  # [N] a chat prompt's messages (None: a plain prompt)
     environment_rewards: Optional[torch.Tensor] = None  # [N] an environment's summed step rewards (episodes)
     episode_stats: dict = field(default_factory=dict)  # name -> [N] per-episode counts (turns, tool_calls, ...)
+    old_routes: Optional[torch.Tensor] = None  # [N, layers, P + T, k] an MoE policy's experts under pi_old
     values: Optional[torch.Tensor] = None  # [N, T] the critic's V_t at rollout time (advantage_estimator='gae')
     returns: Optional[torch.Tensor] = None  # [N, T] the critic's GAE return targets
     info: dict = field(default_factory=dict)  # how it was produced: phase times, dynamic-sampling counts

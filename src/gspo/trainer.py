@@ -59,6 +59,7 @@ from gspo.models import (
     mixed_precision_mode,
     set_threads,
 )
+from gspo.moe import build_routing
 from gspo.preflight import DeadPolicyMonitor, check_lengths, check_output_dir, check_tokenizer
 from gspo.producer import RolloutProducer
 from gspo.rewards import build_scorer
@@ -118,6 +119,7 @@ class GSPOTrainer:
         )
         accuracy_source(self.scorer, cfg.accuracy_reward)  # a misspelt accuracy_reward fails now, not at the first eval
         self.policy = self.backend.prepare_trained(policy, optimizer_factory or adamw_factory(cfg))
+        self.routing = build_routing(cfg, self.policy.unwrapped())  # an MoE policy's routes (gspo.moe), or none
         self.ref_model = (
             self.backend.prepare_frozen(ref_model) if cfg.uses_reference_model and not cfg.use_lora else None
         )
@@ -167,7 +169,9 @@ class GSPOTrainer:
             if cfg.adaptive_kl
             else FixedKLController(cfg.kl_coef)
         )
-        self.logprobs = RolloutLogprobs(cfg, backend=self.backend, precision_context=self._autocast)
+        self.logprobs = RolloutLogprobs(
+            cfg, backend=self.backend, precision_context=self._autocast, full_width=self.routing.full_width
+        )
         tok = self.tokenizer
         self.producer = RolloutProducer(
             cfg,
@@ -181,6 +185,7 @@ class GSPOTrainer:
             kl_controller=self.kl_ctl,
             accelerator=acc,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            routing=self.routing,
         )
         self.learner = Learner(
             cfg,
@@ -190,6 +195,7 @@ class GSPOTrainer:
             logprobs=self.logprobs,
             kl_controller=self.kl_ctl,
             engine_monitor=self.engine_monitor,
+            routing=self.routing,
         )
         self.dead_policy = DeadPolicyMonitor()
         self.prompt_batches = 0  # prompt batches taken so far (dynamic sampling takes more than one per step)

@@ -80,6 +80,11 @@ MODEL_KWARGS = dict(
     rope_theta=10000.0,
 )
 
+# The MoE variant (builtin:tiny-arithmetic-moe): the same width, depth, heads and tokenizer, each MLP a Qwen3-MoE
+# block of 8 experts, top-2, each a quarter of the dense MLP's width (so the tokens' active MLP width is half the
+# dense model's), renormalised top-2 weights. Same warm start.
+MOE_KWARGS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True, head_dim=32)
+
 # Supervised warm start. It stops at the first check (every SFT_CHECK_EVERY
 # steps) where greedy accuracy on the dev split reaches SFT_TARGET_DEV_ACCURACY,
 # instead of after a fixed step count: accuracy climbs steeply once SFT
@@ -150,6 +155,25 @@ def char_tokenizer(specials: Sequence[str], chars: str, *, ordinary: Sequence[st
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
     )
+
+
+def build_moe_model(tokenizer, **config_overrides: Any):
+    """The MoE variant: a freshly initialised tiny Qwen3-MoE matching `tokenizer` (MODEL_KWARGS + MOE_KWARGS)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    dense = {k: v for k, v in MODEL_KWARGS.items() if k != "rope_theta"}
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **{**dense, **MOE_KWARGS, **config_overrides},
+    )
+    model = Qwen3MoeForCausalLM(config)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    return model
 
 
 def build_model(tokenizer, **config_overrides: Any):
@@ -320,13 +344,16 @@ def default_cache_dir() -> Path:
 
 
 def model_dir_name(
-    sft_steps: Optional[int] = None, seed: int = SFT_SEED, teacher_error_rate: float = SFT_TEACHER_ERROR_RATE
+    sft_steps: Optional[int] = None,
+    seed: int = SFT_SEED,
+    teacher_error_rate: float = SFT_TEACHER_ERROR_RATE,
+    moe: bool = False,
 ) -> str:
-    """Cache key: model name + recipe version (+ fixed step count, + non-default seed, + non-default teacher)."""
+    """Cache key: model name (+ -moe) + recipe version (+ fixed step count, + non-default seed, + teacher)."""
     steps = "" if sft_steps is None else f"-sft{sft_steps}"
     seed_part = "" if seed == SFT_SEED else f"-seed{seed}"
     teacher = "" if teacher_error_rate == SFT_TEACHER_ERROR_RATE else f"-teacher{teacher_error_rate:g}"
-    return f"{MODEL_NAME}-{RECIPE_VERSION}{steps}{seed_part}{teacher}"
+    return f"{MODEL_NAME}{'-moe' if moe else ''}-{RECIPE_VERSION}{steps}{seed_part}{teacher}"
 
 
 def _is_complete(path: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float) -> bool:
@@ -346,7 +373,7 @@ def _is_complete(path: Path, sft_steps: Optional[int], seed: int, teacher_error_
 
 
 def _build_into(
-    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool
+    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool, moe: bool = False
 ) -> WarmStartResult:
     """Build tokenizer + model, warm start, and save both (and the record) into `tmp`."""
     threads = torch.get_num_threads()
@@ -359,17 +386,17 @@ def _build_into(
         # missing builds it after setting its own seed; without this a run from an empty cache sampled other
         # rollouts than every later run from the cached model (the demo's +9.0 against +8.6 with recipe v4).
         with torch.random.fork_rng(devices=[]):
-            return _train_and_save(tmp, sft_steps, seed, teacher_error_rate, verbose)
+            return _train_and_save(tmp, sft_steps, seed, teacher_error_rate, verbose, moe)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_and_save(
-    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool
+    tmp: Path, sft_steps: Optional[int], seed: int, teacher_error_rate: float, verbose: bool, moe: bool = False
 ) -> WarmStartResult:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)  # weight init is part of the recipe too
-    model = build_model(tokenizer)
+    model = build_moe_model(tokenizer) if moe else build_model(tokenizer)
     start = time.time()
     if sft_steps is None:
         result = warm_start(model, tokenizer, seed=seed, teacher_error_rate=teacher_error_rate, verbose=verbose)
@@ -405,8 +432,9 @@ def ensure_tiny_model(
     sft_steps: Optional[int] = None,
     seed: int = SFT_SEED,
     teacher_error_rate: float = SFT_TEACHER_ERROR_RATE,
+    moe: bool = False,
 ) -> Path:
-    """Return the directory of the warm-started tiny model, building it if absent.
+    """Return the directory of the warm-started tiny model (`moe`: its MoE variant), building it if absent.
 
     `sft_steps=None` is the recipe (stop at the dev-accuracy target); an int
     trains exactly that many steps (fast builds for tests). `seed` sets weight
@@ -416,7 +444,7 @@ def ensure_tiny_model(
     never leaves a half-written model at the final path.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = root / model_dir_name(sft_steps, seed, teacher_error_rate)
+    final = root / model_dir_name(sft_steps, seed, teacher_error_rate, moe)
     if _is_complete(final, sft_steps, seed, teacher_error_rate) and not force:
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -425,7 +453,7 @@ def ensure_tiny_model(
         print(f"[gspo.tiny_model] building {final} (warm start {how})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        _build_into(tmp, sft_steps, seed, teacher_error_rate, verbose)
+        _build_into(tmp, sft_steps, seed, teacher_error_rate, verbose, moe)
         if final.exists():
             # force, or a stale partial directory: replace it.
             shutil.rmtree(final, ignore_errors=True)
