@@ -219,8 +219,6 @@ def test_lora_on_an_moe_policy_trains(moe_dir, tmp_path):
 
 
 def test_replay_settings_that_cannot_work_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="routing_replay='rollout' is not allowed: R3 needs"):
-        GSPOConfig(routing_replay="rollout")
     with pytest.raises(ConfigError, match="not with gradient_checkpointing"):
         GSPOConfig(routing_replay="old", gradient_checkpointing=True)
     model_dir = fw.make_model_dir(tmp_path / "dense")
@@ -240,3 +238,36 @@ def test_the_builtin_moe_model_is_the_demo_model_with_moe_layers(tmp_path):
     assert (routers[0].num_experts, routers[0].top_k) == (8, 2)
     assert model.config.hidden_size == MODEL_KWARGS["hidden_size"]
     assert GSPOConfig(policy_model_name="builtin:tiny-arithmetic-moe").policy_model_name.endswith("-moe")
+
+
+def test_the_hf_engine_records_the_experts_it_sampled_with():
+    """R3: the experts chosen while generating (the prefill, then one token per step) are those a full forward
+    over the finished sequences chooses, position by position; the last completion token is sampled, never fed
+    back, so its route is -1 (replay keeps the router's own there)."""
+    from gspo.engines import SamplingParams, TransformersEngine
+
+    model, tok = moe_model("qwen3_moe")
+    hooks = RouterHooks(model)
+    rows = [{"prompt": p, "prompt_ids": tok(p)["input_ids"]} for p in ("1+2=", "13+45=")]
+    rollout = TransformersEngine(model, tok, routes=hooks).generate(
+        rows, group_size=2, sampling=SamplingParams(max_new_tokens=5)
+    )
+    routes = rollout.engine_routes
+    width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+    assert routes.shape == (4, 2, width, 2)
+    assert (routes[:, :, -1] == -1).all() and (routes[:, :, :-1] >= 0).all()
+    full = hooks.buffer(4, width)
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_ids)], dim=1)  # as generate saw them
+    with torch.no_grad(), hooks.tracking(torch.arange(4), record=full):
+        model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()[:, None, :-1, None].expand(-1, 2, -1, 2)
+    same = (routes[:, :, :-1] == full[:, :, :-1])[real].float().mean().item()
+    assert same == 1.0  # the cached, step-by-step forwards route like the full one here (fp32, CPU)
+
+
+def test_grpo_with_rollout_replay_trains(moe_dir, tmp_path):
+    trainer, history = train(moe_dir, tmp_path / "r3", importance_sampling_level="token", routing_replay="rollout")
+    assert trainer.step == 2 and "moe/expert_change_fraction" in history[-1]
+    with pytest.raises(ConfigError, match="routing_replay='rollout' is not allowed: R3 needs"):
+        GSPOConfig(routing_replay="rollout", rollout_engine="vllm")

@@ -426,8 +426,8 @@ class GSPOConfig:
     routing_replay: str = _f(
         "none",
         "MoE policies: Routing Replay. 'old' (R2): pi_theta's passes over a rollout use the experts pi_old chose "
-        "for the same tokens (the gate weights stay live, so the router still learns); 'none'. GSPO needs none. "
-        "'rollout' (R3, the sampler's experts) is not available yet.",
+        "for the same tokens (the gate weights stay live, so the router still learns); 'rollout' (R3): the experts "
+        "the rollout engine chose while sampling (the hf engine records them); 'none'. GSPO needs none.",
         choices=("none", "old", "rollout"),
     )
     # --- LoRA -----------------------------------------------------------------------
@@ -962,14 +962,16 @@ def _check_moe(cfg: GSPOConfig) -> None:
     """What Routing Replay needs (whether the model is MoE is checked when it loads: gspo.moe.build_routing)."""
     if cfg.router_aux_loss_coef is not None and cfg.router_aux_loss_coef < 0:
         raise _err("router_aux_loss_coef", cfg.router_aux_loss_coef, "must be >= 0, or None for the model's own")
-    if cfg.routing_replay == "rollout":
+    if cfg.routing_replay == "rollout" and cfg.rollout_engine != "hf":
         raise _err(
             "routing_replay",
             "rollout",
-            "R3 needs the experts the rollout engine chose while sampling, and neither engine returns them here "
-            "(vLLM's CPU build cannot: enable_return_routed_experts needs Triton); use 'old' (R2), or GSPO, which "
-            "needs no replay",
+            "R3 needs the experts the rollout engine chose while sampling, and the vLLM engine cannot return them "
+            "here (vLLM's CPU build: enable_return_routed_experts needs a runner that needs Triton); use "
+            "rollout_engine 'hf', or routing_replay 'old' (R2), or GSPO, which needs no replay",
         )
+    if cfg.routing_replay == "rollout" and (cfg.tools or cfg.environment is not None):
+        raise _err("routing_replay", "rollout", "not with multi-turn episodes yet (each turn is a generate of its own)")
     if cfg.routing_replay == "old" and cfg.pi_old_source == "engine":
         raise _err(
             "routing_replay",

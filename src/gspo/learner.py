@@ -292,6 +292,7 @@ class Learner:
             record=record,
             attention_mask=torch.cat([part.prompt_mask, part.completion_mask], dim=1).to(device),
             count_mask=torch.cat([torch.zeros_like(part.prompt_mask), part.loss_mask], dim=1),  # policy tokens
+            engine_routes=part.engine_routes,
         )
 
     def _optimizer_step(self, loss: torch.Tensor, step: int, source=None) -> float:

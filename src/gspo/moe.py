@@ -59,7 +59,8 @@ class _Pass:
     rows: torch.Tensor  # [n] rollout rows of this forward's batch
     record_rows: torch.Tensor  # [n] rows of `record` the batch's routes go to
     record: Optional[torch.Tensor]  # [R, layers, L, k] written at `record_rows` (None: not recording)
-    replay: Optional[torch.Tensor]  # [N, layers, L, k] read at `rows` (None: the router's own choice)
+    replay: Optional[torch.Tensor]  # [R, layers, L, k] read at `replay_rows` (None: the router's own choice; -1: too)
+    replay_rows: torch.Tensor  # [n]
     logits: Optional[list]  # with grad: each layer's [n * L, E] router logits, for the auxiliary loss
 
 
@@ -73,6 +74,7 @@ class RouterHooks:
         self.layer_of = {id(r): i for i, r in enumerate(self.routers)}
         self.top_k, self.num_experts = int(self.routers[0].top_k), int(self.routers[0].num_experts)
         self._pass: Optional[_Pass] = None
+        self._generation: Optional[list] = None  # per layer: each generate forward's [rows * new tokens, k]
         self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
 
     @property
@@ -84,20 +86,32 @@ class RouterHooks:
         return torch.zeros(rows, self.num_layers, length, self.top_k, dtype=torch.int16)
 
     @contextlib.contextmanager
-    def tracking(self, rows: torch.Tensor, *, record=None, record_rows=None, replay=None, aux: bool = False):
+    def tracking(
+        self, rows: torch.Tensor, *, record=None, record_rows=None, replay=None, replay_rows=None, aux: bool = False
+    ):
         """Inside: the routers of one forward over the rollout rows `rows` (full width: no column trimmed) write
         their own choices into `record` (at `record_rows`, default `rows`), take the experts from `replay` (at
-        `rows`), and keep their logits (`aux`); yields the list the logits go to."""
+        `replay_rows`, default `rows`; an index of -1 keeps the router's own), and keep their logits (`aux`);
+        yields the list the logits go to."""
         logits: Optional[list] = [] if aux else None
         rows = rows.cpu()
-        target_rows = rows if record_rows is None else record_rows.cpu()
-        self._pass = _Pass(rows=rows, record_rows=target_rows, record=record, replay=replay, logits=logits)
+        self._pass = _Pass(
+            rows=rows,
+            record_rows=rows if record_rows is None else record_rows.cpu(),
+            record=record,
+            replay=replay,
+            replay_rows=rows if replay_rows is None else replay_rows.cpu(),
+            logits=logits,
+        )
         try:
             yield logits
         finally:
             self._pass = None
 
     def _hook(self, router, args, output):
+        if self._generation is not None:  # the rollout engine's own choices, step by step (R3)
+            self._generation[self.layer_of[id(router)]].append(output[2].detach().to("cpu", torch.int16))
+            return None
         p = self._pass
         if p is None:
             return None
@@ -110,8 +124,29 @@ class RouterHooks:
             p.logits.append(logits)
         if p.replay is None:
             return None
-        old = p.replay[p.rows, layer].reshape(-1, self.top_k).to(indices.device, indices.dtype)  # [n * L, k]
+        old = p.replay[p.replay_rows, layer].reshape(-1, self.top_k).to(indices.device, indices.dtype)  # [n * L, k]
+        old = torch.where(old >= 0, old, indices)  # -1: no recorded choice (a position the engine never routed)
         return logits, replayed_scores(router, logits, old, scores), old
+
+    @contextlib.contextmanager
+    def generation(self, rows: int, width: int):
+        """Around one `generate` over `rows` sequences whose prompts are `width` columns: records the experts the
+        routers chose for every position the model processed (the prefill, then one token per step). Yields a
+        function returning them as [rows, layers, width + T, k] for T completion columns; -1 where no forward
+        routed a position (the last completion token is sampled, never fed back)."""
+        self._generation = [[] for _ in self.routers]
+
+        def routes(completion_width: int) -> torch.Tensor:
+            out = torch.full((rows, self.num_layers, width + completion_width, self.top_k), -1, dtype=torch.int16)
+            for layer, calls in enumerate(recorded):
+                seen = torch.cat([c.view(rows, -1, self.top_k) for c in calls], dim=1)[:, : width + completion_width]
+                out[:, layer, : seen.shape[1]] = seen
+            return out
+
+        try:
+            yield routes
+        finally:
+            recorded, self._generation = self._generation, None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -164,11 +199,12 @@ class DenseRouting:
     full_width = False  # log-prob passes may trim padding columns
     records_old = False
     aux_coef = 0.0
+    engine_hooks = None
 
     def old_pass(self, rows, record):
         return contextlib.nullcontext()
 
-    def train_pass(self, rows, *, old, record, attention_mask, count_mask):
+    def train_pass(self, rows, *, old, record, attention_mask, count_mask, engine_routes=None):
         return contextlib.nullcontext(_NoMoE())
 
     def buffer(self, rows: int, length: int):
@@ -204,7 +240,8 @@ class MoERouting:
     def __init__(self, hooks: RouterHooks, *, aux_coef: float, replay: str, measure: bool) -> None:
         self.hooks, self.aux_coef, self.replay, self.measure = hooks, float(aux_coef), replay, measure
         self.full_width = replay != "none" or measure
-        self.records_old = self.full_width
+        self.records_old = replay == "old" or measure
+        self.engine_hooks = hooks if replay == "rollout" else None  # the HF engine records its choices (R3)
         self._changes = torch.zeros(hooks.num_layers, 2, dtype=torch.float64)  # this step's (changed, all)
         self._replay_bytes = 0
 
@@ -221,18 +258,22 @@ class MoERouting:
         return self.hooks.tracking(rows, record=record)
 
     @contextlib.contextmanager
-    def train_pass(self, rows, *, old, record, attention_mask, count_mask):
+    def train_pass(self, rows, *, old, record, attention_mask, count_mask, engine_routes=None):
         """Around one training forward over rollout rows `rows`: `old` is pi_old's routes ([N, layers, L, k], or
         None where none exist yet), `record` a buffer this pass fills as pi_old's (the learner's first epoch), or
-        None; the routes are compared with `old` over `count_mask` ([n, L]: the policy's tokens)."""
+        None; the routes are compared with `old` over `count_mask` ([n, L]: the policy's tokens).
+        `engine_routes`: this micro-batch's [n, layers, L, k] experts the rollout engine chose (replay 'rollout')."""
         rows = rows.cpu()
         mine = self.hooks.buffer(len(rows), old.shape[2]) if (self.measure and old is not None) else None
-        replay = old if (self.replay == "old" and old is not None) else None
+        if self.replay == "rollout":
+            replay = dict(replay=engine_routes, replay_rows=torch.arange(len(rows)))
+        else:
+            replay = dict(replay=old if (self.replay == "old" and old is not None) else None)
         if record is not None:  # this pass defines pi_old: its routes are the ones later passes compare with
             target = dict(record=record)
         else:
             target = dict(record=mine, record_rows=torch.arange(len(rows))) if mine is not None else {}
-        with self.hooks.tracking(rows, replay=replay, aux=self.aux_coef > 0, **target) as logits:
+        with self.hooks.tracking(rows, aux=self.aux_coef > 0, **replay, **target) as logits:
             yield _TrainPass(self, logits, attention_mask)
         if mine is not None:
             self._changes += route_changes(old[rows], mine, count_mask.cpu())

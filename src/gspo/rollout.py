@@ -49,6 +49,7 @@ class Rollout:
     environment_rewards: Optional[torch.Tensor] = None  # [N] an environment's summed step rewards (episodes)
     episode_stats: dict = field(default_factory=dict)  # name -> [N] per-episode counts (turns, tool_calls, ...)
     old_routes: Optional[torch.Tensor] = None  # [N, layers, P + T, k] an MoE policy's experts under pi_old
+    engine_routes: Optional[torch.Tensor] = None  # [N, layers, P + T, k] the experts the engine sampled with (R3)
     values: Optional[torch.Tensor] = None  # [N, T] the critic's V_t at rollout time (advantage_estimator='gae')
     returns: Optional[torch.Tensor] = None  # [N, T] the critic's GAE return targets
     info: dict = field(default_factory=dict)  # how it was produced: phase times, dynamic-sampling counts
@@ -168,7 +169,20 @@ def concat_rollouts(parts: list, pad_id: int) -> Rollout:
         ),
         episode_stats={k: torch.cat([r.episode_stats[k] for r in parts]) for k in first.episode_stats},
         engine_logprobs=cat("engine_logprobs", right, 0.0) if has_engine else None,
+        engine_routes=_concat_routes(parts, p_width, t_width) if first.engine_routes is not None else None,
     )
+
+
+def _concat_routes(parts: list, p_width: int, t_width: int) -> torch.Tensor:
+    """Engine routes [n, layers, P + T, k] of several rollouts, re-padded like their ids (-1: no route)."""
+    out = []
+    for r in parts:
+        p = r.prompt_ids.shape[1]
+        routes = r.engine_routes
+        left = torch.nn.functional.pad(routes[:, :, :p], (0, 0, p_width - p, 0), value=-1)
+        right = torch.nn.functional.pad(routes[:, :, p:], (0, 0, 0, t_width - (routes.shape[2] - p)), value=-1)
+        out.append(torch.cat([left, right], dim=2))
+    return torch.cat(out)
 
 
 def left_pad(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,6 +135,7 @@ class GSPOTrainer:
             precision_context=self._autocast,
             world_size=self.accelerator.num_processes,
             completion_tokens=cfg.episode_tokens if tools or environment is not None else cfg.max_new_tokens,
+            routes=self.routing.engine_hooks,  # Routing Replay 'rollout': the engine records its experts
         )
         # single-turn completions, or episodes with tools / an environment: chosen once, the loop never asks
         self.engine = episode_engine(

@@ -20,10 +20,19 @@ __all__ = ["RolloutEngine", "SamplingParams", "TransformersEngine", "build_engin
 
 
 def build_engine(
-    config, *, policy, tokenizer, backend, precision_context, world_size: int, completion_tokens: int | None = None
+    config,
+    *,
+    policy,
+    tokenizer,
+    backend,
+    precision_context,
+    world_size: int,
+    completion_tokens: int | None = None,
+    routes=None,
 ) -> RolloutEngine:
     """The engine GSPOConfig.rollout_engine names, for the back-end's trained `policy`, holding its weights.
-    `completion_tokens`: the longest completion it must hold (a multi-turn episode's; default max_new_tokens)."""
+    `completion_tokens`: the longest completion it must hold (a multi-turn episode's; default max_new_tokens);
+    `routes`: an MoE policy's router hooks when the engine must record its experts (Routing Replay 'rollout')."""
     if config.rollout_engine == "vllm":
         from gspo.engines.vllm import VLLMEngine
 
@@ -38,4 +47,5 @@ def build_engine(
         weights_context=lambda: backend.generation_context(policy),
         precision_context=precision_context,
         synced_gpus=backend.synced_gpus,
+        routes=routes,
     )

