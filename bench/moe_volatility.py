@@ -28,20 +28,16 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def build_model(path: Path) -> str:
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from gspo.moe import find_routers
-    from gspo.tasks.tiny_model import build_tokenizer
+    from gspo.tasks.tiny_model import build_moe_model, build_tokenizer
 
     tok = build_tokenizer()
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=64, norm_topk_prob=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )  # fmt: skip
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = build_moe_model(
+        tok, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
     for router in find_routers(model):
         torch.nn.init.normal_(router.weight, std=1.0)
     model.save_pretrained(path)

@@ -486,18 +486,14 @@ def build_model_dir(path: Path) -> str:
 
 def build_moe_model_dir(path, tok) -> None:
     """A tiny Qwen3-MoE (2 layers, 8 experts, top-2) on the same tokenizer, its routers drawn so that they route."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
     from gspo.moe import find_routers
+    from gspo.tasks.tiny_model import build_moe_model
 
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=64, norm_topk_prob=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )  # fmt: skip
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
+    model = build_moe_model(
+        tok, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+    )  # fmt: skip
     for router in find_routers(model):
         torch.nn.init.normal_(router.weight, std=1.0)
     model.save_pretrained(path, safe_serialization=True)

@@ -257,8 +257,62 @@ def close_all() -> None:
 def policy_weights(trained) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, whole tensor) for every weight of the policy, one at a time as the back-end gathers
     them; LoRA adapters merged into their base weights, W + scaling * B A, computed out of place (the trained
-    model is not touched, so no merge/unmerge rounding accumulates in it)."""
+    model is not touched, so no merge/unmerge rounding accumulates in it). Named and shaped as the model's
+    checkpoint on disk has them, which is what vLLM's loaders read (see `checkpoint_format`)."""
     model = trained.unwrapped()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return checkpoint_format(base, _trained_weights(trained, model))
+
+
+def checkpoint_format(model, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights` (the transformers model's own parameter names) as `save_pretrained` writes them.
+
+    transformers 5 loads some architectures into another layout than their checkpoints' (its conversion
+    mapping): MoE experts fused into 3-D `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I]
+    from per-expert `experts.{e}.gate_proj.weight` ..., Mixtral's `block_sparse_moe` renamed `mlp`. vLLM's
+    loaders read checkpoints: its Mixtral has no `mlp` module and refuses the in-memory names. Reverted with
+    transformers' own `revert_weight_conversion` (what `save_pretrained` does), one decoder layer at a time
+    (a conversion acts within a layer; the stream never holds more than one layer). Models without a
+    conversion mapping (dense Llama, Qwen3, ...) pass through untouched."""
+    revert = _reverter(model)
+    if revert is None:
+        yield from weights
+        return
+    group, held = None, {}
+    for name, tensor in weights:
+        key = _layer_key(name)
+        if held and key != group:
+            yield from revert(model, held).items()
+            held = {}
+        group = key
+        held[name] = tensor
+    if held:
+        yield from revert(model, held).items()
+
+
+def _reverter(model):
+    """transformers' `revert_weight_conversion` where the model has a conversion mapping, else None."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+    except ImportError:  # transformers 4: the modules hold the checkpoint layout
+        return None
+    conversions = getattr(model, "_weight_conversions", None)  # set by from_pretrained
+    if conversions is None:  # built from a config: the default mapping, as revert_weight_conversion takes it
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    return revert_weight_conversion if conversions else None
+
+
+def _layer_key(name: str) -> str:
+    """`model.layers.3` for `model.layers.3.mlp.experts.gate_up_proj`; the name itself outside numbered blocks."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return name if index is None else ".".join(parts[: index + 1])
+
+
+def _trained_weights(trained, model) -> Iterator[tuple[str, torch.Tensor]]:
+    """`policy_weights` under the transformers model's own parameter names."""
     if not hasattr(model, "get_base_model"):
         yield from trained.whole_parameters()
         return
