@@ -22,42 +22,20 @@ from conftest import small_config, vllm_or_skip
 vllm = vllm_or_skip()
 
 from gspo.trainer import GSPOTrainer  # noqa: E402
+from test_moe import moe_model  # noqa: E402
+from test_vllm import prompt_rows, trainer_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 TOLERANCE = 1e-4  # the dense models' engine-vs-trainer bound in fp32 (test_vllm.py)
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)  # head size 32
-
-
-def _config(kind: str, vocab_size: int):
-    from transformers import MixtralConfig, Qwen3MoeConfig
-
-    if kind == "qwen3_moe":  # an expert width of 48, which vLLM's CPU kernel pads to 64 (and the reload must too)
-        return Qwen3MoeConfig(
-            vocab_size=vocab_size, intermediate_size=64, moe_intermediate_size=48, num_experts=8,
-            num_experts_per_tok=2, head_dim=32, max_position_embeddings=64, norm_topk_prob=True, **SHAPE,
-        )  # fmt: skip
-    return MixtralConfig(
-        vocab_size=vocab_size, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=64, **SHAPE,
-    )  # fmt: skip
+# head size 32; the Qwen3-MoE's expert width of 48 is one vLLM's CPU kernel pads to 64 (and the reload must too)
+SHAPE = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+WIDTH = {"qwen3_moe": dict(moe_intermediate_size=48), "mixtral": dict(intermediate_size=32)}
 
 
 def save_moe_model(kind: str, path) -> str:
-    """A random tiny MoE model on the arithmetic tokenizer, its routers drawn N(0, 1) so that they route
-    (transformers initialises some to small values, where the experts nearly tie)."""
-    from transformers import AutoModelForCausalLM
-
-    from gspo.moe import RouterHooks
-    from gspo.tasks.tiny_model import build_tokenizer
-
-    tok = build_tokenizer()
-    config = _config(kind, len(tok))
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    for router in RouterHooks(model).routers:
-        torch.nn.init.normal_(router.weight, std=1.0)
+    """test_moe's random tiny MoE model (routers drawn N(0, 1)) at this module's shape, saved."""
+    model, tok = moe_model(kind, **SHAPE, **WIDTH[kind])
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -94,16 +72,6 @@ def moe_trainer(request, tmp_path_factory):
     yield trainer
     trainer.engine.close()
     close_all()
-
-
-def prompt_rows(trainer, rows) -> list:
-    dataset = trainer._as_dataset(rows)
-    return [dataset[i] for i in range(len(dataset))]
-
-
-def trainer_logprobs(trainer, rollout) -> torch.Tensor:
-    with torch.no_grad():
-        return trainer.logprobs.no_grad(trainer.policy.module, rollout)
 
 
 def sample(trainer, rows, seed: int = 0):

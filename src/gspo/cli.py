@@ -29,8 +29,6 @@ from typing import Any, Callable, Optional, Sequence
 from gspo.config import ConfigError, GSPOConfig
 from gspo.yaml_config import config_fields, config_to_yaml, load_config, parse_cli_value, suggest, type_name
 
-RUN_CONFIG_FILE = "gspo_config.json"  # what a training run writes into its output_dir (gspo.tracking.CONFIG_FILE)
-
 PROG = "gspo"
 ERROR_EXIT = 2
 FIELD_FLAG_COMMANDS = ("train", "eval", "config")
@@ -345,7 +343,9 @@ def eval_config(args: argparse.Namespace) -> GSPOConfig:
     if args.max_samples is not None:
         overrides["eval_max_samples"] = args.max_samples
     base = args.config_path
-    run_config = Path(args.model or "") / RUN_CONFIG_FILE
+    from gspo.tracking import CONFIG_FILE  # what a training run writes into its output_dir
+
+    run_config = Path(args.model or "") / CONFIG_FILE
     if base is None and args.model is not None and run_config.is_file():
         base = str(run_config)
         overrides = {"dataset_path": None, "resume_from_checkpoint": None, **overrides}

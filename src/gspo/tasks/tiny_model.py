@@ -162,14 +162,22 @@ def build_moe_model(tokenizer, **config_overrides: Any):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     dense = {k: v for k, v in MODEL_KWARGS.items() if k != "rope_theta"}
-    config = Qwen3MoeConfig(
+    config = Qwen3MoeConfig(**_token_ids(tokenizer), **{**dense, **MOE_KWARGS, **config_overrides})
+    return _with_generation_ids(Qwen3MoeForCausalLM(config), tokenizer)
+
+
+def _token_ids(tokenizer) -> dict:
+    """The config entries the tokenizer decides: vocabulary size and the special ids."""
+    return dict(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **{**dense, **MOE_KWARGS, **config_overrides},
     )
-    model = Qwen3MoeForCausalLM(config)
+
+
+def _with_generation_ids(model, tokenizer):
+    """`generate` reads the special ids from the generation config: the tokenizer's."""
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     gen.bos_token_id = tokenizer.bos_token_id
@@ -186,18 +194,8 @@ def build_model(tokenizer, **config_overrides: Any):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **{**MODEL_KWARGS, **config_overrides},
-    )
-    model = LlamaForCausalLM(config)
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    gen.bos_token_id = tokenizer.bos_token_id
-    return model
+    config = LlamaConfig(**_token_ids(tokenizer), **{**MODEL_KWARGS, **config_overrides})
+    return _with_generation_ids(LlamaForCausalLM(config), tokenizer)
 
 
 def encode_sft_batch(tokenizer, problems: Sequence[dict]) -> dict:
